@@ -1,0 +1,197 @@
+"""The hospital's Flower ClientApp (message API): local DP training and local evaluation.
+
+The same app runs in simulation and in deployment. Everything that leaves goes through
+:func:`fedrad.common.protocol.check_reply`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedrad.common.config import StudyConfig, study_from_json
+from fedrad.common.device import resolve_device
+from fedrad.common.errors import BudgetExceededError, FedradError, ProtocolError
+from fedrad.common.evaluation import evaluate
+from fedrad.common.models import build_model
+from fedrad.common.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    ERR_BUDGET,
+    ERR_PROTOCOL,
+    ERR_REFUSED,
+    METRICS_KEY,
+    check_reply,
+)
+
+from .ledger import PrivacyLedger
+from .privacy import plan_round, reserve_round
+from .site import Site, simulated_site
+from .train import train_local
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+def _study_and_round(msg: Message) -> tuple[StudyConfig, int, int, str, dict[str, object]]:
+    if CONFIG_KEY not in msg.content:
+        raise ProtocolError("message has no 'config' record")
+    cfg = msg.content[CONFIG_KEY]
+    for key in ("study", "server-round", "total-rounds", "study-id"):
+        if key not in cfg:
+            raise ProtocolError(f"message config lacks {key!r}")
+    study = study_from_json(str(cfg["study"]))
+    server_round = int(cfg["server-round"]) + int(cfg.get("round-offset", 0))  # type: ignore[arg-type]
+    return study, server_round, int(cfg["total-rounds"]), str(cfg["study-id"]), dict(cfg)
+
+
+def _site(context: Context, study: StudyConfig, cfg: dict[str, object]) -> Site:
+    node_cfg = context.node_config
+    if "partition-id" in node_cfg:
+        state_dir = cfg.get("sim-state-dir")
+        if not state_dir:
+            raise ProtocolError("simulation message lacks 'sim-state-dir'")
+        return simulated_site(
+            study,
+            partition_id=int(node_cfg["partition-id"]),
+            num_partitions=int(node_cfg["num-partitions"]),
+            state_dir=Path(str(state_dir)),
+        )
+    from .node import deployed_site  # deployment: the node's own configuration decides
+
+    return deployed_site(context, study)
+
+
+def _model(study: StudyConfig, site: Site, msg: Message) -> torch.nn.Module:
+    model = build_model(
+        study.model.name,
+        in_channels=site.data.channels,
+        num_classes=site.data.num_classes,
+        image_size=site.data.image_size,
+        options=study.model.options,
+    )
+    if ARRAYS_KEY not in msg.content:
+        raise ProtocolError("message has no 'arrays' record (the global model)")
+    try:
+        model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict(), strict=True)
+    except (RuntimeError, KeyError, ValueError) as exc:
+        raise ProtocolError(f"global model does not fit model {study.model.name!r}: {exc}") from None
+    return model
+
+
+def _shapes(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.state_dict().items()}
+
+
+def _threads(study: StudyConfig) -> None:
+    n = study.training.num_threads or max(1, int(study.federation.client_cpus))
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _error_reply(msg: Message, exc: Exception) -> Message:
+    code = ERR_BUDGET if isinstance(exc, BudgetExceededError) else ERR_PROTOCOL if isinstance(exc, ProtocolError) else ERR_REFUSED
+    return Message(Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    try:
+        return _train(msg, context)
+    except FedradError as exc:
+        log.warning("train request refused: %s", exc)
+        return _error_reply(msg, exc)
+
+
+def _train(msg: Message, context: Context) -> Message:
+    study, server_round, total_rounds, study_id, cfg = _study_and_round(msg)
+    _threads(study)
+    site = _site(context, study, cfg)
+    model = _model(study, site, msg)
+    priv = study.privacy
+    metrics: dict[str, float | int] = {"num-examples": len(site.data.train)}
+    sigma: float | None = None
+    if priv.enabled:
+        ledger = PrivacyLedger.open(
+            site.ledger_path, budget_epsilon=priv.epsilon, delta=priv.delta, accountant=priv.accountant,
+            dataset_id=site.dataset_id,
+        )
+        plan = plan_round(
+            ledger=ledger, privacy=priv, training=study.training, num_examples=len(site.data.train),
+            server_round=server_round, total_rounds=total_rounds,
+        )
+        reservation = reserve_round(ledger=ledger, plan=plan, study_id=study_id, server_round=server_round)
+        sigma = plan.noise_multiplier
+        metrics.update(
+            epsilon=reservation.epsilon_after, epsilon_budget=reservation.budget, delta=priv.delta,
+            noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, sample_rate=plan.sample_rate,
+        )
+    device = resolve_device(study.training.device)
+    stats = train_local(
+        model=model,
+        split=site.data.train,
+        training=study.training,
+        augmentation=study.data.augmentation,
+        privacy=priv,
+        noise_multiplier=sigma,
+        device=device,
+        seed=study.federation.seed * 100_003 + server_round * 1009 + (site.partition_id or 0),
+    )
+    metrics.update(train_loss=stats.train_loss, steps=stats.steps, train_seconds=stats.seconds)
+    if site.partition_id is not None:
+        metrics["partition-id"] = site.partition_id
+    content = RecordDict(
+        {ARRAYS_KEY: ArrayRecord(model.cpu().state_dict()), METRICS_KEY: MetricRecord(metrics)}
+    )
+    check_reply(content, kind="train", expected_shapes=_shapes(model))
+    log.info("%s round %d: trained %d steps, loss %.4f", site.name, server_round, stats.steps, stats.train_loss)
+    return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    try:
+        return _evaluate(msg, context)
+    except FedradError as exc:
+        log.warning("evaluate request refused: %s", exc)
+        return _error_reply(msg, exc)
+
+
+def _evaluate(msg: Message, context: Context) -> Message:
+    study, server_round, _total, _sid, cfg = _study_and_round(msg)
+    _threads(study)
+    site = _site(context, study, cfg)
+    model = _model(study, site, msg)
+    stats = evaluate(model, site.data.val, device=resolve_device(study.training.device),
+                     batch_size=study.training.eval_batch_size)
+    s = stats.summary
+    metrics: dict[str, float | int | list[int]] = {
+        "num-examples": stats.num_examples,
+        "val_loss": stats.loss,
+        # NaN (e.g. the AUC of a one-class validation set) is sent as NaN, never invented.
+        "auc": s.auc,
+        "accuracy": s.accuracy,
+        "sensitivity": s.sensitivity,
+        "specificity": s.specificity,
+        "f1": s.f1,
+        "confusion": stats.confusion.reshape(-1).astype(int).tolist(),
+        "histograms": stats.histograms.reshape(-1).astype(int).tolist(),
+    }
+    if study.privacy.enabled and site.ledger_path.exists():
+        ledger = PrivacyLedger.open(
+            site.ledger_path, budget_epsilon=study.privacy.epsilon, delta=study.privacy.delta,
+            accountant=study.privacy.accountant, dataset_id=site.dataset_id,
+        )
+        metrics["epsilon"] = ledger.spent()
+        metrics["epsilon_budget"] = ledger.budget
+    if site.partition_id is not None:
+        metrics["partition-id"] = site.partition_id
+    content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
+    check_reply(content, kind="evaluate")
+    return Message(content=content, reply_to=msg)
+

@@ -1,0 +1,90 @@
+"""What crosses the wire between coordinator and hospitals, and the filter that enforces it.
+
+A hospital's reply may carry exactly: the model weights (``arrays``, keys and shapes of the
+study's model) and whitelisted aggregate metrics (``metrics``). No images, no per-example
+outputs, no identifiers, no free text. :func:`check_reply` is applied by the hospital before
+anything leaves, and again by the coordinator on receipt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from .errors import ProtocolError
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+CONFIG_KEY = "config"
+
+#: Scalar metrics a hospital may report after local training.
+TRAIN_METRICS = frozenset(
+    {
+        "num-examples",
+        "partition-id",  # simulation only: which simulated hospital (not a patient identifier)
+        "train_loss",
+        "steps",
+        "train_seconds",
+        "epsilon",
+        "epsilon_budget",
+        "delta",
+        "noise_multiplier",
+        "max_grad_norm",
+        "sample_rate",
+    }
+)
+#: Metrics a hospital may report after evaluating the global model on its validation data.
+#: ``confusion`` and ``histograms`` are aggregate counts (confusion matrix, binned score counts).
+EVAL_METRICS = frozenset(
+    {"num-examples", "partition-id", "val_loss", "auc", "accuracy", "sensitivity", "specificity", "f1",
+     "confusion", "histograms", "epsilon", "epsilon_budget"}
+)
+#: ``Error.code`` of a hospital's reply when it refuses work.
+ERR_REFUSED = 4000  # generic: bad data, bad config, node-side failure
+ERR_BUDGET = 4001  # the round would exceed the site's privacy budget
+ERR_PROTOCOL = 4002  # the request was malformed
+
+#: Per-example information is never allowed; count-valued lists are capped in length.
+MAX_LIST_LEN = 10_000
+
+
+def check_reply(
+    content: RecordDict, *, kind: str, expected_shapes: Mapping[str, tuple[int, ...]] | None = None
+) -> None:
+    """Raise :class:`ProtocolError` unless ``content`` is a well-formed, allowed reply."""
+    if kind not in ("train", "evaluate"):
+        raise ProtocolError(f"unknown message kind {kind!r}")
+    allowed_metrics = TRAIN_METRICS if kind == "train" else EVAL_METRICS
+    want_records = {ARRAYS_KEY, METRICS_KEY} if kind == "train" else {METRICS_KEY}
+    names = set(content.keys())
+    if names != want_records:
+        raise ProtocolError(f"{kind} reply must hold records {sorted(want_records)}, got {sorted(names)}")
+    metrics = content[METRICS_KEY]
+    if not isinstance(metrics, MetricRecord):
+        raise ProtocolError(f"{kind} reply: '{METRICS_KEY}' must be a MetricRecord, got {type(metrics).__name__}")
+    extra = sorted(set(metrics.keys()) - allowed_metrics)
+    if extra:
+        raise ProtocolError(f"{kind} reply: metrics not on the allow-list: {extra}")
+    if "num-examples" not in metrics:
+        raise ProtocolError(f"{kind} reply: metric 'num-examples' is required")
+    for key, value in metrics.items():
+        if isinstance(value, list) and len(value) > MAX_LIST_LEN:
+            raise ProtocolError(f"{kind} reply: metric {key!r} has {len(value)} values (max {MAX_LIST_LEN})")
+    if kind == "train":
+        arrays = content[ARRAYS_KEY]
+        if not isinstance(arrays, ArrayRecord):
+            raise ProtocolError(f"train reply: '{ARRAYS_KEY}' must be an ArrayRecord, got {type(arrays).__name__}")
+        if expected_shapes is not None:
+            got = {k: tuple(v.shape) for k, v in arrays.items()}
+            if set(got) != set(expected_shapes):
+                missing = sorted(set(expected_shapes) - set(got))
+                unexpected = sorted(set(got) - set(expected_shapes))
+                raise ProtocolError(f"train reply: array names differ from the model (missing {missing}, unexpected {unexpected})")
+            bad = sorted(k for k in got if got[k] != tuple(expected_shapes[k]))
+            if bad:
+                raise ProtocolError(f"train reply: arrays with wrong shapes: {bad}")
+    for name in names:
+        if isinstance(content[name], ConfigRecord):
+            raise ProtocolError(f"{kind} reply: config records may not leave a hospital ({name!r})")
+

@@ -1,0 +1,72 @@
+"""Run a study as a simulated federation on this machine (Flower's simulation engine).
+
+The ServerApp runs :func:`fedrad.server.study.run_study`; each simulated hospital runs the very
+ClientApp that deployment uses, loaded by Flower from its reference string, so the coordinator
+never imports hospital code.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from flwr.app import Context
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from fedrad.common.config import StudyConfig
+from fedrad.common.errors import FederationError
+
+from .history import StudyHistory
+from .progress import Reporter
+from .study import run_study
+
+log = logging.getLogger(__name__)
+
+CLIENT_APP_REF = "fedrad.client.app:app"
+
+
+def load_client_app(ref: str = CLIENT_APP_REF) -> ClientApp:
+    import importlib
+
+    module_name, _, attr = ref.partition(":")
+    app = getattr(importlib.import_module(module_name), attr)
+    if not isinstance(app, ClientApp):
+        raise FederationError(f"{ref} is not a Flower ClientApp")
+    return app
+
+
+def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = None) -> StudyHistory:
+    """Run ``study`` with ``federation.num_hospitals`` simulated hospitals; outputs go to ``run_dir``."""
+    from flwr.simulation import run_simulation
+
+    run_dir = run_dir.resolve()
+    state_dir = run_dir / "sites"
+    outcome: dict[str, StudyHistory] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        outcome["history"] = run_study(
+            grid, study=study, run_dir=run_dir, reporter=reporter, extra_config={"sim-state-dir": str(state_dir)}
+        )
+
+    fed = study.federation
+    cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": fed.client_gpus},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
+                      "logging_level": "error"},
+    }
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    run_simulation(
+        server_app=server_app,
+        client_app=load_client_app(),
+        num_supernodes=fed.num_hospitals,
+        backend_config=backend_config,  # type: ignore[arg-type]
+    )
+    if "history" not in outcome:
+        raise FederationError("the simulated federation ended without a result (see the log above)")
+    return outcome["history"]

@@ -1,0 +1,70 @@
+"""Aggregation strategies: a registry over Flower's message-API strategies."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from flwr.serverapp.strategy import (
+    FedAdagrad,
+    FedAdam,
+    FedAvg,
+    FedAvgM,
+    FedMedian,
+    FedProx,
+    FedTrimmedAvg,
+    FedYogi,
+    Krum,
+)
+from flwr.serverapp.strategy.strategy import Strategy
+
+from fedrad.common.config import StudyConfig
+from fedrad.common.errors import StrategyError
+
+STRATEGIES: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedavgm": FedAvgM,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "fedadagrad": FedAdagrad,
+    "fedmedian": FedMedian,
+    "fedtrimmedavg": FedTrimmedAvg,
+    "krum": Krum,
+}
+
+#: Set by fedrad from the study's federation section; not accepted in ``strategy.options``.
+_MANAGED = {"fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
+            "proximal_mu"}
+
+
+def strategy_kwargs(study: StudyConfig, cls: type[Strategy]) -> dict[str, Any]:
+    fed = study.federation
+    params = inspect.signature(cls.__init__).parameters
+    options = dict(study.strategy.options)
+    clash = sorted(set(options) & _MANAGED)
+    if clash:
+        raise StrategyError(f"strategy.options: {clash} are set from the federation/training sections")
+    unknown = sorted(set(options) - set(params))
+    if unknown:
+        allowed = sorted(p for p in params if p not in _MANAGED | {"self", "args", "kwargs"})
+        raise StrategyError(f"strategy {study.strategy.name!r}: unknown option(s) {unknown} (allowed: {allowed})")
+    kwargs: dict[str, Any] = {
+        "fraction_train": fed.fraction_train,
+        "fraction_evaluate": fed.fraction_evaluate,
+        "min_train_nodes": fed.min_hospitals,
+        "min_evaluate_nodes": fed.min_hospitals if fed.fraction_evaluate > 0 else 0,
+        "min_available_nodes": fed.min_hospitals,
+        **options,
+    }
+    if "proximal_mu" in params:
+        if study.training.proximal_mu <= 0:
+            raise StrategyError("strategy 'fedprox' needs training.proximal_mu > 0")
+        kwargs["proximal_mu"] = study.training.proximal_mu
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
+def strategy_class(name: str) -> type[Strategy]:
+    if name not in STRATEGIES:
+        raise StrategyError(f"unknown strategy {name!r} (known: {', '.join(sorted(STRATEGIES))})")
+    return STRATEGIES[name]

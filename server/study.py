@@ -1,0 +1,245 @@
+"""Run one study on a Flower Grid: the ServerApp's body, shared by simulation and deployment.
+
+Flower's strategy drives the rounds (``Strategy.start``); fedrad adds, through a mixin, what a
+hospital federation needs around each aggregation: per-hospital records, checks of every reply
+against the wire protocol, refusals kept apart from failures, checkpoints, resume, progress.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy.strategy import Strategy
+
+from fedrad.common.config import StudyConfig
+from fedrad.common.datasets import ImageSplit, load_npz, npz_source_path
+from fedrad.common.device import resolve_device
+from fedrad.common.errors import FederationError, ProtocolError
+from fedrad.common.evaluation import evaluate
+from fedrad.common.models import build_model
+from fedrad.common.protocol import ERR_BUDGET, METRICS_KEY, check_reply
+
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .history import StudyHistory
+from .progress import NullReporter, Reporter
+from .strategies import strategy_class, strategy_kwargs
+
+log = logging.getLogger(__name__)
+
+
+class StudyStopped(Exception):
+    """Raised inside the strategy loop to end a study early (e.g. every hospital refused)."""
+
+
+@dataclass
+class _Wiring:
+    history: StudyHistory
+    reporter: Reporter
+    expected_shapes: dict[str, tuple[int, ...]]
+    round_offset: int
+    min_hospitals: int
+    names: dict[int, str]
+    num_classes: int
+
+
+class FedradStrategyMixin:
+    """Wraps a Flower strategy's aggregation with fedrad's checks and records."""
+
+    _fedrad: _Wiring
+
+    def _site_name(self, msg: Message) -> str:
+        node = msg.metadata.src_node_id
+        if not msg.has_error() and METRICS_KEY in msg.content and "partition-id" in msg.content[METRICS_KEY]:
+            self._fedrad.names[node] = f"hospital-{int(msg.content[METRICS_KEY]['partition-id']) + 1}"
+        return self._fedrad.names.get(node, f"node-{node}")
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        self._fedrad.reporter.round_started(server_round + self._fedrad.round_offset)
+        self._t_round = time.perf_counter()
+        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+
+    def _screen(self, server_round: int, replies: Iterable[Message], kind: str) -> tuple[list[Message], list[tuple[str, int, str]]]:
+        w = self._fedrad
+        rec = w.history.round(server_round + w.round_offset)
+        valid, refused = [], []
+        for msg in replies:
+            name = self._site_name(msg)
+            site = rec.site(name)
+            if msg.has_error():
+                reason = msg.error.reason or f"error code {msg.error.code}"
+                site["status"] = ("refused: " if msg.error.code == ERR_BUDGET else "failed: ") + reason
+                refused.append((name, int(msg.error.code), reason))
+                log.warning("round %d %s: %s %s", rec.round, kind, name, site["status"])
+                continue
+            try:
+                check_reply(msg.content, kind=kind, expected_shapes=w.expected_shapes if kind == "train" else None)
+            except ProtocolError as exc:
+                site["status"] = f"rejected: {exc}"
+                log.warning("round %d %s: reply from %s rejected: %s", rec.round, kind, name, exc)
+                continue
+            m = msg.content[METRICS_KEY]
+            for key, value in m.items():
+                if key in ("confusion", "histograms", "partition-id"):
+                    continue
+                site["num_examples" if key == "num-examples" and kind == "train" else
+                     "val_examples" if key == "num-examples" else key] = value
+            valid.append(msg)
+        return valid, refused
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        w = self._fedrad
+        replies = list(replies)
+        valid, refused = self._screen(server_round, replies, "train")
+        rec = w.history.round(server_round + w.round_offset)
+        if not valid and refused and all(code == ERR_BUDGET for _, code, _ in refused):
+            w.history.event(f"round {rec.round}: every hospital refused (privacy budget); study ends")
+            raise StudyStopped("every hospital refused the round: privacy budgets are spent")
+        if len(valid) < w.min_hospitals:
+            w.history.event(f"round {rec.round}: {len(valid)} usable updates < min_hospitals={w.min_hospitals}; "
+                            "global model kept")
+            log.warning("round %d: only %d usable updates (min %d); not aggregating", rec.round, len(valid), w.min_hospitals)
+            return None, None
+        arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        rec.aggregated = arrays is not None
+        return arrays, metrics
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        w = self._fedrad
+        valid, _ = self._screen(server_round, list(replies), "evaluate")
+        n = server_round + w.round_offset
+        c = w.num_classes
+        cms = [np.asarray(m.content[METRICS_KEY]["confusion"], dtype=np.int64).reshape(c, c) for m in valid]
+        hists = [np.asarray(m.content[METRICS_KEY]["histograms"], dtype=np.int64).reshape(c, 2, -1) for m in valid]
+        w.history.pool_validation(n, cms, hists)
+        pooled = w.history.round(n).pooled
+        return MetricRecord({k: float(v) for k, v in pooled.items() if v is not None and np.isfinite(v)}) if pooled else None
+
+
+def make_strategy(study: StudyConfig, wiring: _Wiring) -> Strategy:
+    base = strategy_class(study.strategy.name)
+    cls = type(f"Fedrad{base.__name__}", (FedradStrategyMixin, base), {})
+    strategy = cls(**strategy_kwargs(study, base))
+    strategy._fedrad = wiring
+    return strategy
+
+
+def _num_classes_and_test(study: StudyConfig) -> tuple[list[str], ImageSplit | None]:
+    data = study.data
+    if data.source == "npz":
+        splits = load_npz(npz_source_path(data.path), channels=data.channels, image_size=data.image_size)
+        test = splits["test"]
+        if data.max_test is not None and len(test) > data.max_test:
+            rng = np.random.default_rng(study.federation.seed)
+            test = test.subset(rng.choice(len(test), size=data.max_test, replace=False))
+        k = int(max(splits["train"].labels.max(), test.labels.max())) + 1
+        names = list(data.class_names or [f"class-{i}" for i in range(k)])
+        return names, test
+    if not data.class_names:
+        raise FederationError("data.class_names is required when the coordinator holds no data set")
+    return list(data.class_names), None
+
+
+def run_study(
+    grid: Grid,
+    *,
+    study: StudyConfig,
+    run_dir: Path,
+    reporter: Reporter | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> StudyHistory:
+    """Run (or resume) ``study`` with its outputs in ``run_dir``; returns the history."""
+    reporter = reporter or NullReporter()
+    fed = study.federation
+    run_dir.mkdir(parents=True, exist_ok=True)
+    class_names, test = _num_classes_and_test(study)
+    torch.manual_seed(fed.seed)
+    model = build_model(study.model.name, in_channels=study.data.channels, num_classes=len(class_names),
+                        image_size=study.data.image_size, options=study.model.options)
+    study_dict = study.to_dict()
+    study_id = study.fingerprint()[:16]
+    ckpt_dir = run_dir / "checkpoints"
+    offset = 0
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        offset, path = latest
+        ckpt = load_checkpoint(path)
+        if ckpt.get("study") != study_dict:
+            raise FederationError(f"{run_dir}: holds checkpoints of a different study; use a new --out folder")
+        model.load_state_dict(ckpt["state_dict"])
+        log.info("resuming after round %d from %s", offset, path.name)
+    history = StudyHistory.resume(run_dir / "metrics.json", study=study_dict, study_id=study_id, up_to_round=offset)
+    if offset:
+        history.event(f"resumed after round {offset}")
+    device = resolve_device(study.training.device)
+    wiring = _Wiring(
+        history=history, reporter=reporter, round_offset=offset, min_hospitals=fed.min_hospitals, names={},
+        expected_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()}, num_classes=len(class_names),
+    )
+    strategy = make_strategy(study, wiring)
+    config = ConfigRecord({"study": study.to_json(), "study-id": study_id, "total-rounds": fed.rounds,
+                           "round-offset": offset, **(extra_config or {})})
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        n = server_round + offset
+        if server_round == 0 and offset:
+            return None
+        model.load_state_dict(arrays.to_torch_state_dict())
+        metrics: dict[str, Any] = {}
+        if test is not None:
+            ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size)
+            metrics = {"loss": ev.loss, **ev.summary.as_dict(), "num_examples": ev.num_examples}
+        if server_round == 0:
+            history.initial_test = metrics
+            history.save()
+            return None
+        rec = history.round(n)
+        rec.global_test = metrics
+        rec.seconds = time.perf_counter() - getattr(strategy, "_t_round", time.perf_counter())
+        if n % study.output.checkpoint_every == 0 or n == fed.rounds:
+            save_checkpoint(ckpt_dir / f"round-{n:04d}.pt", state_dict=model.state_dict(), study=study_dict,
+                            round=n, class_names=class_names)
+        history.save()
+        reporter.round_finished(rec, history)
+        return MetricRecord({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)})
+
+    reporter.study_started(name=fed.name, first_round=offset + 1, total_rounds=fed.rounds, hospitals=fed.num_hospitals)
+    final_arrays = ArrayRecord(model.state_dict())
+    if offset < fed.rounds:
+        try:
+            result = strategy.start(
+                grid=grid,
+                initial_arrays=ArrayRecord(model.state_dict()),
+                num_rounds=fed.rounds - offset,
+                timeout=fed.round_timeout_s,
+                train_config=config,
+                evaluate_config=ConfigRecord(dict(config)),
+                evaluate_fn=evaluate_fn,
+            )
+            final_arrays = result.arrays if result.arrays is not None else final_arrays
+            history.status = "completed"
+        except StudyStopped as stop:
+            history.status = f"stopped: {stop}"
+            last = latest_checkpoint(ckpt_dir)
+            if last is not None:
+                final_arrays = ArrayRecord(load_checkpoint(last[1])["state_dict"])
+    else:
+        history.status = "completed"
+    model.load_state_dict(final_arrays.to_torch_state_dict())
+    if test is not None:
+        ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size)
+        history.final_test = {"loss": ev.loss, **ev.summary.as_dict(), "num_examples": ev.num_examples}
+    save_checkpoint(run_dir / "model.pt", state_dict=model.state_dict(), study=study_dict,
+                    round=max(history.rounds, default=0), class_names=class_names,
+                    extra={"model": study.model.name, "model_options": dict(study.model.options)})
+    history.save()
+    reporter.study_finished(history)
+    return history
