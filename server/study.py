@@ -30,6 +30,7 @@ from fedrad.common.protocol import ERR_BUDGET, METRICS_KEY, check_reply
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .history import StudyHistory
+from .plots import write_plots
 from .progress import NullReporter, Reporter
 from .strategies import strategy_class, strategy_kwargs
 
@@ -241,5 +242,6 @@ def run_study(
                     round=max(history.rounds, default=0), class_names=class_names,
                     extra={"model": study.model.name, "model_options": dict(study.model.options)})
     history.save()
+    write_plots(history, run_dir)
     reporter.study_finished(history)
     return history

@@ -1,0 +1,281 @@
+"""Decode one DICOM file into a preprocessed float32 (C, H, W) image in [0, 1].
+
+The pipeline, in order (each step is pydicom's own implementation where pydicom has one):
+
+1. pixels of one frame via pydicom 3's decoder for the file's transfer syntax
+   (multi-frame: ``frame_policy`` = ``middle`` -> frame ``n // 2``, ``first`` -> 0, ``last`` -> n-1;
+   only that frame is decoded);
+2. colour: ``YBR_FULL``/``YBR_FULL_422`` -> RGB with ``convert_color_space``; ``PALETTE COLOR`` ->
+   RGB with ``apply_color_lut``; RGB as is, scaled by its bit depth;
+3. greyscale: Modality LUT / rescale slope+intercept (``apply_modality_lut``), then VOI:
+   the configured window, else the first window in the file (``apply_windowing``), else the
+   file's VOI LUT (``apply_voi``), else clipping at the configured percentiles; then
+   MONOCHROME1 is inverted so that 1 is always bright;
+4. channels: grey -> repeated to 3 channels, or RGB -> luma (ITU-R BT.601) for 1 channel;
+5. geometry: centred zero-padding to a square, then ``torch.nn.functional.interpolate``
+   (bilinear, antialias) to ``image_size`` x ``image_size``; clamped to [0, 1].
+
+Problems with a file (not DICOM, truncated, no pixel data, no decoder, unsupported
+photometric interpretation, a decoder error) give a :class:`DecodeResult` with a ``reason``;
+this module never raises for bad data. Reasons never contain identifiers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+from pydicom.dataset import Dataset
+from pydicom.pixels import (
+    apply_color_lut,
+    apply_modality_lut,
+    apply_voi,
+    apply_windowing,
+    convert_color_space,
+    get_decoder,
+)
+
+from .reader import NotDicomError, quiet_pydicom, read_full
+from .transfer import transfer_syntax_of, unsupported_reason
+
+if TYPE_CHECKING:
+    from .config import DicomDataConfig
+
+log = logging.getLogger(__name__)
+
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
+GREY = ("MONOCHROME1", "MONOCHROME2")
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+# Skip/failure reasons (grouped by these strings in reports).
+NOT_DICOM = "not a DICOM file"
+UNREADABLE = "unreadable"
+NO_PIXELS = "no pixel data"
+DECODE_FAILED = "pixel decoding failed"
+BAD_PHOTOMETRIC = "unsupported photometric interpretation"
+BAD_VALUES = "no finite pixel values"
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """The preprocessing settings a worker needs (picklable, hashable)."""
+
+    image_size: int = 28
+    channels: int = 1
+    window: tuple[float, float] | None = None
+    clip_percentiles: tuple[float, float] = (0.5, 99.5)
+    frame_policy: str = "middle"
+
+    @classmethod
+    def from_config(cls, cfg: "DicomDataConfig") -> "Preprocess":
+        win = None if cfg.window is None else (cfg.window.center, cfg.window.width)
+        return cls(cfg.image_size, cfg.channels, win, tuple(cfg.clip_percentiles), cfg.frame_policy)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    #: float32 (C, H, W) in [0, 1], or None when the file could not be used.
+    image: np.ndarray | None
+    #: Grouping reason when ``image`` is None (e.g. ``"no pixel data"``).
+    reason: str | None = None
+    #: Extra detail, safe to log (exception type, photometric interpretation, ...).
+    detail: str = ""
+
+
+def frame_index(num_frames: int, policy: str) -> int:
+    """The frame a multi-frame image contributes (see module doc)."""
+    if num_frames <= 1:
+        return 0
+    if policy == "first":
+        return 0
+    if policy == "last":
+        return num_frames - 1
+    return num_frames // 2
+
+
+def decode_file(path: str | Path, settings: Preprocess) -> DecodeResult:
+    """Read, decode and preprocess ``path``; never raises for bad data."""
+    try:
+        ds = read_full(str(path))
+    except NotDicomError:
+        return DecodeResult(None, NOT_DICOM)
+    except Exception as exc:  # noqa: BLE001 - any reader error means the file is unusable
+        return DecodeResult(None, UNREADABLE, type(exc).__name__)
+    return decode_dataset(ds, settings)
+
+
+def decode_dataset(ds: Dataset, settings: Preprocess) -> DecodeResult:
+    """Decode and preprocess an already-read dataset; never raises for bad data."""
+    with quiet_pydicom():
+        return _decode_dataset(ds, settings)
+
+
+def _decode_dataset(ds: Dataset, settings: Preprocess) -> DecodeResult:
+    if not any(k in ds for k in PIXEL_KEYWORDS):
+        return DecodeResult(None, NO_PIXELS)
+    tsyntax = transfer_syntax_of(ds)
+    if not tsyntax:
+        return DecodeResult(None, UNREADABLE, "no transfer syntax")
+    if (why := unsupported_reason(tsyntax)) is not None:
+        return DecodeResult(None, why)
+    try:
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        index = frame_index(frames, settings.frame_policy)
+        arr, meta = get_decoder(tsyntax).as_array(ds, index=index, as_rgb=False)
+    except Exception as exc:  # noqa: BLE001 - truncated data, decoder errors, bad headers
+        return DecodeResult(None, DECODE_FAILED, type(exc).__name__)
+    photometric = str(meta.get("photometric_interpretation", ds.get("PhotometricInterpretation", "")))
+    try:
+        rgb_or_grey = _to_unit_range(arr, ds, photometric, settings)
+    except _Unsupported as exc:
+        return DecodeResult(None, BAD_PHOTOMETRIC, str(exc))
+    except Exception as exc:  # noqa: BLE001 - LUT/colour errors from malformed headers
+        return DecodeResult(None, DECODE_FAILED, type(exc).__name__)
+    if rgb_or_grey is None:
+        return DecodeResult(None, BAD_VALUES)
+    image = _to_channels(rgb_or_grey, settings.channels)
+    return DecodeResult(pad_and_resize(image, settings.image_size))
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _to_unit_range(arr: np.ndarray, ds: Dataset, photometric: str, s: Preprocess) -> np.ndarray | None:
+    """(H, W) grey or (H, W, 3) RGB float64 in [0, 1]; None if no finite values."""
+    if photometric in GREY:
+        if arr.ndim != 2:
+            raise _Unsupported(f"{photometric} with shape {arr.shape}")
+        out = grey_to_unit(arr, ds, s)
+        if out is None:
+            return None
+        return 1.0 - out if photometric == "MONOCHROME1" else out
+    if photometric.startswith("YBR_FULL"):
+        arr = convert_color_space(arr, photometric, "RGB")
+        photometric = "RGB"
+    if photometric == "PALETTE COLOR":
+        rgb = apply_color_lut(arr, ds)
+        bits = int(ds.RedPaletteColorLookupTableDescriptor[2])
+        return rgb.astype(np.float64) / float(2 ** (8 if rgb.dtype == np.uint8 else bits) - 1)
+    if photometric in ("RGB", "YBR_ICT", "YBR_RCT") and arr.ndim == 3 and arr.shape[-1] == 3:
+        if np.issubdtype(arr.dtype, np.floating):
+            return _minmax(arr.astype(np.float64))
+        bits = int(ds.get("BitsStored", 8) or 8)
+        return np.clip(arr.astype(np.float64) / float(2**bits - 1), 0.0, 1.0)
+    raise _Unsupported(photometric or "<missing>")
+
+
+def grey_to_unit(arr: np.ndarray, ds: Dataset, s: Preprocess) -> np.ndarray | None:
+    """Modality LUT, then VOI (window / LUT / percentiles) -> float64 in [0, 1]; no inversion."""
+    values = apply_modality_lut(arr, ds).astype(np.float64)
+    finite = np.isfinite(values)
+    if not finite.any():
+        return None
+    if not finite.all():
+        values = np.where(finite, values, np.nanmin(np.where(finite, values, np.nan)))
+    out = None
+    if s.window is not None:
+        out = _window(values, ds, s.window[0], s.window[1], "LINEAR")
+    elif "WindowCenter" in ds and "WindowWidth" in ds:
+        center, width = _first(ds["WindowCenter"].value), _first(ds["WindowWidth"].value)
+        if center is not None and width is not None:
+            out = _window(values, ds, center, width, str(ds.get("VOILUTFunction", "LINEAR") or "LINEAR"))
+    if out is None and ds.get("VOILUTSequence"):
+        out = _voi_lut(values, ds)
+    if out is None:
+        out = _percentile_clip(values, s.clip_percentiles)
+    return out
+
+
+def _first(value: object) -> float | None:
+    try:
+        if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(value, (str, bytes)):
+            value = value[0]  # type: ignore[index]
+        return float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError, IndexError):
+        return None
+
+
+def _window(values: np.ndarray, ds: Dataset, center: float, width: float, function: str) -> np.ndarray | None:
+    """pydicom's windowing on a minimal copy of the VOI/modality headers, scaled to [0, 1]."""
+    view = Dataset()
+    view.PhotometricInterpretation = "MONOCHROME2"
+    view.BitsStored = int(ds.get("BitsStored", 16) or 16)
+    view.PixelRepresentation = int(ds.get("PixelRepresentation", 0) or 0)
+    if ds.get("ModalityLUTSequence"):
+        view.ModalityLUTSequence = ds.ModalityLUTSequence
+    elif "RescaleSlope" in ds and "RescaleIntercept" in ds:
+        view.RescaleSlope = ds.RescaleSlope
+        view.RescaleIntercept = ds.RescaleIntercept
+    view.WindowCenter = center
+    view.WindowWidth = width
+    view.VOILUTFunction = function.upper()
+    try:
+        with np.errstate(over="ignore"):
+            lo, hi = apply_windowing(np.array([-1e300, 1e300]), view)
+            out = apply_windowing(values, view)
+    except ValueError as exc:  # width < 1 for LINEAR, unknown function
+        log.debug("ignoring unusable VOI window (%s)", type(exc).__name__)
+        return None
+    if hi == lo:
+        return None
+    return np.clip((out - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _voi_lut(values: np.ndarray, ds: Dataset) -> np.ndarray | None:
+    try:
+        item = ds.VOILUTSequence[0]
+        depth = int(item.LUTDescriptor[2])
+        out = apply_voi(np.rint(values).astype(np.int64), ds, index=0)
+    except Exception as exc:  # noqa: BLE001 - malformed LUT: fall back to percentiles
+        log.debug("ignoring unusable VOI LUT (%s)", type(exc).__name__)
+        return None
+    return np.clip(out.astype(np.float64) / float(2**depth - 1), 0.0, 1.0)
+
+
+def _percentile_clip(values: np.ndarray, percentiles: tuple[float, float]) -> np.ndarray:
+    lo, hi = np.percentile(values, percentiles)
+    if hi <= lo:
+        lo, hi = float(values.min()), float(values.max())
+    if hi <= lo:
+        return np.zeros_like(values)
+    return np.clip((values - lo) / (hi - lo), 0.0, 1.0)
+
+
+def _minmax(values: np.ndarray) -> np.ndarray:
+    lo, hi = float(np.nanmin(values)), float(np.nanmax(values))
+    return np.zeros_like(values) if hi <= lo else (values - lo) / (hi - lo)
+
+
+def _to_channels(img: np.ndarray, channels: int) -> np.ndarray:
+    """(H, W) or (H, W, 3) -> (C, H, W) float32."""
+    if img.ndim == 2:
+        chw = img[None]
+        if channels == 3:
+            chw = np.repeat(chw, 3, axis=0)
+    else:
+        chw = np.moveaxis(img, -1, 0)
+        if channels == 1:
+            chw = np.tensordot(_LUMA, chw, axes=1)[None]
+    return np.ascontiguousarray(chw, dtype=np.float32)
+
+
+def pad_and_resize(chw: np.ndarray, size: int) -> np.ndarray:
+    """Centred zero-padding to a square, then antialiased bilinear resize; float32 in [0, 1]."""
+    import torch
+    import torch.nn.functional as F
+
+    c, h, w = chw.shape
+    side = max(h, w)
+    if h != w:
+        square = np.zeros((c, side, side), dtype=np.float32)
+        top, left = (side - h) // 2, (side - w) // 2
+        square[:, top : top + h, left : left + w] = chw
+        chw = square
+    if side != size:
+        t = torch.from_numpy(np.ascontiguousarray(chw))[None]
+        chw = F.interpolate(t, size=(size, size), mode="bilinear", antialias=True, align_corners=False)[0].numpy()
+    return np.clip(chw, 0.0, 1.0).astype(np.float32, copy=False)

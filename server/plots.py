@@ -1,0 +1,107 @@
+"""Plots of a study: loss curves per round and privacy spent per hospital (PNG)."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from .history import StudyHistory  # noqa: E402
+
+
+def _series(history: StudyHistory, field: str) -> dict[str, tuple[list[int], list[float]]]:
+    out: dict[str, tuple[list[int], list[float]]] = {}
+    for n in sorted(history.rounds):
+        for name, h in history.rounds[n].hospitals.items():
+            v = h.get(field)
+            if v is not None and math.isfinite(float(v)):
+                xs, ys = out.setdefault(name, ([], []))
+                xs.append(n)
+                ys.append(float(v))
+    return out
+
+
+def plot_losses(history: StudyHistory, path: Path) -> Path:
+    """Training and validation loss per round (per hospital, thin; federation, bold)."""
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    rounds = sorted(history.rounds)
+    for ax, field, title in ((axes[0], "train_loss", "training loss"), (axes[1], "val_loss", "validation loss")):
+        for name, (xs, ys) in sorted(_series(history, field).items()):
+            ax.plot(xs, ys, marker="o", lw=1, alpha=0.6, label=name)
+        ax.set_title(title)
+        ax.set_xlabel("round")
+        ax.set_ylabel("cross-entropy")
+        ax.grid(alpha=0.3)
+    axes[0].plot(rounds, [history.rounds[n].mean_train_loss() for n in rounds], "k-", lw=2.5, label="federation (weighted)")
+    test = [(n, history.rounds[n].global_test.get("loss")) for n in rounds]
+    test = [(n, v) for n, v in test if v is not None]
+    if test:
+        axes[1].plot([n for n, _ in test], [v for _, v in test], "k--", lw=2.5, label="global model, test split")
+    for ax in axes:
+        ax.legend(fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    fig.suptitle(f"{history.study['federation']['name']}: loss per round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_privacy(history: StudyHistory, path: Path) -> Path:
+    """Cumulative epsilon per hospital per round, with each hospital's budget."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    budgets = set()
+    for name, (xs, ys) in sorted(_series(history, "epsilon").items()):
+        ax.plot([0] + xs, [0.0] + ys, marker="o", label=name)  # nothing is spent before round 1
+    for h in history.privacy().values():
+        if h.get("budget") is not None:
+            budgets.add(float(h["budget"]))
+    for b in sorted(budgets):
+        ax.axhline(b, color="red", ls="--", lw=1, label=f"budget epsilon={b:g}")
+    ax.set_xlabel("round")
+    ax.set_ylabel("cumulative epsilon")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    delta = history.study.get("privacy", {}).get("delta")
+    ax.set_title(f"privacy spent (delta={delta:g})" if delta else "privacy spent")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_metrics(history: StudyHistory, path: Path) -> Path:
+    """AUC and accuracy of the global model per round (pooled validation and test split)."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    rounds = sorted(history.rounds)
+    for src, label, style in (("pooled", "pooled validation", "-"), ("global_test", "test split", "--")):
+        for metric in ("auc", "accuracy"):
+            pts = [(n, getattr(history.rounds[n], src).get(metric)) for n in rounds]
+            pts = [(n, v) for n, v in pts if v is not None and math.isfinite(float(v))]
+            if pts:
+                ax.plot([n for n, _ in pts], [v for _, v in pts], style, marker="o", label=f"{metric} ({label})")
+    ax.set_xlabel("round")
+    ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("global model")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_plots(history: StudyHistory, run_dir: Path) -> list[Path]:
+    return [
+        plot_losses(history, run_dir / "loss.png"),
+        plot_privacy(history, run_dir / "epsilon.png"),
+        plot_metrics(history, run_dir / "metrics.png"),
+    ]
