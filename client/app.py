@@ -192,6 +192,6 @@ def _evaluate(msg: Message, context: Context) -> Message:
     if site.partition_id is not None:
         metrics["partition-id"] = site.partition_id
     content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
-    check_reply(content, kind="evaluate")
+    check_reply(content, kind="evaluate", num_classes=site.data.num_classes)
     return Message(content=content, reply_to=msg)
 

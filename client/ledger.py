@@ -109,6 +109,14 @@ class PrivacyLedger:
                 _atomic_write_json(p, data)
         return cls(p, data)
 
+    @classmethod
+    def load(cls, path: str | Path) -> "PrivacyLedger":
+        """Open an existing ledger read-only (for inspection; :meth:`open` to account new work)."""
+        p = Path(path)
+        if not p.exists():
+            raise LedgerError(f"{p}: no such privacy ledger")
+        return cls(p, cls._read(p))
+
     @staticmethod
     @contextlib.contextmanager
     def _locked(path: Path) -> Iterator[None]:

@@ -122,7 +122,8 @@ def train_local(
         forward: nn.Module = hooks if privacy.grad_sample_mode == "ew" else model
     else:
         forward = model
-    total_loss, total_n, steps = 0.0, 0, 0
+    # Loss is summed on the device: no host sync per step (it stalls the GPU queue).
+    total_loss, total_n, steps = torch.zeros((), device=device), 0, 0
     try:
         for _epoch in range(training.local_epochs):
             for x, y in loader:
@@ -132,13 +133,13 @@ def train_local(
                     x = augment_batch(x, augmentation, gen)
                     loss = F.cross_entropy(forward(x), y)
                     loss.backward()
-                    total_loss += float(loss.detach()) * len(y)
+                    total_loss += loss.detach() * len(y)
                     total_n += len(y)
                 optimizer.step()  # an empty Poisson batch still takes a (pure-noise) DP step
                 _proximal_pull(model, anchor, training.proximal_mu, training.lr)
                 steps += 1
                 if progress is not None:
-                    progress(steps, expected_steps, total_loss / max(total_n, 1))
+                    progress(steps, expected_steps, float(total_loss) / max(total_n, 1))
     finally:
         if hooks is not None and hasattr(hooks, "cleanup"):
             hooks.cleanup()
@@ -147,7 +148,7 @@ def train_local(
     if privacy.enabled and steps != expected_steps:
         raise PrivacyError(f"took {steps} DP steps but {expected_steps} were reserved; ledger would be wrong")
     return TrainStats(
-        train_loss=total_loss / max(total_n, 1),
+        train_loss=float(total_loss) / max(total_n, 1),
         steps=steps,
         num_examples=len(split),
         noise_multiplier=float(noise_multiplier or 0.0),

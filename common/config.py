@@ -103,7 +103,7 @@ class PrivacyConfig(_Frozen):
     #: Give up (refuse) rather than train with more noise than this.
     max_noise_multiplier: float = Field(50.0, gt=0.0)
     #: Opacus per-sample-gradient engine ("ew" was fastest on CPU in our measurements).
-    grad_sample_mode: Literal["hooks", "ew", "functorch"] = "hooks"
+    grad_sample_mode: Literal["hooks", "ew", "functorch"] = "ew"
 
 
 class TrainingConfig(_Frozen):

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .errors import ProtocolError
+from .metrics import HIST_BINS
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -45,12 +46,18 @@ ERR_REFUSED = 4000  # generic: bad data, bad config, node-side failure
 ERR_BUDGET = 4001  # the round would exceed the site's privacy budget
 ERR_PROTOCOL = 4002  # the request was malformed
 
-#: Per-example information is never allowed; count-valued lists are capped in length.
+#: The only metrics that may be lists: aggregate counts, capped in length. Every other metric is
+#: one number, so nothing per-example can ride along in an allow-listed name.
+LIST_METRICS = frozenset({"confusion", "histograms"})
 MAX_LIST_LEN = 10_000
 
 
 def check_reply(
-    content: RecordDict, *, kind: str, expected_shapes: Mapping[str, tuple[int, ...]] | None = None
+    content: RecordDict,
+    *,
+    kind: str,
+    expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
+    num_classes: int | None = None,
 ) -> None:
     """Raise :class:`ProtocolError` unless ``content`` is a well-formed, allowed reply."""
     if kind not in ("train", "evaluate"):
@@ -69,8 +76,21 @@ def check_reply(
     if "num-examples" not in metrics:
         raise ProtocolError(f"{kind} reply: metric 'num-examples' is required")
     for key, value in metrics.items():
-        if isinstance(value, list) and len(value) > MAX_LIST_LEN:
-            raise ProtocolError(f"{kind} reply: metric {key!r} has {len(value)} values (max {MAX_LIST_LEN})")
+        if isinstance(value, list):
+            if key not in LIST_METRICS:
+                raise ProtocolError(f"{kind} reply: metric {key!r} must be a single number, got a list")
+            if len(value) > MAX_LIST_LEN:
+                raise ProtocolError(f"{kind} reply: metric {key!r} has {len(value)} values (max {MAX_LIST_LEN})")
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
+                raise ProtocolError(f"{kind} reply: metric {key!r} must hold non-negative integer counts")
+        elif isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ProtocolError(f"{kind} reply: metric {key!r} must be a number, got {type(value).__name__}")
+    if kind == "evaluate" and num_classes is not None:
+        c = num_classes
+        if "confusion" in metrics and len(metrics["confusion"]) != c * c:  # type: ignore[arg-type]
+            raise ProtocolError(f"evaluate reply: 'confusion' must hold {c}x{c} counts")
+        if "histograms" in metrics and len(metrics["histograms"]) != c * 2 * HIST_BINS:  # type: ignore[arg-type]
+            raise ProtocolError(f"evaluate reply: 'histograms' must hold {c}x2x{HIST_BINS} counts")
     if kind == "train":
         arrays = content[ARRAYS_KEY]
         if not isinstance(arrays, ArrayRecord):

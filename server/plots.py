@@ -43,7 +43,8 @@ def plot_losses(history: StudyHistory, path: Path) -> Path:
     if test:
         axes[1].plot([n for n, _ in test], [v for _, v in test], "k--", lw=2.5, label="global model, test split")
     for ax in axes:
-        ax.legend(fontsize=8)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{history.study['federation']['name']}: loss per round")
     fig.tight_layout()
@@ -70,7 +71,8 @@ def plot_privacy(history: StudyHistory, path: Path) -> Path:
     delta = history.study.get("privacy", {}).get("delta")
     ax.set_title(f"privacy spent (delta={delta:g})" if delta else "privacy spent")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -91,7 +93,8 @@ def plot_metrics(history: StudyHistory, path: Path) -> Path:
     ax.set_ylim(0, 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     ax.set_title("global model")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -37,6 +37,20 @@ def load_client_app(ref: str = CLIENT_APP_REF) -> ClientApp:
     return app
 
 
+class _DropRunSimulationDeprecation(logging.Filter):
+    """``run_simulation`` is Flower's in-process simulation entry point; its deprecation notice
+    (pointing at ``flwr run``) is not actionable for fedrad users."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`run_simulation` function is deprecated" not in record.getMessage()
+
+
+def _quiet_deprecation() -> None:
+    lg = logging.getLogger("flwr")
+    if not any(isinstance(f, _DropRunSimulationDeprecation) for f in lg.filters):
+        lg.addFilter(_DropRunSimulationDeprecation())
+
+
 def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = None) -> StudyHistory:
     """Run ``study`` with ``federation.num_hospitals`` simulated hospitals; outputs go to ``run_dir``."""
     from flwr.simulation import run_simulation
@@ -61,6 +75,8 @@ def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = N
     }
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    _quiet_deprecation()
     run_simulation(
         server_app=server_app,
         client_app=load_client_app(),

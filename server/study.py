@@ -82,7 +82,8 @@ class FedradStrategyMixin:
                 log.warning("round %d %s: %s %s", rec.round, kind, name, site["status"])
                 continue
             try:
-                check_reply(msg.content, kind=kind, expected_shapes=w.expected_shapes if kind == "train" else None)
+                check_reply(msg.content, kind=kind, expected_shapes=w.expected_shapes if kind == "train" else None,
+                            num_classes=w.num_classes)
             except ProtocolError as exc:
                 site["status"] = f"rejected: {exc}"
                 log.warning("round %d %s: reply from %s rejected: %s", rec.round, kind, name, exc)

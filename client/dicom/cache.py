@@ -22,7 +22,6 @@ import fcntl
 import json
 import logging
 import os
-import shutil
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -87,7 +86,8 @@ class PixelCache:
                     raise ValueError("shape mismatch")
         except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
             log.warning("discarding an unreadable pixel cache (%s); it will be rebuilt", type(exc).__name__)
-            shutil.rmtree(self.dir, ignore_errors=True)
+            for name in (IMAGES, ROWS, PENDING):
+                (self.dir / name).unlink(missing_ok=True)
             return
         self.keys, self.failed = keys, failed
 

@@ -146,7 +146,7 @@ def _write_hospital(
             sop_uid = generate_uid(entropy_srcs=[str(seed), str(hospital), pid, str(j), "sop"])
             ds = _image_dataset(images[i], ident, sop_uid, j, rng, seed)
             if rng.random() < rle_fraction:
-                ds.compress(RLELossless)
+                ds.compress(RLELossless, generate_instance_uid=False)
             name = f"IM{j + 1:04d}" + (".dcm" if rng.random() < 0.5 else "")
             rel = f"{study_dir}/{name}"
             (folder / study_dir).mkdir(exist_ok=True)

@@ -191,9 +191,10 @@ def grey_to_unit(arr: np.ndarray, ds: Dataset, s: Preprocess) -> np.ndarray | No
 
 
 def _first(value: object) -> float | None:
+    """First value of a DS element (VM 1 or more) as a float; None when unusable."""
     try:
-        if isinstance(value, (list, tuple)) or hasattr(value, "__getitem__") and not isinstance(value, (str, bytes)):
-            value = value[0]  # type: ignore[index]
+        if not isinstance(value, (str, bytes, int, float)):
+            value = value[0]  # type: ignore[index]  # MultiValue / list
         return float(value)  # type: ignore[arg-type]
     except (TypeError, ValueError, IndexError):
         return None

@@ -8,6 +8,7 @@ so that stray non-DICOM files (spreadsheets, READMEs) are recognised as such.
 from __future__ import annotations
 
 import io
+import logging
 import struct
 import warnings
 from collections.abc import Iterator
@@ -27,12 +28,21 @@ class NotDicomError(Exception):
     """The bytes are not a DICOM data set."""
 
 
+def _below_error(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR
+
+
 @contextmanager
 def quiet_pydicom() -> Iterator[None]:
-    """pydicom warns about many harmless header oddities; they are not the node operator's concern."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+    """pydicom warns (and logs) about many harmless oddities; what matters is reported as skip reasons."""
+    pydicom_log = logging.getLogger("pydicom")
+    pydicom_log.addFilter(_below_error)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        pydicom_log.removeFilter(_below_error)
 
 
 def read_header(data: bytes) -> tuple[Dataset, bool]:

@@ -1,0 +1,238 @@
+"""The per-site privacy ledger (client/ledger.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from pathlib import Path
+
+import pytest
+
+import fedrad.client.ledger as ledger_mod
+from fedrad.client.ledger import PrivacyLedger
+from fedrad.common.errors import BudgetExceededError, LedgerError, PrivacyError
+from fedrad.common.privacy import epsilon_for
+
+DELTA = 1e-5
+WORK = {"noise_multiplier": 1.0, "sample_rate": 0.1, "steps": 20}
+
+
+def _open(path: Path, **kw) -> PrivacyLedger:
+    args = {"budget_epsilon": 8.0, "delta": DELTA, "accountant": "rdp", "dataset_id": "ds-1", **kw}
+    return PrivacyLedger.open(path, **args)
+
+
+def test_new_ledger_spends_nothing_and_exists_on_disk(tmp_path: Path) -> None:
+    path = tmp_path / "site" / "ledger.json"
+
+    led = _open(path)
+
+    assert led.spent() == 0.0
+    assert led.history == []
+    assert path.exists()
+    data = json.loads(path.read_text())
+    assert data["history"] == [] and data["budget_epsilon"] == 8.0 and data["dataset_id"] == "ds-1"
+
+
+def test_reserve_raises_epsilon_and_writes_to_disk(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    led = _open(path)
+
+    res = led.reserve(**WORK, study="s1", round=1)
+
+    expected = epsilon_for(history=[(1.0, 0.1, 20)], delta=DELTA)
+    assert res.epsilon_before == 0.0
+    assert res.epsilon_after == pytest.approx(expected, rel=1e-12)
+    assert led.spent() == pytest.approx(expected, rel=1e-12)
+    on_disk = json.loads(path.read_text())
+    assert on_disk["history"] == [[1.0, 0.1, 20]]
+    assert on_disk["entries"][0]["round"] == 1 and on_disk["entries"][0]["study"] == "s1"
+    assert on_disk["entries"][0]["epsilon_after"] == pytest.approx(expected)
+
+
+def test_reopen_after_restart_reports_same_epsilon(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    first = _open(path)
+    first.reserve(**WORK, study="s", round=1)
+    first.reserve(**WORK, study="s", round=2)
+    eps = first.spent()
+    del first
+
+    again = _open(path)  # a new process would do exactly this
+
+    assert again.spent() == pytest.approx(eps, rel=1e-12)
+    assert len(again.entries) == 2
+    assert again.spent() > 0
+
+
+def test_two_handles_on_one_file_do_not_lose_reservations(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    a, b = _open(path), _open(path)
+
+    a.reserve(**WORK, study="s", round=1)
+    b.reserve(**WORK, study="s", round=2)  # b reloads under the lock before appending
+
+    assert len(_open(path).history) == 2
+
+
+def test_reserve_over_budget_refused_file_bytes_unchanged(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    led = _open(path, budget_epsilon=2.0)
+    led.reserve(noise_multiplier=2.0, sample_rate=0.1, steps=10, study="s", round=1)
+    before = path.read_bytes()
+    spent = led.spent()
+
+    with pytest.raises(BudgetExceededError, match="over the site's budget"):
+        led.reserve(noise_multiplier=0.5, sample_rate=0.5, steps=100, study="s", round=2)
+
+    assert path.read_bytes() == before
+    assert led.spent() == spent
+    assert _open(path, budget_epsilon=2.0).spent() == spent
+
+
+def test_zero_noise_is_infinite_epsilon_and_refused(tmp_path: Path) -> None:
+    led = _open(tmp_path / "l.json")
+    with pytest.raises(BudgetExceededError):
+        led.reserve(noise_multiplier=0.0, sample_rate=0.1, steps=1, study="s", round=1)
+
+
+def test_crash_during_replace_keeps_previous_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "ledger.json"
+    led = _open(path)
+    led.reserve(**WORK, study="s", round=1)
+    before_bytes = path.read_bytes()
+    before_eps = _open(path).spent()
+
+    def boom(src, dst):  # the process dies between writing the temp file and renaming it
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(ledger_mod.os, "replace", boom)
+    with pytest.raises(OSError, match="simulated crash"):
+        led.reserve(**WORK, study="s", round=2)
+    monkeypatch.undo()
+
+    assert path.read_bytes() == before_bytes
+    after = _open(path)
+    assert after.spent() == pytest.approx(before_eps)
+    assert after.spent() >= before_eps  # never decreases
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # no temp file left behind
+
+
+def test_crash_during_json_dump_keeps_previous_file(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "ledger.json"
+    led = _open(path)
+    led.reserve(**WORK, study="s", round=1)
+    before_bytes = path.read_bytes()
+    eps_history = [led.spent()]
+    real_dump = json.dump
+
+    def half_dump(obj, fh, **kw):
+        fh.write('{"version": 1, "hist')  # a torn, partial write
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ledger_mod.json, "dump", half_dump)
+    with pytest.raises(KeyboardInterrupt):
+        led.reserve(**WORK, study="s", round=2)
+    monkeypatch.setattr(ledger_mod.json, "dump", real_dump)
+
+    assert path.read_bytes() == before_bytes
+    reopened = _open(path)
+    eps_history.append(reopened.spent())
+    reopened.reserve(**WORK, study="s", round=2)
+    eps_history.append(_open(path).spent())
+    assert eps_history == sorted(eps_history)
+    assert eps_history[-1] > eps_history[0]
+
+
+def test_corrupt_ledger_file_is_a_ledger_error(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text('{"version": 1, "histo', encoding="utf-8")
+
+    with pytest.raises(LedgerError, match="unreadable"):
+        _open(path)
+
+
+@pytest.mark.parametrize("content", ["[]", '{"version": 99, "history": []}', '{"version": 1}'])
+def test_foreign_json_is_a_ledger_error(tmp_path: Path, content: str) -> None:
+    path = tmp_path / "ledger.json"
+    path.write_text(content, encoding="utf-8")
+
+    with pytest.raises(LedgerError, match="not a fedrad privacy ledger"):
+        _open(path)
+
+
+def test_ledger_corrupted_after_open_is_detected_on_reserve(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    led = _open(path)
+    path.write_text("garbage", encoding="utf-8")
+
+    with pytest.raises(LedgerError):
+        led.reserve(**WORK, study="s", round=1)
+
+
+@pytest.mark.parametrize(
+    "change", [{"delta": 1e-6}, {"accountant": "prv"}, {"dataset_id": "other-dataset"}]
+)
+def test_mismatched_identity_is_a_ledger_error(tmp_path: Path, change: dict) -> None:
+    path = tmp_path / "ledger.json"
+    _open(path).reserve(**WORK, study="s", round=1)
+    before = path.read_bytes()
+
+    with pytest.raises(LedgerError, match=next(iter(change))):
+        _open(path, **change)
+
+    assert path.read_bytes() == before
+
+
+def test_budget_change_is_accepted_and_persisted(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    _open(path, budget_epsilon=8.0)
+
+    led = _open(path, budget_epsilon=4.0)
+
+    assert led.budget == 4.0
+    assert json.loads(path.read_text())["budget_epsilon"] == 4.0
+
+
+def test_keyword_only_arguments(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    with pytest.raises(TypeError):
+        PrivacyLedger.open(path, 8.0, DELTA)  # type: ignore[misc]
+    led = _open(path)
+    with pytest.raises(TypeError):
+        led.reserve(1.0, 0.1, 20, "s", 1)  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        led.preview(1.0, 0.1, 20)  # type: ignore[misc]
+    assert led.history == []
+
+
+def test_ledger_file_mode_is_0600(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    led = _open(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    led.reserve(**WORK, study="s", round=1)
+
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_preview_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.json"
+    led = _open(path)
+    before = path.read_bytes()
+
+    eps = led.preview(**WORK)
+
+    assert eps > 0
+    assert path.read_bytes() == before
+    assert led.spent() == 0.0
+
+
+@pytest.mark.parametrize(
+    "kw", [{"budget_epsilon": 0.0}, {"delta": 0.0}, {"delta": 1.0}, {"accountant": "gdp"}]
+)
+def test_open_rejects_bad_arguments(tmp_path: Path, kw: dict) -> None:
+    with pytest.raises(PrivacyError):
+        _open(tmp_path / "l.json", **kw)
+    assert not (tmp_path / "l.json").exists()

@@ -1,0 +1,264 @@
+"""Wire protocol filter (common/protocol.py) and the real ClientApp handlers (client/app.py), no Ray."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import (
+    DEFAULT_TTL,
+    ArrayRecord,
+    ConfigRecord,
+    Context,
+    Message,
+    MessageType,
+    Metadata,
+    MetricRecord,
+    RecordDict,
+)
+
+from fedrad.client import app as client_app
+from fedrad.client.site import simulated_site
+from fedrad.common.config import StudyConfig, parse_study
+from fedrad.common.errors import ProtocolError
+from fedrad.common.models import build_model
+from fedrad.common.protocol import ERR_BUDGET, ERR_PROTOCOL, EVAL_METRICS, MAX_LIST_LEN, TRAIN_METRICS, check_reply
+
+
+# ------------------------------------------------------------------ check_reply
+def _state() -> dict[str, torch.Tensor]:
+    return {"w": torch.zeros(3, 4), "b": torch.zeros(3)}
+
+
+SHAPES = {"w": (3, 4), "b": (3,)}
+
+
+def _train_reply(**metrics) -> RecordDict:
+    m = {"num-examples": 10, "train_loss": 0.5, "epsilon": 1.0, **metrics}
+    return RecordDict({"arrays": ArrayRecord(_state()), "metrics": MetricRecord(m)})
+
+
+def _eval_reply(**metrics) -> RecordDict:
+    m = {"num-examples": 10, "val_loss": 0.4, "auc": 0.8, "confusion": [5, 0, 1, 4], **metrics}
+    return RecordDict({"metrics": MetricRecord(m)})
+
+
+def test_check_reply_accepts_well_formed_replies() -> None:
+    check_reply(_train_reply(), kind="train", expected_shapes=SHAPES)
+    check_reply(_train_reply(), kind="train")
+    check_reply(_eval_reply(histograms=[1] * 400), kind="evaluate")
+
+
+@pytest.mark.parametrize(
+    ("content", "kind", "match"),
+    [
+        (RecordDict({**_train_reply(), "extra": MetricRecord({"x": 1})}), "train", "must hold records"),
+        (RecordDict({**_eval_reply(), "arrays": ArrayRecord(_state())}), "evaluate", "must hold records"),
+        (RecordDict({"metrics": MetricRecord({"num-examples": 1})}), "train", "must hold records"),
+        (RecordDict({**_train_reply(), "config": ConfigRecord({"note": "hello"})}), "train", "must hold records"),
+        (RecordDict({"arrays": ArrayRecord(_state()), "metrics": ConfigRecord({"num-examples": 1, "who": "x"})}),
+         "train", "must be a MetricRecord"),
+        (RecordDict({"arrays": ConfigRecord({"a": 1}), "metrics": MetricRecord({"num-examples": 1})}),
+         "train", "must be an ArrayRecord"),
+        (_train_reply(patient_id=1234), "train", "patient_id"),
+        (_eval_reply(train_loss=0.1), "evaluate", "train_loss"),
+        (RecordDict({"metrics": MetricRecord({"auc": 0.5})}), "evaluate", "num-examples"),
+        (_eval_reply(histograms=[0] * (MAX_LIST_LEN + 1)), "evaluate", "histograms"),
+        (_train_reply(), "query", "unknown message kind"),
+    ],
+)
+def test_check_reply_rejects(content: RecordDict, kind: str, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        check_reply(content, kind=kind, expected_shapes=SHAPES if kind == "train" else None)
+
+
+def test_check_reply_rejects_wrong_array_names_and_shapes() -> None:
+    with pytest.raises(ProtocolError, match="array names differ"):
+        check_reply(_train_reply(), kind="train", expected_shapes={"w": (3, 4), "b": (3,), "c": (1,)})
+    wrong = RecordDict({"arrays": ArrayRecord({"w": torch.zeros(3, 4), "b": torch.zeros(64)}),
+                        "metrics": MetricRecord({"num-examples": 1})})
+    with pytest.raises(ProtocolError, match=r"wrong shapes: \['b'\]"):
+        check_reply(wrong, kind="train", expected_shapes=SHAPES)
+
+
+def test_allow_lists_hold_no_identifying_keys() -> None:
+    for key in TRAIN_METRICS | EVAL_METRICS:
+        assert not any(w in key for w in ("patient", "name", "id_", "path", "uid"))
+
+
+# ------------------------------------------------------------------ the real ClientApp
+STUDY = {
+    "federation": {"num_hospitals": 3, "rounds": 2, "seed": 3},
+    "model": {"name": "cnn", "options": {"widths": [8, 16], "dense": 16}},
+    "data": {"max_train_per_hospital": 64, "max_val_per_hospital": 32, "class_names": ["normal", "pneumonia"],
+             "partition": {"scheme": "iid", "min_per_hospital": 16}},
+    "privacy": {"enabled": True, "epsilon": 8.0},
+    "training": {"batch_size": 16, "lr": 0.05, "momentum": 0.0, "device": "cpu", "num_threads": 1},
+}
+N_TRAIN, N_VAL, SIZE = 64, 32, 28
+
+
+def _study(**privacy) -> StudyConfig:
+    d = json.loads(json.dumps(STUDY))
+    d["privacy"].update(privacy)
+    return parse_study(d)
+
+
+def _global_arrays(study: StudyConfig) -> ArrayRecord:
+    torch.manual_seed(0)
+    m = build_model(study.model.name, in_channels=1, num_classes=2, image_size=SIZE, options=study.model.options)
+    return ArrayRecord(m.state_dict())
+
+
+def _message(study: StudyConfig, kind: str, state_dir: Path, *, server_round: int = 1, total: int = 2,
+             node_id: int = 1001, arrays: ArrayRecord | None = None, config: dict | None = None) -> Message:
+    cfg = {"study": study.to_json(), "server-round": server_round, "total-rounds": total, "study-id": "unit-study",
+           "round-offset": 0, "sim-state-dir": str(state_dir)}
+    if config is not None:
+        cfg = config
+    content = RecordDict({"arrays": arrays if arrays is not None else _global_arrays(study), "config": ConfigRecord(cfg)})
+    # As Flower delivers an instruction to a ClientApp: SuperLink-assigned id, the coordinator as source.
+    md = Metadata(run_id=77, message_id=f"msg-{kind}-{server_round}-{time.time_ns()}", src_node_id=0,
+                  dst_node_id=node_id, reply_to_message_id="", group_id=str(server_round),
+                  created_at=time.time(), ttl=DEFAULT_TTL, message_type=kind)
+    return Message(content=content, metadata=md)
+
+
+def _context(node_id: int = 1001, partition: int = 0) -> Context:
+    return Context(run_id=77, node_id=node_id, node_config={"partition-id": partition, "num-partitions": 3},
+                   state=RecordDict(), run_config={})
+
+
+def _assert_reply_addressing(reply: Message, msg: Message) -> None:
+    assert reply.metadata.reply_to_message_id == msg.metadata.message_id
+    assert reply.metadata.dst_node_id == msg.metadata.src_node_id
+    assert reply.metadata.src_node_id == msg.metadata.dst_node_id
+    assert reply.metadata.message_type == msg.metadata.message_type
+    assert reply.metadata.run_id == msg.metadata.run_id
+
+
+def _assert_no_per_example_data(metrics: MetricRecord, n_examples: set[int]) -> None:
+    for key, value in metrics.items():
+        assert not isinstance(value, (str, bytes)), key
+        if isinstance(value, list):
+            assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value), key
+            assert len(value) not in n_examples, f"{key} has one value per example"
+        else:
+            assert isinstance(value, (int, float)), key
+
+
+def test_train_handler_reply_carries_only_weights_and_allowed_metrics(tmp_path: Path) -> None:
+    study = _study()
+    msg = _message(study, MessageType.TRAIN, tmp_path)
+    site = simulated_site(study, partition_id=0, num_partitions=3, state_dir=tmp_path)
+    assert len(site.data.train) == N_TRAIN and len(site.data.val) == N_VAL
+    expected = _global_arrays(study)
+
+    reply = client_app.train(msg, _context())
+
+    assert not reply.has_error(), reply.error if reply.has_error() else None
+    _assert_reply_addressing(reply, msg)
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics"}
+    assert content.array_records.keys() == {"arrays"} and content.metric_records.keys() == {"metrics"}
+    assert not content.config_records
+    arrays = content["arrays"]
+    assert {k: tuple(a.shape) for k, a in arrays.items()} == {k: tuple(a.shape) for k, a in expected.items()}
+    for name, arr in arrays.items():
+        shape = tuple(arr.shape)
+        assert N_TRAIN not in shape and N_VAL not in shape, (name, shape)
+        assert shape[-2:] != (SIZE, SIZE), (name, shape)
+    assert any(not np.array_equal(arrays[k].numpy(), expected[k].numpy()) for k in expected.keys())  # it trained
+    metrics = content["metrics"]
+    assert set(metrics.keys()) <= TRAIN_METRICS
+    assert metrics["num-examples"] == N_TRAIN
+    assert metrics["partition-id"] == 0
+    assert 0 < metrics["epsilon"] <= 8.0
+    assert metrics["steps"] == N_TRAIN // 16
+    _assert_no_per_example_data(metrics, {N_TRAIN, N_VAL})
+    check_reply(content, kind="train", expected_shapes={k: tuple(a.shape) for k, a in expected.items()})
+    # the ledger was written where the simulation said, for this hospital only
+    assert (tmp_path / "hospital-1" / "privacy-ledger.json").exists()
+    assert not (tmp_path / "hospital-2").exists()
+
+
+def test_evaluate_handler_reply_carries_only_aggregate_metrics(tmp_path: Path) -> None:
+    study = _study()
+    client_app.train(_message(study, MessageType.TRAIN, tmp_path), _context())  # creates the ledger
+    msg = _message(study, MessageType.EVALUATE, tmp_path)
+
+    reply = client_app.app(msg, _context())  # through ClientApp dispatch, as Flower calls it
+
+    assert not reply.has_error()
+    _assert_reply_addressing(reply, msg)
+    content = reply.content
+    assert set(content.keys()) == {"metrics"}
+    metrics = content["metrics"]
+    assert set(metrics.keys()) <= EVAL_METRICS
+    assert metrics["num-examples"] == N_VAL
+    assert len(metrics["confusion"]) == 4 and sum(metrics["confusion"]) == N_VAL
+    assert sum(metrics["histograms"]) == 2 * N_VAL
+    assert 0 < metrics["epsilon"] <= metrics["epsilon_budget"] == 8.0
+    _assert_no_per_example_data(metrics, {N_TRAIN, N_VAL})
+    check_reply(content, kind="evaluate")
+
+
+def test_exhausted_site_replies_with_budget_error_not_content(tmp_path: Path) -> None:
+    # A calibrated one-round study uses (almost) the whole budget; with max_noise_multiplier 5 nothing more fits.
+    study = _study(max_noise_multiplier=5.0)
+    first = client_app.train(_message(study, MessageType.TRAIN, tmp_path, server_round=1, total=1), _context())
+    assert not first.has_error()
+    ledger = tmp_path / "hospital-1" / "privacy-ledger.json"
+    before = ledger.read_bytes()
+    msg = _message(study, MessageType.TRAIN, tmp_path, server_round=1, total=1)
+
+    reply = client_app.train(msg, _context())  # the calibrated first run used the whole budget
+
+    assert reply.has_error()
+    assert not reply.has_content()
+    assert reply.error.code == ERR_BUDGET == 4001
+    assert "BudgetExceededError" in reply.error.reason
+    _assert_reply_addressing(reply, msg)
+    assert ledger.read_bytes() == before
+
+
+def test_fixed_noise_over_budget_refused_before_training(tmp_path: Path) -> None:
+    study = _study(noise_multiplier=0.0)  # zero noise: infinite epsilon
+
+    reply = client_app.train(_message(study, MessageType.TRAIN, tmp_path), _context())
+
+    assert reply.has_error() and reply.error.code == ERR_BUDGET
+    data = json.loads((tmp_path / "hospital-1" / "privacy-ledger.json").read_text())
+    assert data["history"] == []
+
+
+def test_malformed_requests_get_protocol_errors(tmp_path: Path) -> None:
+    study = _study()
+    no_study = _message(study, MessageType.TRAIN, tmp_path, config={"server-round": 1, "total-rounds": 2,
+                                                                     "study-id": "x", "sim-state-dir": str(tmp_path)})
+    other = parse_study({**json.loads(json.dumps(STUDY)), "model": {"name": "cnn", "options": {"widths": [4]}}})
+    wrong_model = _message(study, MessageType.TRAIN, tmp_path, arrays=_global_arrays(other))
+    no_state_dir = _message(study, MessageType.TRAIN, tmp_path, config={
+        "study": study.to_json(), "server-round": 1, "total-rounds": 2, "study-id": "x"})
+
+    for msg in (no_study, wrong_model, no_state_dir):
+        reply = client_app.train(msg, _context())
+        assert reply.has_error() and reply.error.code == ERR_PROTOCOL, reply.error.reason
+    assert not (tmp_path / "hospital-1" / "privacy-ledger.json").exists()  # nothing reserved for bad requests
+
+
+# ------------------------------------------------------------------ scalar metrics stay scalar
+@pytest.mark.parametrize(
+    ("kind", "content"),
+    [
+        ("train", _train_reply(train_loss=[0.1 * i for i in range(64)])),
+        ("evaluate", _eval_reply(auc=[0.0, 1.0, 1.0, 0.0] * 8)),
+    ],
+)
+def test_scalar_metrics_may_not_be_lists(kind: str, content: RecordDict) -> None:
+    with pytest.raises(ProtocolError):
+        check_reply(content, kind=kind, expected_shapes=SHAPES if kind == "train" else None)
