@@ -26,6 +26,19 @@ def _series(history: StudyHistory, field: str) -> dict[str, tuple[list[int], lis
     return out
 
 
+def _finish(fig: plt.Figure, axes: list[plt.Axes], path: Path) -> Path:
+    """Integer round ticks, a grid and a legend where there is something to label; save and close."""
+    for ax in axes:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def plot_losses(history: StudyHistory, path: Path) -> Path:
     """Training and validation loss per round (per hospital, thin; federation, bold)."""
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
@@ -36,21 +49,13 @@ def plot_losses(history: StudyHistory, path: Path) -> Path:
         ax.set_title(title)
         ax.set_xlabel("round")
         ax.set_ylabel("cross-entropy")
-        ax.grid(alpha=0.3)
     axes[0].plot(rounds, [history.rounds[n].mean_train_loss() for n in rounds], "k-", lw=2.5, label="federation (weighted)")
     test = [(n, history.rounds[n].global_test.get("loss")) for n in rounds]
     test = [(n, v) for n, v in test if v is not None]
     if test:
         axes[1].plot([n for n, _ in test], [v for _, v in test], "k--", lw=2.5, label="global model, test split")
-    for ax in axes:
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.suptitle(f"{history.study['federation']['name']}: loss per round")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, list(axes), path)
 
 
 def plot_privacy(history: StudyHistory, path: Path) -> Path:
@@ -67,16 +72,9 @@ def plot_privacy(history: StudyHistory, path: Path) -> Path:
     ax.set_xlabel("round")
     ax.set_ylabel("cumulative epsilon")
     ax.set_ylim(bottom=0)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     delta = history.study.get("privacy", {}).get("delta")
     ax.set_title(f"privacy spent (delta={delta:g})" if delta else "privacy spent")
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, [ax], path)
 
 
 def plot_metrics(history: StudyHistory, path: Path) -> Path:
@@ -91,15 +89,8 @@ def plot_metrics(history: StudyHistory, path: Path) -> Path:
                 ax.plot([n for n, _ in pts], [v for _, v in pts], style, marker="o", label=f"{metric} ({label})")
     ax.set_xlabel("round")
     ax.set_ylim(0, 1)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.grid(alpha=0.3)
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=8)
     ax.set_title("global model")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _finish(fig, [ax], path)
 
 
 def write_plots(history: StudyHistory, run_dir: Path) -> list[Path]:
