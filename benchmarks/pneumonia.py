@@ -41,7 +41,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args()
     setup_logging(0)
-    console = Console()
+    console = Console(width=150)
     results: list[dict[str, object]] = []
     table_rows = []
     for name in args.only or ORDER:
