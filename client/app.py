@@ -7,6 +7,8 @@ The same app runs in simulation and in deployment. Everything that leaves goes t
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -15,20 +17,23 @@ from flwr.clientapp import ClientApp
 
 from fedrad.common.config import StudyConfig, study_from_json
 from fedrad.common.device import resolve_device
-from fedrad.common.errors import BudgetExceededError, FedradError, ProtocolError
+from fedrad.common.errors import BudgetExceededError, FedradError, PolicyViolation, ProtocolError
 from fedrad.common.evaluation import evaluate
 from fedrad.common.models import build_model
 from fedrad.common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
     ERR_BUDGET,
+    ERR_POLICY,
     ERR_PROTOCOL,
     ERR_REFUSED,
     METRICS_KEY,
     check_reply,
 )
 
+from .audit_log import AuditLog
 from .ledger import PrivacyLedger
+from .node_policy import NodePolicy, check_request, load_policy
 from .privacy import plan_round, reserve_round
 from .site import Site, simulated_site
 from .train import train_local
@@ -94,37 +99,83 @@ def _threads(study: StudyConfig) -> None:
         torch.set_num_threads(n)
 
 
-def _error_reply(msg: Message, exc: Exception) -> Message:
-    code = ERR_BUDGET if isinstance(exc, BudgetExceededError) else ERR_PROTOCOL if isinstance(exc, ProtocolError) else ERR_REFUSED
-    return Message(Error(code=code, reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+def _error_code(exc: Exception) -> int:
+    if isinstance(exc, BudgetExceededError):
+        return ERR_BUDGET
+    if isinstance(exc, PolicyViolation):
+        return ERR_POLICY
+    if isinstance(exc, ProtocolError):
+        return ERR_PROTOCOL
+    return ERR_REFUSED
+
+
+@dataclass
+class _Request:
+    """What is known about a request so far (for the audit record of a refusal)."""
+
+    site: Site | None = None
+    study_id: str = "?"
+    round: int = 0
+    policy_version: str = ""
+    epsilon_before: float | None = None
+
+
+def _audit(req: _Request, *, kind: str, content: RecordDict | None, epsilon_after: float | None, outcome: str) -> None:
+    if req.site is None:
+        return  # the request never got as far as naming a site: nothing of the site's was touched
+    AuditLog(req.site.audit_path).append(
+        study=req.study_id, round=req.round, kind=kind, content=content, epsilon_before=req.epsilon_before,
+        epsilon_after=epsilon_after, policy_version=req.policy_version, outcome=outcome,
+    )
+
+
+def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], msg: Message, context: Context) -> Message:
+    req = _Request()
+    try:
+        reply = body(msg, context, req)
+    except FedradError as exc:
+        log.warning("%s request refused: %s", kind, exc)
+        _audit(req, kind=kind, content=None, epsilon_after=req.epsilon_before, outcome=f"refused: {exc}")
+        return Message(Error(code=_error_code(exc), reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+    metrics = reply.content[METRICS_KEY]
+    _audit(req, kind=kind, content=reply.content, epsilon_after=metrics.get("epsilon"), outcome="sent")  # type: ignore[arg-type]
+    return reply
+
+
+def _policy(site: Site) -> NodePolicy | None:
+    return load_policy(site.policy_path) if site.policy_path is not None else None
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    try:
-        return _train(msg, context)
-    except FedradError as exc:
-        log.warning("train request refused: %s", exc)
-        return _error_reply(msg, exc)
+    return _handle("train", _train, msg, context)
 
 
-def _train(msg: Message, context: Context) -> Message:
+def _train(msg: Message, context: Context, req: _Request) -> Message:
     study, server_round, total_rounds, study_id, cfg = _study_and_round(msg)
+    req.study_id, req.round = study_id, server_round
     _threads(study)
-    site = _site(context, study, cfg)
+    site = req.site = _site(context, study, cfg)
+    policy = _policy(site)
+    req.policy_version = policy.version() if policy else ""
     model = _model(study, site, msg)
     priv = study.privacy
     metrics: dict[str, float | int] = {"num-examples": len(site.data.train)}
     sigma: float | None = None
+    if not priv.enabled and policy is not None:
+        check_request(policy=policy, study=study, study_id=study_id, ledger=None, plan=None)
     if priv.enabled:
         ledger = PrivacyLedger.open(
             site.ledger_path, budget_epsilon=priv.epsilon, delta=priv.delta, accountant=priv.accountant,
             dataset_id=site.dataset_id,
         )
+        req.epsilon_before = ledger.spent()
         plan = plan_round(
             ledger=ledger, privacy=priv, training=study.training, num_examples=len(site.data.train),
             server_round=server_round, total_rounds=total_rounds,
         )
+        if policy is not None:  # the hospital's own limits, checked before anything is spent or trained
+            check_request(policy=policy, study=study, study_id=study_id, ledger=ledger, plan=plan)
         reservation = reserve_round(ledger=ledger, plan=plan, study_id=study_id, server_round=server_round)
         sigma = plan.noise_multiplier
         metrics.update(
@@ -155,17 +206,16 @@ def _train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    try:
-        return _evaluate(msg, context)
-    except FedradError as exc:
-        log.warning("evaluate request refused: %s", exc)
-        return _error_reply(msg, exc)
+    return _handle("evaluate", _evaluate, msg, context)
 
 
-def _evaluate(msg: Message, context: Context) -> Message:
-    study, server_round, _total, _sid, cfg = _study_and_round(msg)
+def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
+    study, server_round, _total, study_id, cfg = _study_and_round(msg)
+    req.study_id, req.round = study_id, server_round
     _threads(study)
-    site = _site(context, study, cfg)
+    site = req.site = _site(context, study, cfg)
+    policy = _policy(site)
+    req.policy_version = policy.version() if policy else ""
     model = _model(study, site, msg)
     stats = evaluate(model, site.data.val, device=resolve_device(study.training.device),
                      batch_size=study.training.eval_batch_size)
@@ -187,7 +237,7 @@ def _evaluate(msg: Message, context: Context) -> Message:
             site.ledger_path, budget_epsilon=study.privacy.epsilon, delta=study.privacy.delta,
             accountant=study.privacy.accountant, dataset_id=site.dataset_id,
         )
-        metrics["epsilon"] = ledger.spent()
+        metrics["epsilon"] = req.epsilon_before = ledger.spent()
         metrics["epsilon_budget"] = ledger.budget
     if site.partition_id is not None:
         metrics["partition-id"] = site.partition_id

@@ -33,6 +33,13 @@ class Site:
     #: Identifies the dataset a ledger accounts for (a hash; never PHI).
     dataset_id: str
     partition_id: int | None = None
+    #: The hospital's node policy file; None = no policy enforced (simulation without one).
+    policy_path: Path | None = None
+
+    @property
+    def audit_path(self) -> Path:
+        """The node's hash-chained audit log, beside its privacy ledger."""
+        return self.ledger_path.parent / "audit.jsonl"
 
 
 @functools.lru_cache(maxsize=4)
@@ -99,4 +106,5 @@ def simulated_site(study: StudyConfig, *, partition_id: int, num_partitions: int
         ledger_path=state_dir / name / "privacy-ledger.json",
         dataset_id=dataset_fingerprint(data),
         partition_id=partition_id,
+        policy_path=Path(study.simulation.node_policy) if study.simulation.node_policy else None,
     )

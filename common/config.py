@@ -125,6 +125,12 @@ class OutputConfig(_Frozen):
     checkpoint_every: int = Field(1, ge=1)
 
 
+class SimulationConfig(_Frozen):
+    #: Simulation only: a node-policy YAML every simulated hospital enforces (in deployment each
+    #: hospital's own node configuration holds its policy; the coordinator never sets it).
+    node_policy: str | None = None
+
+
 class StudyConfig(_Frozen):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
@@ -133,6 +139,7 @@ class StudyConfig(_Frozen):
     privacy: PrivacyConfig = Field(default_factory=PrivacyConfig)
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    simulation: SimulationConfig = Field(default_factory=SimulationConfig)
 
     @field_validator("federation", mode="before")
     @classmethod
@@ -150,7 +157,7 @@ class StudyConfig(_Frozen):
         return hashlib.sha256(self.to_json().encode()).hexdigest()
 
 
-def _format_errors(source: str, err: ValidationError) -> list[str]:
+def format_validation_errors(source: str, err: ValidationError) -> list[str]:
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
@@ -171,11 +178,14 @@ def parse_study(data: Any, *, source: str = "<config>", base_dir: Path | None = 
     try:
         cfg = StudyConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, _format_errors(source, err)) from None
+        raise ConfigError(source, format_validation_errors(source, err)) from None
     if base_dir is not None:
         updates: dict[str, Any] = {}
         if cfg.data.path is not None and not Path(cfg.data.path).is_absolute():
             updates["data"] = cfg.data.model_copy(update={"path": str((base_dir / cfg.data.path).resolve())})
+        pol = cfg.simulation.node_policy
+        if pol is not None and not Path(pol).is_absolute():
+            updates["simulation"] = cfg.simulation.model_copy(update={"node_policy": str((base_dir / pol).resolve())})
         if not Path(cfg.output.dir).is_absolute():
             updates["output"] = cfg.output.model_copy(update={"dir": str((base_dir / cfg.output.dir).resolve())})
         if updates:

@@ -72,3 +72,19 @@ class FederationError(FedradError):
     """The federation could not complete (too few hospitals, all refused, ...)."""
 
     exit_code = 7
+
+
+class PolicyViolation(FedradError):
+    """A request breaks the hospital's own node policy (``rule`` names which)."""
+
+    exit_code = 8
+
+    def __init__(self, rule: str, message: str) -> None:
+        self.rule = rule
+        super().__init__(f"rule {rule}: {message}")
+
+
+class AuditError(FedradError):
+    """The node's audit log is unreadable or fails verification."""
+
+    exit_code = 9

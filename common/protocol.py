@@ -45,6 +45,7 @@ EVAL_METRICS = frozenset(
 ERR_REFUSED = 4000  # generic: bad data, bad config, node-side failure
 ERR_BUDGET = 4001  # the round would exceed the site's privacy budget
 ERR_PROTOCOL = 4002  # the request was malformed
+ERR_POLICY = 4003  # the request breaks the hospital's node policy
 
 #: The only metrics that may be lists: aggregate counts, capped in length. Every other metric is
 #: one number, so nothing per-example can ride along in an allow-listed name.

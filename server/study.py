@@ -26,7 +26,7 @@ from fedrad.common.device import resolve_device
 from fedrad.common.errors import FederationError, ProtocolError
 from fedrad.common.evaluation import evaluate
 from fedrad.common.models import build_model
-from fedrad.common.protocol import ERR_BUDGET, METRICS_KEY, check_reply
+from fedrad.common.protocol import ERR_BUDGET, ERR_POLICY, METRICS_KEY, check_reply
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .history import StudyHistory
@@ -35,6 +35,10 @@ from .progress import NullReporter, Reporter
 from .strategies import strategy_class, strategy_kwargs
 
 log = logging.getLogger(__name__)
+
+
+#: Deliberate refusals by a hospital (as opposed to failures): they can end a study cleanly.
+REFUSALS = (ERR_BUDGET, ERR_POLICY)
 
 
 class StudyStopped(Exception):
@@ -77,7 +81,7 @@ class FedradStrategyMixin:
             site = rec.site(name)
             if msg.has_error():
                 reason = msg.error.reason or f"error code {msg.error.code}"
-                site["status"] = ("refused: " if msg.error.code == ERR_BUDGET else "failed: ") + reason
+                site["status"] = ("refused: " if msg.error.code in REFUSALS else "failed: ") + reason
                 refused.append((name, int(msg.error.code), reason))
                 log.warning("round %d %s: %s %s", rec.round, kind, name, site["status"])
                 continue
@@ -102,9 +106,9 @@ class FedradStrategyMixin:
         replies = list(replies)
         valid, refused = self._screen(server_round, replies, "train")
         rec = w.history.round(server_round + w.round_offset)
-        if not valid and refused and all(code == ERR_BUDGET for _, code, _ in refused):
-            w.history.event(f"round {rec.round}: every hospital refused (privacy budget); study ends")
-            raise StudyStopped("every hospital refused the round: privacy budgets are spent")
+        if not valid and refused and all(code in REFUSALS for _, code, _ in refused):
+            w.history.event(f"round {rec.round}: every hospital refused (privacy budget or node policy); study ends")
+            raise StudyStopped("every hospital refused the round (privacy budget or node policy)")
         if len(valid) < w.min_hospitals:
             w.history.event(f"round {rec.round}: {len(valid)} usable updates < min_hospitals={w.min_hospitals}; "
                             "global model kept")
