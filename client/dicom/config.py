@@ -25,6 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
 
+from fedrad.common.config import format_validation_errors
 from fedrad.common.errors import ConfigError
 
 LabelKey = Literal["path", "sop_instance_uid", "study_instance_uid", "patient_id"]
@@ -141,18 +142,6 @@ class DicomDataConfig(_Frozen):
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _format_errors(source: str, err: ValidationError) -> list[str]:
-    problems = []
-    for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
-        if e["type"] == "extra_forbidden":
-            problems.append(f"{source}: {loc}: unknown key (value {e.get('input')!r})")
-            continue
-        msg = e["msg"].removeprefix("Value error, ")
-        problems.append(f"{source}: {loc}: {msg} (got {e.get('input')!r})")
-    return problems
-
-
 def parse_dicom_config(
     data: Any, *, source: str = "<dicom config>", base_dir: Path | None = None
 ) -> DicomDataConfig:
@@ -165,7 +154,7 @@ def parse_dicom_config(
     try:
         cfg = DicomDataConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, _format_errors(source, err)) from None
+        raise ConfigError(source, format_validation_errors(source, err)) from None
     if base_dir is not None and not cfg.root.is_absolute():
         cfg = cfg.model_copy(update={"root": (base_dir / cfg.root).resolve()})
     return cfg
