@@ -33,7 +33,7 @@ from fedrad.common.protocol import (
 
 from .audit_log import AuditLog
 from .ledger import PrivacyLedger
-from .node_policy import NodePolicy, check_request, load_policy
+from .node_policy import check_request
 from .privacy import plan_round, reserve_round
 from .site import Site, simulated_site
 from .train import train_local
@@ -142,10 +142,6 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
     return reply
 
 
-def _policy(site: Site) -> NodePolicy | None:
-    return load_policy(site.policy_path) if site.policy_path is not None else None
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return _handle("train", _train, msg, context)
@@ -156,7 +152,7 @@ def _train(msg: Message, context: Context, req: _Request) -> Message:
     req.study_id, req.round = study_id, server_round
     _threads(study)
     site = req.site = _site(context, study, cfg)
-    policy = _policy(site)
+    policy = site.policy
     req.policy_version = policy.version() if policy else ""
     model = _model(study, site, msg)
     priv = study.privacy
@@ -214,7 +210,7 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
     req.study_id, req.round = study_id, server_round
     _threads(study)
     site = req.site = _site(context, study, cfg)
-    policy = _policy(site)
+    policy = site.policy
     req.policy_version = policy.version() if policy else ""
     model = _model(study, site, msg)
     stats = evaluate(model, site.data.val, device=resolve_device(study.training.device),

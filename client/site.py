@@ -22,6 +22,8 @@ from fedrad.common.datasets import ImageSplit, SiteData, load_npz, npz_source_pa
 from fedrad.common.errors import DataError
 from fedrad.common.partition import partition_indices
 
+from .node_policy import NodePolicy, load_policy
+
 log = logging.getLogger(__name__)
 
 
@@ -33,8 +35,8 @@ class Site:
     #: Identifies the dataset a ledger accounts for (a hash; never PHI).
     dataset_id: str
     partition_id: int | None = None
-    #: The hospital's node policy file; None = no policy enforced (simulation without one).
-    policy_path: Path | None = None
+    #: The hospital's node policy; None = no policy enforced (a simulation without one).
+    policy: "NodePolicy | None" = None
 
     @property
     def audit_path(self) -> Path:
@@ -106,5 +108,5 @@ def simulated_site(study: StudyConfig, *, partition_id: int, num_partitions: int
         ledger_path=state_dir / name / "privacy-ledger.json",
         dataset_id=dataset_fingerprint(data),
         partition_id=partition_id,
-        policy_path=Path(study.simulation.node_policy) if study.simulation.node_policy else None,
+        policy=load_policy(study.simulation.node_policy) if study.simulation.node_policy else None,
     )

@@ -8,12 +8,13 @@ Layout of the provisioning folder (``--out``)::
     coordinator/supernodes/NAME.pub each hospital's authentication public key (OpenSSH), to register
     federation-state.json           registry: hospitals, key fingerprints, revocations
     nodes/NAME/                     the node kit handed to hospital NAME:
-        ca.pem, node-auth.key (0600, EC P-384 PEM), node-auth.pub (OpenSSH), node.yaml (a template)
+        ca.pem, node-auth.key (0600, EC P-384, OpenSSH private-key format), node-auth.pub (OpenSSH), node.yaml (a template)
 
 Re-running adds hospitals that are new in the config and re-issues nothing else. Revoking a
 hospital removes its public key from ``coordinator/supernodes/`` and records the revocation, so
 the coordinator no longer registers (or unregisters) it. Keys use the formats Flower's SuperNode
-authentication expects (EC private key in PEM; public key in OpenSSH form).
+authentication expects (EC P-384; private and public key in OpenSSH form), checked
+against the ``flower-supernode`` binary.
 """
 
 from __future__ import annotations
@@ -227,7 +228,10 @@ class Provisioner:
         kit = self.out / "nodes" / name
         key = ec.generate_private_key(ec.SECP384R1())
         pub = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-        _write_private(kit / "node-auth.key", _pem_key(key))
+        # Flower's SuperNode reads its key with load_ssh_private_key: OpenSSH private-key format.
+        ssh_key = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                    serialization.NoEncryption())
+        _write_private(kit / "node-auth.key", ssh_key)
         _write_public(kit / "node-auth.pub", pub + b"\n")
         _write_public(kit / "ca.pem", ca.public_bytes(serialization.Encoding.PEM))
         (kit / "node.yaml").write_text(_node_yaml(cfg, name), encoding="utf-8")

@@ -60,7 +60,8 @@ def test_superlink_certificate_has_sans_and_verifies_against_ca(provisioned: tup
 def test_node_keys_are_in_the_formats_flower_loads(provisioned: tuple[Path, Path]) -> None:
     _, out = provisioned
     kit = out / "nodes" / "hospital-a"
-    priv = serialization.load_pem_private_key((kit / "node-auth.key").read_bytes(), password=None)
+    # flower-supernode loads --auth-supernode-private-key with load_ssh_private_key
+    priv = serialization.load_ssh_private_key((kit / "node-auth.key").read_bytes(), password=None)
     pub = serialization.load_ssh_public_key((kit / "node-auth.pub").read_bytes())
     assert isinstance(priv, ec.EllipticCurvePrivateKey) and isinstance(priv.curve, ec.SECP384R1)
     assert priv.public_key().public_numbers() == pub.public_numbers()  # type: ignore[union-attr]

@@ -1,0 +1,79 @@
+"""``node.yaml``: the hospital node's own configuration (written as a template by provisioning).
+
+Everything here belongs to the hospital: where its data and ledger are, its certificates and
+key, its privacy budget and its node policy. Nothing the coordinator sends can change it.
+Relative paths resolve against the folder of ``node.yaml``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from fedrad.common.config import format_validation_errors
+from fedrad.common.errors import ConfigError
+
+from .node_policy import NodePolicy
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class NodeData(_Frozen):
+    source: Literal["npz", "dicom"] = "npz"
+    #: npz: a MedMNIST-style archive (train/val splits are used); dicom: a DICOM settings YAML.
+    path: Path
+
+
+class NodePrivacy(_Frozen):
+    epsilon: float = Field(8.0, gt=0, description="this dataset's budget, owned by the hospital")
+    delta: float = Field(1e-5, gt=0, lt=1)
+
+
+class NodeConfig(_Frozen):
+    site: str
+    superlink: str = Field(..., description="host:port of the coordinator's SuperLink Fleet API")
+    root_certificates: Path | None = None
+    auth_private_key: Path | None = None
+    auth_public_key: Path | None = None
+    insecure: bool = False
+    data: NodeData
+    state_dir: Path = Path("state")
+    privacy: NodePrivacy = Field(default_factory=NodePrivacy)
+    policy: NodePolicy = Field(default_factory=NodePolicy)
+
+    @property
+    def ledger_path(self) -> Path:
+        return self.state_dir / "privacy-ledger.json"
+
+
+def load_node_config(path: str | Path) -> NodeConfig:
+    p = Path(path).resolve()
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(str(p), [f"{p}: file not found"]) from None
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(str(p), [f"{p}: cannot read: {exc}"]) from None
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), [f"{p}: <top level>: expected a mapping (got {type(data).__name__})"])
+    try:
+        cfg = NodeConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(str(p), format_validation_errors(str(p), err)) from None
+    base = p.parent
+
+    def rel(x: Path | None) -> Path | None:
+        return None if x is None else (x if x.is_absolute() else (base / x).resolve())
+
+    return cfg.model_copy(update={
+        "root_certificates": rel(cfg.root_certificates),
+        "auth_private_key": rel(cfg.auth_private_key),
+        "auth_public_key": rel(cfg.auth_public_key),
+        "state_dir": rel(cfg.state_dir),
+        "data": cfg.data.model_copy(update={"path": rel(cfg.data.path)}),
+    })

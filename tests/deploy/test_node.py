@@ -1,0 +1,67 @@
+"""The hospital node's own config, its preflight and the SuperNode command it starts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fedrad.client.cli import main as node_main
+from fedrad.client.cmd_node import preflight, supernode_command
+from fedrad.client.node import load_site
+from fedrad.client.node_config import load_node_config
+from fedrad.common.errors import ConfigError, FedradError
+from fedrad.server.provision import Provisioner, load_federation
+
+NPZ = Path(__file__).resolve().parents[2] / "fedrad" / "data" / "pneumoniamnist.npz"
+
+
+@pytest.fixture()
+def kit(tmp_path: Path) -> Path:
+    fed = tmp_path / "federation.yaml"
+    fed.write_text("name: t\nsuperlink: {address: 127.0.0.1}\nhospitals: [hospital-a]\n")
+    Provisioner(tmp_path / "prov").provision(load_federation(fed))
+    kit = tmp_path / "prov" / "nodes" / "hospital-a"
+    with np.load(NPZ) as d:
+        np.savez(kit / "site.npz", **{k: d[k][:100] for k in d.files})
+    node_yaml = kit / "node.yaml"
+    node_yaml.write_text(node_yaml.read_text().replace("/path/to/site-data.npz", "site.npz"))
+    return node_yaml
+
+
+def test_provisioned_kit_passes_preflight_and_loads_its_site(kit: Path) -> None:
+    assert preflight(kit) == []
+    node = load_node_config(kit)
+    site = load_site(node, channels=1, image_size=28, class_names=("normal", "pneumonia"))
+    assert site.name == "hospital-a" and len(site.data.train) == 100
+    assert site.ledger_path == kit.parent / "state" / "privacy-ledger.json"
+    assert site.policy is not None and site.policy.require_dp  # the node's default policy applies
+
+
+def test_preflight_names_each_problem_with_a_fix(kit: Path) -> None:
+    (kit.parent / "ca.pem").unlink()
+    (kit.parent / "node-auth.key").chmod(0o644)
+    problems = dict(preflight(kit))
+    assert any("CA certificate" in p and "missing" in p for p in problems)
+    assert any("chmod 600" in fix for fix in problems.values())
+    assert node_main(["check", "--config", str(kit)]) == 1
+
+
+def test_supernode_command_uses_tls_and_node_key_unless_insecure_on_both_sides(kit: Path) -> None:
+    cmd = supernode_command(kit, insecure=False)
+    assert "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd and "--insecure" not in cmd
+    assert cmd[cmd.index("--superlink") + 1] == "127.0.0.1:9092"
+    with pytest.raises(FedradError, match="both"):
+        supernode_command(kit, insecure=True)  # --insecure alone is refused
+    kit.write_text(kit.read_text().replace("insecure: false", "insecure: true"))
+    assert "--insecure" in supernode_command(kit, insecure=True)
+
+
+def test_node_yaml_errors_name_file_and_field(tmp_path: Path) -> None:
+    p = tmp_path / "node.yaml"
+    p.write_text("site: x\nsuperlink: h:1\ndata: {source: tape, path: d}\npolicy: {max_rounds: 0}\nextra: 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_node_config(p)
+    text = "\n".join(err.value.problems)
+    assert str(p) in text and "data.source" in text and "policy.max_rounds" in text and "extra" in text
