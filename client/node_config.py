@@ -10,11 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
-from fedrad.common.config import format_validation_errors
-from fedrad.common.errors import ConfigError
+from fedrad.common.config import load_yaml_model
 
 from .node_policy import NodePolicy
 
@@ -53,18 +51,7 @@ class NodeConfig(_Frozen):
 
 def load_node_config(path: str | Path) -> NodeConfig:
     p = Path(path).resolve()
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(str(p), [f"{p}: file not found"]) from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(p), [f"{p}: cannot read: {exc}"]) from None
-    if not isinstance(data, dict):
-        raise ConfigError(str(p), [f"{p}: <top level>: expected a mapping (got {type(data).__name__})"])
-    try:
-        cfg = NodeConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(str(p), format_validation_errors(str(p), err)) from None
+    cfg = load_yaml_model(p, NodeConfig)
     base = p.parent
 
     def rel(x: Path | None) -> Path | None:

@@ -12,11 +12,10 @@ import hashlib
 import json
 from pathlib import Path
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedrad.common.config import StudyConfig, format_validation_errors
-from fedrad.common.errors import ConfigError, PolicyViolation
+from fedrad.common.config import StudyConfig, load_yaml_model
+from fedrad.common.errors import PolicyViolation
 from fedrad.common.models import MODELS
 from fedrad.common.privacy import epsilon_for
 
@@ -53,21 +52,8 @@ class NodePolicy(BaseModel):
 
 
 def load_policy(path: str | Path) -> NodePolicy:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(str(p), [f"{p}: file not found"]) from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(p), [f"{p}: cannot read policy: {exc}"]) from None
-    if isinstance(data, dict) and set(data) == {"policy"}:
-        data = data["policy"]
-    if not isinstance(data, dict):
-        raise ConfigError(str(p), [f"{p}: <top level>: expected a mapping (got {type(data).__name__})"])
-    try:
-        return NodePolicy.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(str(p), format_validation_errors(str(p), err)) from None
+    """A policy file: the rules alone, or under a ``policy:`` key."""
+    return load_yaml_model(path, NodePolicy, section="policy")
 
 
 def _study_epsilon(ledger: PrivacyLedger, study_id: str, plan: RoundPlan) -> float:

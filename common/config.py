@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -209,8 +209,11 @@ def _check_registries(cfg: StudyConfig, source: str) -> None:
         raise ConfigError(source, problems)
 
 
-def load_study(path: str | Path) -> StudyConfig:
-    """Load and validate a study YAML file."""
+M = TypeVar("M", bound=BaseModel)
+
+
+def read_yaml_mapping(path: str | Path, *, section: str | None = None) -> dict[str, Any]:
+    """Read a YAML file that must hold a mapping (optionally the whole file is ``{section: {...}}``)."""
     p = Path(path)
     try:
         text = p.read_text(encoding="utf-8")
@@ -222,7 +225,28 @@ def load_study(path: str | Path) -> StudyConfig:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         raise ConfigError(str(p), [f"{p}: not valid YAML: {exc}"]) from None
-    return parse_study(data, source=str(p), base_dir=p.parent.resolve())
+    if section is not None and isinstance(data, dict) and set(data) == {section}:
+        data = data[section]
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(str(p), [f"{p}: <top level>: expected a mapping, got {type(data).__name__}"])
+    return data
+
+
+def load_yaml_model(path: str | Path, model: type[M], *, section: str | None = None) -> M:
+    """Load a YAML file into a frozen model; every problem names the file, dotted field and value."""
+    data = read_yaml_mapping(path, section=section)
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(str(path), format_validation_errors(str(path), err)) from None
+
+
+def load_study(path: str | Path) -> StudyConfig:
+    """Load and validate a study YAML file."""
+    p = Path(path)
+    return parse_study(read_yaml_mapping(p), source=str(p), base_dir=p.parent.resolve())
 
 
 def study_from_json(text: str) -> StudyConfig:

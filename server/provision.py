@@ -34,10 +34,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fedrad.common.config import format_validation_errors
-from fedrad.common.errors import ConfigError, FedradError
+from fedrad.common.config import load_yaml_model
+from fedrad.common.errors import FedradError
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -78,17 +78,7 @@ class FederationConfig(BaseModel):
 
 
 def load_federation(path: str | Path) -> FederationConfig:
-    p = Path(path)
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise ConfigError(str(p), [f"{p}: file not found"]) from None
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(str(p), [f"{p}: cannot read: {exc}"]) from None
-    try:
-        return FederationConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(str(p), format_validation_errors(str(p), err)) from None
+    return load_yaml_model(path, FederationConfig)
 
 
 def _write_private(path: Path, data: bytes) -> None:
