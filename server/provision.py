@@ -48,7 +48,7 @@ LEAF_DAYS = 365
 class SuperLinkConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     address: str = Field(..., description="host name or IP hospitals connect to")
-    port: int = Field(9092, ge=1, le=65535, description="Fleet API port")
+    port: int = Field(8000, ge=1, le=65535, description="the SuperLink port (Flower 1.41 serves every API on one port)")
     dns_names: tuple[str, ...] = ()
     ip_addresses: tuple[str, ...] = ()
 

@@ -51,7 +51,7 @@ def test_preflight_names_each_problem_with_a_fix(kit: Path) -> None:
 def test_supernode_command_uses_tls_and_node_key_unless_insecure_on_both_sides(kit: Path) -> None:
     cmd = supernode_command(kit, insecure=False)
     assert "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd and "--insecure" not in cmd
-    assert cmd[cmd.index("--superlink") + 1] == "127.0.0.1:9092"
+    assert cmd[cmd.index("--superlink") + 1] == "127.0.0.1:8000"
     with pytest.raises(FedradError, match="both"):
         supernode_command(kit, insecure=True)  # --insecure alone is refused
     kit.write_text(kit.read_text().replace("insecure: false", "insecure: true"))

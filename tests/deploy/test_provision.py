@@ -16,7 +16,7 @@ from fedrad.server.cli import main as fedrad_main
 from fedrad.server.provision import Provisioner, load_federation
 
 FED = """name: demo
-superlink: {address: 127.0.0.1, port: 9092, dns_names: [coordinator.hospital-net.local]}
+superlink: {address: 127.0.0.1, port: 8000, dns_names: [coordinator.hospital-net.local]}
 hospitals: [hospital-a, hospital-b]
 """
 
