@@ -7,8 +7,13 @@ import datetime as dt
 import os
 import shlex
 import shutil
+import signal
 import stat
+import subprocess
+import sys
+import time
 from pathlib import Path
+from types import FrameType
 
 from fedrad.common.cli import console, err_console
 from fedrad.common.errors import ConfigError, FedradError
@@ -25,8 +30,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.set_defaults(handler=run_start)
 
 
-def preflight(config: Path) -> list[tuple[str, str]]:
-    """(problem, fix) pairs; empty when the node is ready."""
+def preflight(config: Path, *, probe: bool = True) -> list[tuple[str, str]]:
+    """(problem, fix) pairs; empty when the node is ready.
+
+    With ``probe`` the coordinator is contacted as the SuperNode would (TCP, then TLS against the
+    kit's CA and the configured host name).
+    """
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
 
@@ -45,7 +54,7 @@ def preflight(config: Path) -> list[tuple[str, str]]:
         else:
             try:
                 ca = x509.load_pem_x509_certificate(node.root_certificates.read_bytes())
-                if ca.not_valid_after_utc < dt.datetime.now(dt.timezone.utc):
+                if ca.not_valid_after_utc < dt.datetime.now(dt.UTC):
                     problems.append((f"CA certificate {node.root_certificates} expired on {ca.not_valid_after_utc:%Y-%m-%d}",
                                      "ask the coordinator for a new node kit"))
             except ValueError:
@@ -74,13 +83,31 @@ def preflight(config: Path) -> list[tuple[str, str]]:
         problems.append((str(exc), "fix the data path or files named above"))
     if shutil.which("flower-supernode") is None:
         problems.append(("flower-supernode not on PATH", "install fedrad (pip install .) in this environment"))
+    if probe and not any("CA certificate" in p for p, _ in problems):
+        from .node import probe_superlink
+
+        found = probe_superlink(node.superlink, ca=node.root_certificates, insecure=node.insecure)
+        # An unreachable coordinator does not stop the node (it keeps retrying): run_check warns.
+        if found is not None and not found[0].startswith("unreachable:"):
+            problems.append((found[0].split(": ", 1)[1], found[1]))
     return problems
 
 
 def run_check(args: argparse.Namespace) -> int:
     import torch
 
+    from .node import probe_superlink
+    from .node_config import load_node_config
+
     problems = preflight(args.config)
+    try:
+        node = load_node_config(args.config)
+        found = probe_superlink(node.superlink, ca=node.root_certificates, insecure=node.insecure)
+        if found is not None and found[0].startswith("unreachable:"):
+            err_console.print(f"[yellow]warning:[/] {found[0].split(': ', 1)[1]}\n  [bold]fix:[/] {found[1]}"
+                              "\n  (the node would start anyway and keep retrying)")
+    except ConfigError:
+        pass  # already reported by preflight
     device = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU (no CUDA GPU visible)"
     console.print(f"compute: {device}")
     if not problems:
@@ -92,6 +119,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def supernode_command(config: Path, *, insecure: bool) -> list[str]:
+    """The ``flower-supernode`` arguments this node runs with (TLS and node key unless insecure on both sides)."""
     from .node import NODE_CONFIG_KEY
     from .node_config import load_node_config
 
@@ -100,26 +128,88 @@ def supernode_command(config: Path, *, insecure: bool) -> list[str]:
         raise FedradError("plaintext needs both `insecure: true` in node.yaml and --insecure on the command line"
                           if insecure or node.insecure else "inconsistent TLS settings")
     cmd = ["flower-supernode", "--superlink", node.superlink,
-           "--node-config", f'{NODE_CONFIG_KEY}="{Path(config).resolve()}"']
+           "--node-config", f'{NODE_CONFIG_KEY}="{Path(config).resolve()}"',
+           "--port", str(node.runtime_port)]
     if insecure:
+        # Flower refuses node authentication over plaintext: an insecure node is also unauthenticated,
+        # so only a coordinator started with --insecure (and no node authentication) accepts it.
         cmd.append("--insecure")
     else:
         if node.root_certificates is None:
             raise FedradError("node.yaml: root_certificates is required for TLS")
         cmd += ["--root-certificates", str(node.root_certificates)]
-    if node.auth_private_key is not None:
-        cmd += ["--auth-supernode-private-key", str(node.auth_private_key)]
+        if node.auth_private_key is not None:
+            cmd += ["--auth-supernode-private-key", str(node.auth_private_key)]
+    if node.max_wait_time_s is not None:
+        cmd += ["--max-wait-time", str(node.max_wait_time_s)]
     return cmd
 
 
 def run_start(args: argparse.Namespace) -> int:
+    from .node import POLL_ENV, probe_superlink
+    from .node_config import load_node_config
+
     cmd = supernode_command(args.config, insecure=args.insecure)
     if args.dry_run:
         console.print(shlex.join(cmd), markup=False)
         return 0
-    problems = preflight(args.config)
+    problems = preflight(args.config, probe=False)
     if problems:
         raise FedradError("preflight failed: " + "; ".join(p for p, _ in problems) + " (run fedrad-node check)")
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    os.execvpe(cmd[0], cmd, env)  # the SuperNode replaces this process: SIGTERM reaches it directly
-    return 0  # pragma: no cover
+    node = load_node_config(args.config)
+    found = probe_superlink(node.superlink, ca=node.root_certificates, insecure=node.insecure)
+    if found is not None:
+        problem, fix = found
+        if not problem.startswith("unreachable:"):
+            raise FedradError(f"{problem.split(': ', 1)[1]} (fix: {fix})")
+        err_console.print(f"[yellow]warning:[/] {problem.split(': ', 1)[1]}; the node keeps retrying")
+    # Never install packages at run time: the node runs the fedrad installed here, nothing else.
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    if node.poll_interval_s is not None:
+        env[POLL_ENV] = str(node.poll_interval_s)
+        env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(node.poll_interval_s))
+    return supervise([sys.executable, "-m", "fedrad.client.node", *cmd[1:]], env=env,
+                     rejoin_timeout_s=node.rejoin_timeout_s)
+
+
+def supervise(cmd: list[str], *, env: dict[str, str], rejoin_timeout_s: float, pause_s: float = 10.0) -> int:
+    """Run the SuperNode; restart it while it keeps failing for less than ``rejoin_timeout_s``.
+
+    Flower refuses to activate a node whose previous connection the SuperLink still counts as
+    online (a crash followed by a quick restart), with the same message as for an unknown key;
+    both make the SuperNode exit. SIGTERM/SIGINT are passed on and end the node cleanly (exit 0).
+    """
+    state: dict[str, object] = {"stop": False, "proc": None}
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        state["stop"] = True
+        proc = state["proc"]
+        if isinstance(proc, subprocess.Popen) and proc.poll() is None:
+            proc.send_signal(signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    failing_since: float | None = None
+    while True:
+        started = time.monotonic()
+        proc = subprocess.Popen(cmd, env=env)
+        state["proc"] = proc
+        rc = proc.wait()
+        if state["stop"] or rc == 0:
+            return 0
+        now = time.monotonic()
+        if failing_since is None or now - started > 60:
+            failing_since = started
+        if now - failing_since >= rejoin_timeout_s:
+            raise FedradError(
+                f"the SuperNode exited with code {rc} (see its log above). 'Failed to activate SuperNode' means the "
+                "coordinator does not accept this node's key: not registered or revoked (ask the coordinator to run "
+                "`fedrad coordinator register`), or the coordinator still counts a crashed earlier connection as "
+                f"online (raise rejoin_timeout_s, now {rejoin_timeout_s:.0f}s)")
+        err_console.print(f"[yellow]SuperNode exited with code {rc}; restarting in {pause_s:.0f}s "
+                          f"(gives up {rejoin_timeout_s - (now - failing_since):.0f}s from now)[/]")
+        deadline = time.monotonic() + pause_s
+        while time.monotonic() < deadline and not state["stop"]:
+            time.sleep(0.2)
+        if state["stop"]:
+            return 0

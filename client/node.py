@@ -1,18 +1,30 @@
-"""The deployed hospital: its Site from its own ``node.yaml`` (found through the SuperNode's node config)."""
+"""The deployed hospital: its Site from its own ``node.yaml`` (found through the SuperNode's node config).
+
+Also the node's side of the connection: a TLS probe of the coordinator that names what is wrong
+(unreachable, certificate from another CA, host name not in the certificate, expired), and the
+in-process SuperNode launcher that shortens Flower's fixed 3 s message poll.
+"""
 
 from __future__ import annotations
 
 import functools
+import logging
+import socket
+import ssl
+import sys
+import time
+import types
 from pathlib import Path
-
-from flwr.app import Context
 
 from fedrad.common.config import StudyConfig
 from fedrad.common.datasets import SiteData, load_npz
 from fedrad.common.errors import DataError, ProtocolError
+from flwr.app import Context
 
 from .node_config import NodeConfig, load_node_config
 from .site import Site, dataset_fingerprint
+
+log = logging.getLogger(__name__)
 
 #: Key of the SuperNode ``--node-config`` entry that names the node's node.yaml.
 NODE_CONFIG_KEY = "fedrad-node-config"
@@ -46,3 +58,105 @@ def deployed_site(context: Context, study: StudyConfig) -> Site:
     node = load_node_config(str(path))
     return load_site(node, channels=study.data.channels, image_size=study.data.image_size,
                      class_names=study.data.class_names)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    """``host:port`` or ``[v6]:port`` -> (host, port); ValueError naming the value."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit() or not host:
+        raise ValueError(f"expected host:port, got {address!r}")
+    return host.strip("[]"), int(port)
+
+
+def probe_superlink(address: str, *, ca: Path | None, insecure: bool, timeout: float = 5.0
+                    ) -> tuple[str, str] | None:
+    """Connect to the coordinator as the SuperNode will; None if fine, else (problem, fix).
+
+    ``problem`` starts with ``unreachable:`` when nothing answers (the SuperNode would keep retrying)
+    and with ``tls:`` when the coordinator answers but cannot be trusted (the node cannot join).
+    """
+    try:
+        host, port = split_address(address)
+    except ValueError as exc:
+        return f"config: superlink {exc}", "set superlink to host:port of the coordinator"
+    try:
+        sock = socket.create_connection((host, port), timeout=timeout)
+    except OSError as exc:
+        return (f"unreachable: coordinator {address} not reachable ({exc.strerror or exc})",
+                "check that the coordinator runs (fedrad status), the address and port, and the firewall")
+    with sock:
+        if insecure:
+            return None if _speaks_plain_http(sock, host) else (
+                f"tls: the coordinator {address} requires TLS; plaintext is refused",
+                "remove `insecure: true` and --insecure (plaintext only works when the coordinator also runs --insecure)")
+        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+        try:
+            with ctx.wrap_socket(sock, server_hostname=host):
+                return None
+        except ssl.SSLCertVerificationError as exc:
+            return _explain_verify_error(exc, address, ca)
+        except (ssl.SSLError, OSError) as exc:
+            return (f"tls: TLS handshake with {address} failed ({exc}); the coordinator may run without TLS",
+                    "ask the coordinator; plaintext needs --insecure on both sides (testing only)")
+
+
+def _speaks_plain_http(sock: socket.socket, host: str) -> bool:
+    """True if a plaintext HTTP request gets an HTTP answer (a TLS server drops it instead)."""
+    try:
+        sock.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+        return sock.recv(5) == b"HTTP/"
+    except OSError:
+        return False
+
+
+def _explain_verify_error(exc: ssl.SSLCertVerificationError, address: str, ca: Path | None) -> tuple[str, str]:
+    code, msg = getattr(exc, "verify_code", 0), getattr(exc, "verify_message", str(exc))
+    if code == 10:
+        return (f"tls: the coordinator's certificate has expired ({address})",
+                "the coordinator must renew its SuperLink certificate (fedrad provision --config federation.yaml --out DIR renew-superlink, then restart it)")
+    if code == 62 or "hostname" in str(msg).lower() or "ip address mismatch" in str(msg).lower():
+        return (f"tls: certificate/hostname mismatch: {address} is not among the certificate's names ({msg})",
+                "use the address from your node kit, or ask the coordinator to add it to superlink.dns_names/ip_addresses")
+    return (f"tls: the coordinator's certificate is not signed by the CA in {ca} ({msg})",
+            "use ca.pem from this federation's node kit (root_certificates)")
+
+
+class _PollClock(types.ModuleType):
+    """Stand-in for ``time`` inside Flower's SuperNode loop: sleeps at most ``interval`` seconds."""
+
+    def __init__(self, interval: float) -> None:
+        super().__init__("time")
+        self.__dict__.update({k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
+        self._interval = interval
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(min(seconds, self._interval))
+
+
+#: Environment variable through which ``fedrad-node start`` passes the poll interval to its SuperNode process.
+POLL_ENV = "FEDRAD_SUPERNODE_POLL_S"
+
+
+def run_supernode(argv: list[str], *, poll_interval_s: float | None) -> None:
+    """Run ``flower-supernode`` in this process (argv without the program name).
+
+    Flower 1.41 waits a fixed 3 s between message polls; with ``poll_interval_s`` set, the
+    SuperNode's loop waits that long instead (everything else is Flower's own code).
+    """
+    if poll_interval_s is not None:
+        from flwr.supernode import start_client_internal
+
+        start_client_internal.time = _PollClock(poll_interval_s)  # type: ignore[attr-defined]
+        log.info("SuperNode message poll every %.2fs", poll_interval_s)
+    from flwr.supernode.cli import flower_supernode
+
+    sys.argv = ["flower-supernode", *argv]
+    flower_supernode()
+
+
+if __name__ == "__main__":  # ``python -m fedrad.client.node FLOWER-SUPERNODE-ARGS``: what fedrad-node start runs
+    import os
+
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    poll = os.environ.get(POLL_ENV)
+    run_supernode(sys.argv[1:], poll_interval_s=float(poll) if poll else None)

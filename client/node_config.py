@@ -10,9 +10,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from fedrad.common.config import load_yaml_model
+from pydantic import BaseModel, ConfigDict, Field
 
 from .node_policy import NodePolicy
 
@@ -39,6 +38,16 @@ class NodeConfig(_Frozen):
     auth_private_key: Path | None = None
     auth_public_key: Path | None = None
     insecure: bool = False
+    #: Port of this SuperNode's local Runtime API (127.0.0.1 only); one per node on a shared host.
+    runtime_port: int = Field(9094, ge=1, le=65535)
+    #: Give up reconnecting to the SuperLink after this long (None: keep trying, survives coordinator restarts).
+    max_wait_time_s: float | None = Field(None, gt=0)
+    #: Seconds between the SuperNode's polls for work (None: Flower's default, 3 s). Lower = less
+    #: idle time per round, more (tiny) requests to the coordinator.
+    poll_interval_s: float | None = Field(None, ge=0.05, le=60)
+    #: After the SuperNode is refused or drops out (e.g. restarted right after a crash, while the
+    #: coordinator still counts the old connection as online), keep restarting it this long.
+    rejoin_timeout_s: float = Field(300.0, ge=0)
     data: NodeData
     state_dir: Path = Path("state")
     privacy: NodePrivacy = Field(default_factory=NodePrivacy)

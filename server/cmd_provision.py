@@ -26,6 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     r.add_argument("name")
     r.add_argument("--reason", default="")
     r.set_defaults(handler=run_revoke)
+    n = psub.add_parser("renew-superlink", help="re-issue the SuperLink certificate (expired, or new names)")
+    n.set_defaults(handler=run_renew)
 
 
 def _cfg(args: argparse.Namespace):  # type: ignore[no-untyped-def]
@@ -61,4 +63,13 @@ def run_revoke(args: argparse.Namespace) -> int:
 
     Provisioner(args.out).revoke(args.name, reason=args.reason)
     console.print(f"revoked {args.name}: its public key is removed from {args.out / 'coordinator' / 'supernodes'}")
+    return 0
+
+
+def run_renew(args: argparse.Namespace) -> int:
+    from fedrad.server.provision import Provisioner
+
+    Provisioner(args.out).renew_superlink(_cfg(args))
+    console.print(f"re-issued {args.out / 'coordinator' / 'superlink.pem'}; restart the coordinator "
+                  "(node kits are unchanged)")
     return 0

@@ -128,8 +128,10 @@ def _make_server_cert(cfg: FederationConfig, ca_key: ec.EllipticCurvePrivateKey,
                       ) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
     key = ec.generate_private_key(ec.SECP384R1())
     sl = cfg.superlink
-    dns = list(dict.fromkeys([*sl.dns_names, *([] if _is_ip(sl.address) else [sl.address])]))
-    ips = list(dict.fromkeys([*sl.ip_addresses, *([sl.address] if _is_ip(sl.address) else [])]))
+    # localhost/127.0.0.1 always: the SuperLink's own SuperExec (which starts ServerApps) connects
+    # to it on the loopback address and verifies the certificate like any other client.
+    dns = list(dict.fromkeys([*sl.dns_names, *([] if _is_ip(sl.address) else [sl.address]), "localhost"]))
+    ips = list(dict.fromkeys([*sl.ip_addresses, *([sl.address] if _is_ip(sl.address) else []), "127.0.0.1"]))
     san: list[x509.GeneralName] = [x509.DNSName(d) for d in dns]
     san += [x509.IPAddress(ipaddress.ip_address(i)) for i in ips]
     cert = (
@@ -213,6 +215,14 @@ class Provisioner:
             state["hospitals"][name] = self._issue_node(cfg, name, ca)
         self._save(state)
         return issued
+
+    def renew_superlink(self, cfg: FederationConfig) -> None:
+        """Re-issue the SuperLink's key and certificate (expiry, new names); node kits stay valid."""
+        ca_key, ca = self._ca(cfg)
+        key, cert = _make_server_cert(cfg, ca_key, ca)
+        _write_private(self.coord / "superlink.key", _pem_key(key))
+        _write_public(self.coord / "superlink.pem", cert.public_bytes(serialization.Encoding.PEM))
+        log.warning("re-issued the SuperLink certificate (valid until %s)", cert.not_valid_after_utc.date())
 
     def _issue_node(self, cfg: FederationConfig, name: str, ca: x509.Certificate) -> dict[str, Any]:
         kit = self.out / "nodes" / name

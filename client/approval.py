@@ -1,0 +1,289 @@
+"""Code approval: only apps (Flower App Bundles) the hospital approved run on its data.
+
+In deployment Flower ships the coordinator's app as a FAB (a zip; its identity is the sha256 of
+its bytes, ``Fab.hash_str`` / ``Run.fab_hash``) to every SuperNode. Flower's own bundle signing
+needs its hub, which hospitals cannot reach, so fedrad builds approval from offline pieces:
+
+* an **allow-list** of FAB hashes in the node's state folder (``approved-apps.json``; atomic
+  writes under a lock; every approval and revocation records who, when and which hash; revoked
+  records are kept, so the file is also the approval history);
+* optionally **installed code only**: the FAB may carry no code at all (no ``.py``, ``.so``, ...)
+  and must name fedrad's installed ClientApp, so what runs is exactly the fedrad version the
+  hospital installed.
+
+:func:`verify_app` takes the decision; :mod:`fedrad.client.gate` enforces it in the node's
+``flwr-clientapp`` process before the FAB is installed or any of its code is imported.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import fcntl
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+import tempfile
+import tomllib
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from fedrad.common.errors import ConfigError, PolicyViolation
+
+log = logging.getLogger(__name__)
+
+#: File name of the allow-list in the node's state folder.
+APPROVALS_FILE = "approved-apps.json"
+APPROVALS_VERSION = 1
+#: The ClientApp an "installed code only" FAB must name (fedrad's, from the installed package).
+INSTALLED_CLIENTAPP = "fedrad.client.app:app"
+#: Files that are (or can carry) executable code; an "installed code only" FAB holds none.
+CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyx", ".so", ".pyd", ".pth", ".dll", ".dylib", ".whl", ".egg", ".zip",
+                 ".sh", ".ipynb")
+_HASH_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+class AppNotApproved(PolicyViolation):
+    """The app (FAB) Flower was asked to run is not approved by this hospital (rule ``app_approval``)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__("app_approval", message)
+
+
+class AppApprovalSettings(BaseModel):
+    """How the node decides which apps may run (proposed ``apps:`` section of ``node.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: Only FABs whose sha256 is on the node's allow-list run (the default; turning it off is explicit).
+    require_approval: bool = True
+    #: Only FABs that carry no code and name fedrad's installed ClientApp run.
+    installed_code_only: bool = False
+
+
+@dataclass(frozen=True)
+class FabInfo:
+    """What a FAB says about itself (read from its ``pyproject.toml``; nothing of it is executed)."""
+
+    fab_hash: str
+    publisher: str
+    name: str
+    version: str
+    clientapp: str
+    code_files: tuple[str, ...]
+    size: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.publisher}/{self.name} {self.version}".strip()
+
+
+def fab_hash(content: bytes) -> str:
+    """A FAB's identity, exactly as Flower computes it (``flwr build``, ``install_from_fab``)."""
+    return hashlib.sha256(content).hexdigest()
+
+
+def check_hash(value: str) -> str:
+    """A full, lower-case sha256 hex digest, or :class:`ConfigError`."""
+    v = value.strip().lower()
+    if not _HASH_RE.fullmatch(v):
+        raise ConfigError("<command line>", [f"<command line>: hash: expected 64 hex digits (sha256), got {value!r}"])
+    return v
+
+
+def inspect_fab(content: bytes) -> FabInfo:
+    """Read a FAB's metadata and list its code files; :class:`AppNotApproved` if it is not a FAB."""
+    digest = fab_hash(content)
+    try:
+        with zipfile.ZipFile(io.BytesIO(content)) as zf:
+            names = [i.filename for i in zf.infolist() if not i.is_dir()]
+            pyproject = tomllib.loads(zf.read("pyproject.toml").decode("utf-8"))
+    except (zipfile.BadZipFile, KeyError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise AppNotApproved(f"bundle sha256 {digest} is not a readable Flower app bundle ({exc})") from None
+    project = pyproject.get("project", {}) if isinstance(pyproject.get("project"), dict) else {}
+    app = pyproject.get("tool", {}).get("flwr", {}).get("app", {})
+    if not isinstance(app, dict):
+        app = {}
+    components = app.get("components", {}) if isinstance(app.get("components"), dict) else {}
+    code = tuple(sorted(n for n in names if n.lower().endswith(CODE_SUFFIXES)))
+    return FabInfo(
+        fab_hash=digest,
+        publisher=str(app.get("publisher", "")),
+        name=str(project.get("name", "")),
+        version=str(project.get("version", "")),
+        clientapp=str(components.get("clientapp", "")),
+        code_files=code,
+        size=len(content),
+    )
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=1, sort_keys=True)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o600)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+class AppAllowList:
+    """The node's allow-list of app hashes (``approved-apps.json``); all mutating calls keyword-only."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    @classmethod
+    def for_state_dir(cls, state_dir: str | Path) -> "AppAllowList":
+        return cls(Path(state_dir) / APPROVALS_FILE)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.exists():
+            return {"version": APPROVALS_VERSION, "apps": []}
+        try:
+            data = json.loads(self.path.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ConfigError(str(self.path), [f"{self.path}: app allow-list unreadable ({exc})"]) from None
+        ok = isinstance(data, dict) and data.get("version") == APPROVALS_VERSION and isinstance(data.get("apps"), list)
+        if not ok:
+            raise ConfigError(str(self.path),
+                              [f"{self.path}: not a fedrad app allow-list (version {APPROVALS_VERSION})"])
+        return data
+
+    # ------------------------------------------------------------------ queries
+    def records(self) -> list[dict[str, Any]]:
+        """Every approval ever made, revoked ones included, oldest first."""
+        return [dict(r) for r in self._read()["apps"]]
+
+    def approved(self) -> list[dict[str, Any]]:
+        """Approvals in force."""
+        return [r for r in self.records() if not r.get("revoked_at")]
+
+    def lookup(self, digest: str) -> dict[str, Any] | None:
+        """The approval in force for this FAB hash, or None."""
+        for r in self.approved():
+            if r.get("fab_hash") == digest:
+                return r
+        return None
+
+    def resolve(self, prefix: str) -> str:
+        """The one approved hash starting with ``prefix`` (at least 8 hex digits)."""
+        p = prefix.strip().lower()
+        if len(p) < 8 or not re.fullmatch(r"[0-9a-f]+", p):
+            raise ConfigError("<command line>", [f"<command line>: hash: give at least 8 hex digits (got {prefix!r})"])
+        hits = sorted({str(r["fab_hash"]) for r in self.approved() if str(r["fab_hash"]).startswith(p)})
+        if len(hits) != 1:
+            what = "no approved app" if not hits else f"{len(hits)} approved apps"
+            raise ConfigError(str(self.path), [f"{self.path}: {what} with a hash starting {p!r}"])
+        return hits[0]
+
+    # ------------------------------------------------------------------ mutation
+    def approve(self, *, digest: str, by: str, note: str = "", info: FabInfo | None = None) -> dict[str, Any]:
+        """Approve a FAB hash (idempotent while approved); returns the approval in force."""
+        digest = check_hash(digest)
+        if info is not None and info.fab_hash != digest:
+            raise ConfigError("<command line>", [f"<command line>: bundle hash {info.fab_hash} != {digest}"])
+        with self._locked():
+            data = self._read()
+            for r in data["apps"]:
+                if r.get("fab_hash") == digest and not r.get("revoked_at"):
+                    return dict(r)
+            record: dict[str, Any] = {
+                "fab_hash": digest,
+                "approved_by": by,
+                "approved_at": _now(),
+                "note": note,
+                "publisher": info.publisher if info else None,
+                "name": info.name if info else None,
+                "version": info.version if info else None,
+                "clientapp": info.clientapp if info else None,
+                "revoked_by": None,
+                "revoked_at": None,
+                "revoke_reason": None,
+            }
+            data["apps"].append(record)
+            _atomic_write_json(self.path, data)
+        log.info("app %s approved", digest[:16])
+        return dict(record)
+
+    def revoke(self, *, digest: str, by: str, reason: str = "") -> dict[str, Any]:
+        """Revoke the approval in force for a FAB hash (the record is kept, marked revoked)."""
+        with self._locked():
+            data = self._read()
+            for r in data["apps"]:
+                if r.get("fab_hash") == digest and not r.get("revoked_at"):
+                    r.update(revoked_by=by, revoked_at=_now(), revoke_reason=reason)
+                    _atomic_write_json(self.path, data)
+                    log.info("app %s approval revoked", digest[:16])
+                    return dict(r)
+        raise ConfigError(str(self.path), [f"{self.path}: app {digest} is not approved (nothing to revoke)"])
+
+
+def verify_app(
+    *,
+    fab_content: bytes,
+    claimed_hash: str | None,
+    allow_list: AppAllowList,
+    settings: AppApprovalSettings | None = None,
+) -> str:
+    """Return the FAB's hash if this node may run it, else raise :class:`AppNotApproved`.
+
+    ``claimed_hash`` is the hash Flower announced (``Fab.hash_str`` / ``Run.fab_hash``): it must
+    match the bytes, since Flower installs the app under that name. Fails closed: an unreadable
+    allow-list refuses every app.
+    """
+    settings = settings or AppApprovalSettings()
+    digest = fab_hash(fab_content)
+    if claimed_hash is not None and claimed_hash != digest:
+        raise AppNotApproved(f"bundle announced as sha256 {claimed_hash} but its bytes hash to {digest}")
+    if settings.installed_code_only:
+        info = inspect_fab(fab_content)
+        if info.code_files:
+            shown = ", ".join(info.code_files[:5]) + (" ..." if len(info.code_files) > 5 else "")
+            raise AppNotApproved(f"app {info.label} (sha256 {digest}) carries code ({shown}); this node runs only its "
+                                 "installed fedrad")
+        if info.clientapp != INSTALLED_CLIENTAPP:
+            raise AppNotApproved(f"app {info.label} (sha256 {digest}) names ClientApp {info.clientapp!r}; this node "
+                                 f"runs only {INSTALLED_CLIENTAPP!r}")
+    if settings.require_approval:
+        try:
+            record = allow_list.lookup(digest)
+        except ConfigError as exc:
+            raise AppNotApproved(f"cannot read the allow-list, refusing every app: {'; '.join(exc.problems)}") from None
+        if record is None:
+            raise AppNotApproved(f"app sha256 {digest} is not approved on this node (approve it with "
+                                 f"`fedrad-node apps approve --config node.yaml BUNDLE.fab` after review)")
+    return digest

@@ -1,0 +1,266 @@
+"""The node's gate in front of Flower's ``flwr-clientapp``: unapproved apps never run.
+
+How Flower 1.41 runs an app on a SuperNode (``isolation=subprocess``, the default): the
+SuperNode pulls the message, the Run and the FAB from the SuperLink and starts
+``flower-superexec``; for each message SuperExec starts the command ``flwr-clientapp`` (looked up
+on ``PATH``), which pulls message, Context, Run and FAB from the SuperNode
+(``run_clientapp.pull_task_input``), unpacks the FAB (``install_from_fab``), puts the unpacked
+folder first on ``sys.path`` and imports the ClientApp it names (``get_load_client_app_fn``).
+Flower's own check at this point (``--trusted-entities``) needs FABs signed by its hub.
+
+``fedrad-node start`` puts a ``flwr-clientapp`` of its own first on ``PATH`` (:func:`write_shim`,
+:func:`gated_env`). It runs Flower's ClientApp process unchanged except at those three calls
+(:func:`install_gate`): right after the FAB arrives its hash is checked against the node's
+allow-list (:func:`fedrad.client.approval.verify_app`); an app that is not approved is neither
+unpacked nor imported, and the reply is an error (``ERR_POLICY``, rule ``app_approval``) sent by
+fedrad's own code, recorded in the node's audit log. Runtime dependency installation is always
+off. If the Flower internals the gate wraps are missing (another Flower version), the gate
+refuses to start: it fails closed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import os
+import shutil
+import stat
+import sys
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+
+from fedrad.common.errors import FedradError
+from fedrad.common.protocol import CONFIG_KEY, ERR_POLICY
+
+from .approval import AppAllowList, AppApprovalSettings, AppNotApproved, fab_hash, verify_app
+
+log = logging.getLogger(__name__)
+
+#: The command SuperExec starts for every ClientApp task (``flwr.supercore.constant``).
+CLIENTAPP_COMMAND = "flwr-clientapp"
+#: Fallback for the node.yaml path when the SuperNode's node config lacks it (set by fedrad-node start).
+NODE_CONFIG_ENV = "FEDRAD_NODE_CONFIG"
+#: Set in the ClientApp process once the gate approved its app (read by :func:`require_gate`).
+GATE_APPROVED_ENV = "FEDRAD_APPROVED_APP"
+#: The Flower calls the gate wraps, in ``flwr.supernode.runtime.run_clientapp``.
+GATED_CALLS = ("pull_task_input", "install_from_fab", "get_load_client_app_fn")
+_DEP_INSTALL_FLAG = "--allow-runtime-dependency-installation"
+
+
+@dataclass(frozen=True)
+class GateDecision:
+    """Whether this task's app may run, and where to record a refusal."""
+
+    fab_hash: str
+    approved: bool
+    reason: str = ""
+    audit_path: Path | None = None
+    policy_version: str = ""
+
+
+def approval_settings(node: Any) -> AppApprovalSettings:
+    """The node's approval settings (``apps:`` in node.yaml once integrated; the safe default until then)."""
+    settings = getattr(node, "apps", None)
+    return settings if isinstance(settings, AppApprovalSettings) else AppApprovalSettings()
+
+
+def decide(
+    *, fab_content: bytes, claimed_hash: str, run_fab_hash: str | None, node_config: Mapping[str, Any]
+) -> GateDecision:
+    """Decide whether the FAB may run on this node; never raises (any doubt is a refusal)."""
+    from .node import NODE_CONFIG_KEY
+    from .node_config import load_node_config
+
+    digest = fab_hash(fab_content)
+    path = node_config.get(NODE_CONFIG_KEY) or os.environ.get(NODE_CONFIG_ENV)
+    if not path:
+        return GateDecision(digest, False, f"no node configuration ({NODE_CONFIG_KEY}): refusing every app")
+    try:
+        node = load_node_config(str(path))
+    except FedradError as exc:
+        return GateDecision(digest, False, f"node configuration unreadable, refusing every app: {exc}")
+    audit_path = node.state_dir / "audit.jsonl"
+    version = node.policy.version()
+    try:
+        if run_fab_hash is not None and run_fab_hash != claimed_hash:
+            raise AppNotApproved(f"run names app sha256 {run_fab_hash} but the bundle received is {claimed_hash}")
+        verify_app(fab_content=fab_content, claimed_hash=claimed_hash,
+                   allow_list=AppAllowList.for_state_dir(node.state_dir), settings=approval_settings(node))
+    except AppNotApproved as exc:
+        return GateDecision(digest, False, str(exc), audit_path, version)
+    return GateDecision(digest, True, "", audit_path, version)
+
+
+def _audit_refusal(decision: GateDecision, msg: Message, kind: str) -> None:
+    from .audit_log import AuditLog
+
+    if decision.audit_path is None:
+        return
+    study, rnd = "?", 0
+    try:  # the request's config record is data, not code: reading its ids is safe
+        cfg = msg.content[CONFIG_KEY]
+        study = str(cfg.get("study-id", "?"))[:64]
+        rnd = int(cfg.get("server-round", 0)) + int(cfg.get("round-offset", 0))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        pass
+    try:
+        AuditLog(decision.audit_path).append(study=study, round=rnd, kind=kind, content=None, epsilon_before=None,
+                                             epsilon_after=None, policy_version=decision.policy_version,
+                                             outcome=f"refused: {decision.reason}")
+    except (OSError, FedradError):
+        log.exception("could not record the refusal of app %s in the audit log", decision.fab_hash[:16])
+
+
+def refusal_app(decision: GateDecision) -> ClientApp:
+    """fedrad's own ClientApp that answers every message of a refused app with an error."""
+    app = ClientApp()
+    reason = f"{AppNotApproved.__name__}: {decision.reason}"
+
+    def _refuse(kind: str) -> Callable[[Message, Context], Message]:
+        def handler(msg: Message, context: Context) -> Message:
+            _audit_refusal(decision, msg, kind)
+            return Message(Error(code=ERR_POLICY, reason=reason), reply_to=msg)
+
+        return handler
+
+    app.train()(_refuse("train"))
+    app.evaluate()(_refuse("evaluate"))
+    app.query()(_refuse("query"))
+    return app
+
+
+def require_gate(*, context: Context) -> None:
+    """Defence in depth for fedrad's own ClientApp: in deployment, refuse to work unless this process
+    runs behind the node's gate and the gate approved the app (a node started without
+    ``fedrad-node start`` would otherwise run unchecked bundles). Simulation has no bundle: no-op.
+    """
+    if "partition-id" in context.node_config:
+        return
+    if not os.environ.get(GATE_APPROVED_ENV):
+        raise AppNotApproved("this ClientApp runs without the node's app-approval gate (start the node with "
+                             "`fedrad-node start`): refusing")
+
+
+def install_gate(module: Any) -> None:
+    """Wrap Flower's ClientApp runner (``module``) so that only approved apps are installed and loaded.
+
+    Raises :class:`AppNotApproved` (the caller must then not run Flower) when ``module`` lacks
+    any call in :data:`GATED_CALLS`.
+    """
+    missing = [name for name in GATED_CALLS if not callable(getattr(module, name, None))]
+    if missing:
+        raise AppNotApproved(f"cannot gate this Flower version ({', '.join(missing)} not found in "
+                             f"{getattr(module, '__name__', module)}): refusing to run any app")
+    if getattr(module, "_fedrad_gate", False):
+        return
+    orig_pull = module.pull_task_input
+    orig_install = module.install_from_fab
+    orig_loader = module.get_load_client_app_fn
+    orig_deps = getattr(module, "install_app_dependencies", None)
+    state: dict[str, GateDecision | None] = {"decision": None}
+
+    def refused() -> GateDecision | None:
+        d = state["decision"]
+        return None if d is not None and d.approved else (d or GateDecision("?", False, "app not verified"))
+
+    def pull_task_input(client: Any) -> Any:
+        message, context, run, fab = orig_pull(client)
+        d = decide(fab_content=fab.content, claimed_hash=fab.hash_str, run_fab_hash=getattr(run, "fab_hash", None),
+                   node_config=context.node_config)
+        state["decision"] = d
+        if d.approved:
+            os.environ[GATE_APPROVED_ENV] = d.fab_hash
+            log.info("app %s approved on this node", d.fab_hash[:16])
+        else:
+            log.warning("app %s refused: %s", d.fab_hash[:16], d.reason)
+        return message, context, run, fab
+
+    def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
+        if refused() is not None:
+            return Path(tempfile.gettempdir()) / "fedrad-refused-app"  # nothing unpacked
+        content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
+        d = state["decision"]
+        if d is None or fab_hash(content) != d.fab_hash:  # exactly the bytes that were checked
+            raise AppNotApproved("the bundle being installed is not the one that was approved")
+        return orig_install(fab_file, *args, **kwargs)
+
+    def get_load_client_app_fn(*args: Any, **kwargs: Any) -> Any:
+        d = refused()
+        if d is not None:
+            return lambda *_a, **_k: refusal_app(d)
+        # The installed fedrad is imported before Flower puts the bundle's folder first on sys.path,
+        # so a bundle cannot shadow fedrad's modules with its own copies.
+        importlib.import_module("fedrad.client.app")
+        return orig_loader(*args, **kwargs)
+
+    def install_app_dependencies(*args: Any, **kwargs: Any) -> Any:
+        if refused() is not None or orig_deps is None:
+            return None
+        return orig_deps(*args, **kwargs)
+
+    module.pull_task_input = pull_task_input
+    module.install_from_fab = install_from_fab
+    module.get_load_client_app_fn = get_load_client_app_fn
+    if orig_deps is not None:
+        module.install_app_dependencies = install_app_dependencies
+    module._fedrad_gate = True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the node's ``flwr-clientapp``: Flower's, behind the gate."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if _DEP_INSTALL_FLAG in args:
+        args = [a for a in args if a != _DEP_INSTALL_FLAG]
+        log.warning("runtime dependency installation is disabled on this node")
+    from flwr.supernode.runtime import run_clientapp as runner
+
+    try:
+        install_gate(runner)
+    except FedradError as exc:
+        log.error("%s", exc)
+        return exc.exit_code
+    # the module itself (the package re-exports a function of the same name)
+    cli = importlib.import_module("flwr.supernode.cli.flwr_clientapp")
+    sys.argv = [sys.argv[0], *args]
+    cli.flwr_clientapp()  # exits the process (flwr_exit)
+    return 0  # pragma: no cover
+
+
+# ---------------------------------------------------------------------------- launcher side
+def write_shim(bin_dir: str | Path, *, python: str | None = None) -> Path:
+    """Write the node's ``flwr-clientapp`` (runs :func:`main` with this interpreter) into ``bin_dir``."""
+    d = Path(bin_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    target = d / CLIENTAPP_COMMAND
+    text = (f"#!{python or sys.executable}\n"
+            "# fedrad: Flower's flwr-clientapp behind the node's app-approval gate (written by fedrad-node start)\n"
+            "import sys\n\nfrom fedrad.client.gate import main\n\nsys.exit(main())\n")
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=d)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.chmod(tmp, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP)
+    os.replace(tmp, target)
+    return target
+
+
+def gated_env(*, bin_dir: str | Path, node_config: str | Path, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment for ``flower-supernode`` / ``flower-superexec``: the gate first on PATH."""
+    env = dict(os.environ if base is None else base)
+    env["PATH"] = os.pathsep.join([str(Path(bin_dir).resolve()), env.get("PATH", "")])
+    env[NODE_CONFIG_ENV] = str(Path(node_config).resolve())
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    return env
+
+
+def check_gated(env: Mapping[str, str], *, bin_dir: str | Path) -> None:
+    """Raise :class:`FedradError` unless ``flwr-clientapp`` resolves to the gate under ``env``."""
+    found = shutil.which(CLIENTAPP_COMMAND, path=env.get("PATH"))
+    want = Path(bin_dir).resolve() / CLIENTAPP_COMMAND
+    if found is None or Path(found).resolve() != want:
+        raise FedradError(f"{CLIENTAPP_COMMAND} resolves to {found}, not the node's gate {want}; refusing to start")

@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Launch a fedrad hospital node: check the environment, run the preflight, then become the
+# Flower SuperNode (exec, so systemd / docker signals reach it directly).
+#
+# Usage: fedrad-node.sh [path/to/node.yaml]
+#   default: $FEDRAD_NODE_CONFIG, else node.yaml beside this script.
+# Environment:
+#   FEDRAD_NODE_CONFIG   node.yaml path (overridden by the argument)
+#   FEDRAD_VENV          a virtual environment to activate first (optional)
+#   FEDRAD_SKIP_CHECK=1  skip the preflight (not recommended)
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+config="${1:-${FEDRAD_NODE_CONFIG:-$here/node.yaml}}"
+
+die() { echo "fedrad-node.sh: $*" >&2; exit 1; }
+
+if [[ -n "${FEDRAD_VENV:-}" ]]; then
+    [[ -f "$FEDRAD_VENV/bin/activate" ]] || die "FEDRAD_VENV=$FEDRAD_VENV is not a virtual environment"
+    # shellcheck disable=SC1091
+    source "$FEDRAD_VENV/bin/activate"
+fi
+
+[[ -f "$config" ]] || die "node configuration $config not found (pass its path or set FEDRAD_NODE_CONFIG)"
+command -v python3 >/dev/null 2>&1 || die "python3 not found on PATH"
+python3 -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else 1)' \
+    || die "Python >= 3.11 required (found $(python3 --version 2>&1))"
+command -v fedrad-node >/dev/null 2>&1 || die "fedrad-node not on PATH: install fedrad (pip install fedrad) or set FEDRAD_VENV"
+command -v flower-supernode >/dev/null 2>&1 || die "flower-supernode not on PATH: install fedrad's dependencies (flwr 1.41)"
+[[ "$(id -u)" -ne 0 ]] || echo "fedrad-node.sh: warning: running as root; use a dedicated service account" >&2
+
+# Never install packages at run time; everything comes from this environment.
+export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
+umask 077
+
+if [[ "${FEDRAD_SKIP_CHECK:-0}" != "1" ]]; then
+    fedrad-node check --config "$config" || die "preflight failed (see the problems and fixes above)"
+fi
+
+exec fedrad-node start --config "$config"

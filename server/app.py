@@ -1,0 +1,92 @@
+"""The coordinator's Flower ServerApp for deployment (SuperLink + real hospital SuperNodes).
+
+The SuperLink starts this app (``fedrad.server.app:app``) for each run submitted with ``flwr run``
+against the app folder in ``deploy/app/``. The run configuration names the study YAML *on the
+coordinator* and the run folder; the study body is the same :func:`fedrad.server.study.run_study`
+the simulation uses. Hospitals find their own data, ledger and budget through their node.yaml;
+nothing here can move them.
+
+Run-config keys (``flwr run deploy/app fedrad --run-config 'study-config="/etc/fedrad/study.yaml"'``):
+
+* ``study-config``: path of the study YAML on the coordinator (required)
+* ``run-dir``: run folder; default ``<output.dir>/<name>-<timestamp>``; an existing, unfinished
+  run folder of the same study resumes from its last checkpoint
+* ``poll-interval``: seconds between checks for hospital replies (default 0.25; Flower's own
+  deployment Grid waits 3 s); 0 keeps Flower's Grid unchanged
+
+``fedrad run`` (see :mod:`fedrad.server.cmd_run`) fills all three from a TOML file it writes into
+the run folder (``run-config.toml``).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import yaml
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedrad.common.config import load_study
+from fedrad.common.errors import ConfigError, FederationError
+
+from .deploy_grid import FastPollGrid
+from .history import RoundRecord, StudyHistory
+from .study import run_study
+
+log = logging.getLogger(__name__)
+
+STUDY_KEY = "study-config"
+RUN_DIR_KEY = "run-dir"
+POLL_KEY = "poll-interval"
+
+app = ServerApp()
+
+
+class LogReporter:
+    """Progress to the SuperLink's log (there is no terminal in deployment)."""
+
+    def study_started(self, *, name: str, first_round: int, total_rounds: int, hospitals: int) -> None:
+        log.info("study %s: rounds %d..%d with %d hospitals", name, first_round, total_rounds, hospitals)
+
+    def round_started(self, round: int) -> None:
+        log.info("round %d started", round)
+
+    def round_finished(self, record: RoundRecord, history: StudyHistory) -> None:
+        log.info("round %d finished in %.1fs: %d hospitals answered, aggregated=%s",
+                 record.round, record.seconds, len(record.hospitals), record.aggregated)
+
+    def study_finished(self, history: StudyHistory) -> None:
+        log.info("study finished: %s", history.status)
+
+
+def resolve_run(run_config: dict[str, object]) -> tuple[Path, Path]:
+    """(study YAML, run folder) from a run configuration; errors name the key."""
+    study_path = run_config.get(STUDY_KEY)
+    if not study_path:
+        raise ConfigError("<run-config>", [f"<run-config>: {STUDY_KEY}: required (got {study_path!r})"])
+    study_file = Path(str(study_path)).expanduser().resolve()
+    run_dir = run_config.get(RUN_DIR_KEY)
+    if run_dir:
+        return study_file, Path(str(run_dir)).expanduser().resolve()
+    study = load_study(study_file)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    return study_file, (Path(study.output.dir) / f"{study.federation.name}-{stamp}").resolve()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    study_file, run_dir = resolve_run(dict(context.run_config))
+    study = load_study(study_file)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(study.to_dict(), sort_keys=False), encoding="utf-8")
+    log.info("study %s from %s; outputs in %s", study.federation.name, study_file, run_dir)
+    poll = float(context.run_config.get(POLL_KEY, 0.25) or 0.0)  # type: ignore[arg-type]
+    if poll > 0:
+        grid = FastPollGrid(grid, interval=poll)
+    history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter())
+    for event in history.events:
+        log.info("note: %s", event)
+    if history.status != "completed":
+        raise FederationError(f"study {study.federation.name} ended {history.status} (outputs in {run_dir})")

@@ -1,0 +1,373 @@
+"""The coordinator: its SuperLink process, node registration, and the ``flwr`` Control API calls.
+
+One provisioning folder (see :mod:`fedrad.server.provision`) drives everything::
+
+    <prov>/coordinator/state/superlink.db     the SuperLink's persistent state (nodes, runs)
+    <prov>/coordinator/state/superlink.log    its log (rotated daily)
+    <prov>/coordinator/state/flwr/config.toml the Flower CLI connection "fedrad" (FLWR_HOME)
+    <prov>/coordinator/state/coordinator.json where it listens, its PID, TLS on/off
+    <prov>/coordinator/state/nodes.json       hospital name -> Flower node id (registered keys)
+    <prov>/coordinator/state/app/             the Flower App that ``fedrad run`` submits
+
+The SuperLink runs with TLS (the provisioned certificate), SuperNode authentication (only the
+registered hospital keys may join), a database on disk and run-time dependency installation
+disabled. ``flwr`` (the Flower CLI) is used for the Control API; its JSON answers are parsed here
+and its failures turned into :class:`~fedrad.common.errors.FedradError` with a fix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import ssl
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+from fedrad.common.errors import FederationError, FedradError
+
+log = logging.getLogger(__name__)
+
+#: Name of the Flower CLI connection fedrad writes into its own FLWR_HOME.
+CONNECTION = "fedrad"
+
+#: The Flower App ``fedrad run`` submits. It carries no code: the ServerApp and ClientApp come
+#: from the fedrad package installed on the coordinator and on every hospital (same version).
+APP_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "fedrad-app"
+version = "0.1.0"
+description = "fedrad: federated, differentially private medical-image classification"
+license = "Apache-2.0"
+dependencies = ["flwr>=1.41,<1.42"]
+
+[tool.flwr.app]
+publisher = "fedrad"
+
+[tool.flwr.app.components]
+serverapp = "fedrad.server.app:app"
+clientapp = "fedrad.client.app:app"
+
+[tool.flwr.app.config]
+study-config = ""
+run-dir = ""
+poll-interval = 0.25
+"""
+
+#: Environment for every Flower process fedrad starts: no package installs, no phoning home.
+QUIET_ENV = {
+    "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "FLWR_TELEMETRY_ENABLED": "0",
+}
+
+
+@dataclass(frozen=True)
+class Coordinator:
+    """Paths of one coordinator, all under its provisioning folder."""
+
+    prov: Path
+
+    @property
+    def coord(self) -> Path:
+        return self.prov / "coordinator"
+
+    @property
+    def state_dir(self) -> Path:
+        return self.coord / "state"
+
+    @property
+    def flwr_home(self) -> Path:
+        return self.state_dir / "flwr"
+
+    @property
+    def info_path(self) -> Path:
+        return self.state_dir / "coordinator.json"
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "nodes.json"
+
+    @property
+    def app_dir(self) -> Path:
+        return self.state_dir / "app"
+
+    @property
+    def ca(self) -> Path:
+        return self.coord / "ca.pem"
+
+    def check_provisioned(self) -> None:
+        missing = [p for p in (self.ca, self.coord / "superlink.pem", self.coord / "superlink.key") if not p.exists()]
+        if missing:
+            raise FedradError(f"{self.prov} is not a provisioning folder (missing {', '.join(map(str, missing))}); "
+                              "run `fedrad provision --config federation.yaml --out DIR` first")
+
+    # -- state files ---------------------------------------------------------------------------
+    def info(self) -> dict[str, Any]:
+        try:
+            return json.loads(self.info_path.read_text(encoding="utf-8"))
+        except FileNotFoundError:
+            raise FederationError(f"no coordinator was started from {self.prov} ({self.info_path} missing); "
+                                  f"start it with `fedrad coordinator start --prov {self.prov}`") from None
+
+    def registry(self) -> dict[str, str]:
+        if not self.registry_path.exists():
+            return {}
+        return dict(json.loads(self.registry_path.read_text(encoding="utf-8")))
+
+    def save_registry(self, reg: dict[str, str]) -> None:
+        _atomic_write(self.registry_path, json.dumps(reg, indent=1, sort_keys=True))
+
+    def names_by_node_id(self) -> dict[str, str]:
+        return {node_id: name for name, node_id in self.registry().items()}
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _cert_names(pem: Path) -> tuple[list[str], list[str]]:
+    cert = x509.load_pem_x509_certificate(pem.read_bytes())
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    return san.get_values_for_type(x509.DNSName), [str(i) for i in san.get_values_for_type(x509.IPAddress)]
+
+
+def local_address(co: Coordinator, port: int) -> str:
+    """How tools on the coordinator reach its SuperLink: loopback if the certificate names it."""
+    dns, ips = _cert_names(co.coord / "superlink.pem")
+    if "127.0.0.1" in ips:
+        return f"127.0.0.1:{port}"
+    if "localhost" in dns:
+        return f"localhost:{port}"
+    state = json.loads((co.prov / "federation-state.json").read_text(encoding="utf-8"))
+    return f"{str(state['superlink']).rsplit(':', 1)[0]}:{port}"
+
+
+def superlink_command(co: Coordinator, *, host: str, port: int, insecure: bool) -> list[str]:
+    """The ``flower-superlink`` command line: TLS + node authentication unless ``insecure``."""
+    cmd = ["flower-superlink", "--host", host, "--port", str(port),
+           "--database", str(co.state_dir / "superlink.db"),
+           "--log-file", str(co.state_dir / "superlink.log"), "--log-rotation-interval-hours", "24",
+           "--disable-runtime-dependency-installation"]
+    if insecure:
+        cmd.append("--insecure")  # plaintext: node authentication needs TLS, so it is off too
+    else:
+        cmd += ["--ssl-ca-certfile", str(co.ca), "--ssl-certfile", str(co.coord / "superlink.pem"),
+                "--ssl-keyfile", str(co.coord / "superlink.key"), "--enable-supernode-auth"]
+    return cmd
+
+
+def write_flwr_config(co: Coordinator, *, address: str, insecure: bool) -> None:
+    """The Flower CLI connection ``fedrad`` in the coordinator's own FLWR_HOME."""
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]", f'address = "{address}"']
+    lines.append("insecure = true" if insecure else f'root-certificates = "{co.ca.resolve()}"')
+    _atomic_write(co.flwr_home / "config.toml", "\n".join(lines) + "\n")
+
+
+def write_app(co: Coordinator) -> Path:
+    co.app_dir.mkdir(parents=True, exist_ok=True)
+    pp = co.app_dir / "pyproject.toml"
+    if not pp.exists() or pp.read_text(encoding="utf-8") != APP_PYPROJECT:
+        pp.write_text(APP_PYPROJECT, encoding="utf-8")
+    return co.app_dir
+
+
+def flwr_env(co: Coordinator) -> dict[str, str]:
+    return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(co.flwr_home.resolve())}
+
+
+# -- probing ------------------------------------------------------------------------------------
+def probe(address: str, *, ca: Path | None, insecure: bool, timeout: float = 5.0) -> str | None:
+    """None if the SuperLink at ``address`` answers and (with TLS) its certificate verifies;
+    else a sentence naming what is wrong: unreachable, another CA, host name, expiry, no TLS."""
+    host, _, port = address.rpartition(":")
+    host = host.strip("[]")
+    try:
+        sock = socket.create_connection((host, int(port)), timeout=timeout)
+    except (OSError, ValueError) as exc:
+        return (f"coordinator {address} is not reachable ({getattr(exc, 'strerror', None) or exc}); is it running "
+                "(`fedrad coordinator start`), and are the address, port and firewall right?")
+    with sock:
+        if insecure:
+            try:
+                sock.sendall(f"GET / HTTP/1.0\r\nHost: {host}\r\n\r\n".encode())
+                plain = sock.recv(5) == b"HTTP/"
+            except OSError:
+                plain = False
+            return None if plain else f"the SuperLink at {address} requires TLS (it was not started with --insecure)"
+        ctx = ssl.create_default_context(cafile=str(ca) if ca else None)
+        try:
+            with ctx.wrap_socket(sock, server_hostname=host):
+                return None
+        except ssl.SSLCertVerificationError as exc:
+            code, msg = exc.verify_code, exc.verify_message
+            if code == 10:
+                return (f"the SuperLink certificate at {address} has expired: re-issue it "
+                        "(`fedrad provision ... renew-superlink`) and restart the coordinator")
+            if code == 62 or "mismatch" in str(msg).lower():
+                return (f"certificate/hostname mismatch: {host} is not among the SuperLink certificate's names "
+                        f"({msg}); add it to superlink.dns_names/ip_addresses and renew-superlink")
+            return f"the SuperLink at {address} presents a certificate not signed by {ca} ({msg})"
+        except (ssl.SSLError, OSError) as exc:
+            return f"TLS handshake with {address} failed ({exc}); is the coordinator running with --insecure?"
+
+
+def wait_until_listening(address: str, *, ca: Path | None, insecure: bool, timeout: float,
+                         alive: subprocess.Popen[bytes] | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    problem: str | None = "not started"
+    while time.monotonic() < deadline:
+        if alive is not None and alive.poll() is not None:
+            raise FederationError(f"the SuperLink exited with code {alive.returncode} while starting "
+                                  "(see its log); is the port already in use?")
+        problem = probe(address, ca=ca, insecure=insecure, timeout=2.0)
+        if problem is None:
+            return
+        if "not reachable" not in problem:
+            raise FederationError(problem)
+        time.sleep(0.2)
+    raise FederationError(f"the SuperLink did not come up within {timeout:.0f}s: {problem}")
+
+
+# -- the Flower CLI ---------------------------------------------------------------------------
+def flwr_json(co: Coordinator, args: Sequence[str], *, timeout: float = 60.0) -> dict[str, Any]:
+    """Run ``flwr ARGS --format json`` against this coordinator; its answer, or a FedradError."""
+    cmd = ["flwr", *args, "--format", "json"]
+    try:
+        out = subprocess.run(cmd, env=flwr_env(co), capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        raise FederationError(f"`{' '.join(cmd)}` did not answer within {timeout:.0f}s") from None
+    try:
+        data = json.loads(out.stdout[out.stdout.index("{"):]) if "{" in out.stdout else None
+    except json.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        raise FederationError(f"`{' '.join(cmd)}` failed (exit {out.returncode}): "
+                              f"{(out.stderr or out.stdout).strip()[-600:]}")
+    if not data.get("success", False):
+        raise _translate(co, str(data.get("error-message", "")))
+    return data
+
+
+def _translate(co: Coordinator, message: str) -> FedradError:
+    text = message.split("\n\n", 1)[-1].strip() or message.strip()
+    if "unavailable" in text.lower():
+        try:
+            info = co.info()
+            detail = probe(info["address"], ca=None if info.get("insecure") else co.ca, insecure=bool(info.get("insecure")))
+        except FedradError as exc:
+            detail = str(exc)
+        return FederationError(detail or f"the coordinator did not answer: {text}")
+    return FederationError(text)
+
+
+# -- nodes ------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class NodeStatus:
+    name: str
+    node_id: str
+    status: str  # registered (never connected), online, offline, unregistered
+
+
+def list_nodes(co: Coordinator) -> list[NodeStatus]:
+    names = co.names_by_node_id()
+    data = flwr_json(co, ["supernode", "ls", CONNECTION])
+    out = []
+    for n in data.get("nodes", []):
+        node_id = str(n["node-id"])
+        out.append(NodeStatus(name=names.get(node_id, f"node-{node_id}"), node_id=node_id, status=str(n["status"])))
+    return out
+
+
+def register_nodes(co: Coordinator) -> dict[str, str]:
+    """Register every provisioned (non-revoked) hospital key; unregister revoked ones. Idempotent."""
+    from .provision import Provisioner
+
+    prov = Provisioner(co.prov)
+    reg = co.registry()
+    known = {n.node_id: n.status for n in list_nodes(co)}
+    state = json.loads(prov.state_path.read_text(encoding="utf-8"))
+    for name in sorted(state.get("revoked", {})):
+        node_id = reg.pop(name, None)
+        if node_id is not None and known.get(node_id) not in (None, "unregistered"):
+            flwr_json(co, ["supernode", "unregister", node_id, CONNECTION])
+            log.warning("unregistered revoked hospital %s (node %s)", name, node_id)
+    for pub in prov.authorized_keys():
+        name = pub.stem
+        if name in reg and known.get(reg[name]) not in (None, "unregistered"):
+            continue
+        try:
+            data = flwr_json(co, ["supernode", "register", str(pub), CONNECTION, "--name", name])
+        except FederationError as exc:
+            if "already in use" in str(exc):
+                log.warning("key of %s is registered but its node id is unknown here (%s lost?)", name, co.registry_path)
+                continue
+            raise
+        reg[name] = str(data["node-id"])
+        log.info("registered hospital %s as node %s", name, reg[name])
+    co.save_registry(reg)
+    return reg
+
+
+def wait_for_hospitals(co: Coordinator, *, needed: int, timeout: float, poll: float = 2.0) -> list[NodeStatus]:
+    """Wait until ``needed`` hospitals are online; else FederationError naming who is missing."""
+    deadline = time.monotonic() + timeout
+    while True:
+        nodes = list_nodes(co)
+        online = [n for n in nodes if n.status == "online"]
+        if len(online) >= needed:
+            return online
+        if time.monotonic() >= deadline:
+            missing = sorted(n.name for n in nodes if n.status in ("registered", "offline"))
+            raise FederationError(
+                f"only {len(online)} hospital(s) online ({', '.join(n.name for n in online) or 'none'}), the study "
+                f"needs {needed}; not connected after {timeout:.0f}s: {', '.join(missing) or 'no other hospital is registered'}"
+                " (ask them to run `fedrad-node check` and start their node)")
+        time.sleep(poll)
+
+
+# -- runs -------------------------------------------------------------------------------------
+def submit(co: Coordinator, *, study_file: Path, run_dir: Path, poll_interval: float) -> str:
+    """Submit a study; returns the Flower run id. The run folder path travels in the run config."""
+    app = write_app(co)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    overrides = run_dir / "run-config.toml"
+    overrides.write_text(f"study-config = {json.dumps(str(study_file))}\nrun-dir = {json.dumps(str(run_dir))}\n"
+                         f"poll-interval = {float(poll_interval)}\n", encoding="utf-8")
+    data = flwr_json(co, ["run", str(app), CONNECTION, "--run-config", str(overrides)], timeout=120)
+    run_id = str(data["run-id"])
+    (run_dir / "flower-run-id").write_text(run_id + "\n", encoding="utf-8")
+    return run_id
+
+
+def runs(co: Coordinator, run_id: str | None = None) -> list[dict[str, Any]]:
+    args = ["ls", CONNECTION] + (["--run-id", run_id] if run_id else [])
+    return list(flwr_json(co, args).get("runs", []))
+
+
+def stop(co: Coordinator, run_id: str) -> None:
+    flwr_json(co, ["stop", run_id, CONNECTION])
+
+
+def logs(co: Coordinator, run_id: str, *, timeout: float = 60.0) -> str:
+    out = subprocess.run(["flwr", "log", run_id, CONNECTION, "--show"], env=flwr_env(co), capture_output=True,
+                         text=True, timeout=timeout, check=False)
+    if out.returncode != 0:
+        raise _translate(co, out.stdout + out.stderr)
+    return out.stdout

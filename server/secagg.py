@@ -1,0 +1,687 @@
+"""Secure aggregation (SecAgg+): the coordinator only ever sees the sum of the hospitals' updates.
+
+A study with secure aggregation on runs here instead of :func:`fedrad.server.study.run_study`.
+Flower 1.41 wires SecAgg+ only to its legacy workflow API, so this module drives
+:class:`flwr.server.workflow.SecAggPlusWorkflow` round by round and keeps everything else of a
+fedrad study as it is: the study config sent to every hospital, DP-SGD and the privacy ledger on
+each hospital (:mod:`fedrad.client.secagg_app` reuses :mod:`fedrad.client.app`), per-round
+history, checkpoints, resume, server-side test evaluation, plots and the federated evaluation.
+
+Data flow of one round (``k`` sampled hospitals, ``t`` = reconstruction threshold):
+
+1. *setup* / *share keys*: every hospital makes two key pairs and Shamir-shares (t of n) its
+   private-mask seed and its pairwise-mask secret key among its neighbours; the shares travel
+   through the coordinator encrypted for their recipients.
+2. *collect masked vectors*: each hospital receives the global model, trains under DP with its
+   own ledger, computes its **update** ``x_i = local - global`` and sends only
+   ``y_i = quantize(r_i * x_i) + PRG(b_i) + sum_j +-PRG(s_ij)  (mod 2**32)`` with
+   ``r_i = num_examples_i / max_weight``. The coordinator sees ``y_i``: uniformly random-looking
+   integers (checked in ``tests/secagg``).
+3. *unmask*: surviving hospitals return shares of the survivors' mask seeds and of the dropped
+   hospitals' pairwise secrets; the coordinator removes the masks from ``sum_i y_i`` and obtains
+   ``sum_i r_i x_i / sum_i r_i``: the example-weighted mean update of the survivors (FedAvg).
+   No hospital's individual update is reconstructible by the coordinator unless ``t`` hospitals
+   collude with it.
+
+Numerical error (quantization; see :func:`aggregation_error_bound`): with ``c`` =
+``clipping_range``, ``Q`` = ``quantization_range``, ``w`` = ``max_weight``, survivors ``i`` with
+``n_i`` examples and ``q_i = round(n_i * Q / w)``, every coordinate of the aggregate differs from
+the exact example-weighted mean of the survivors' updates by less than ``3 * c * k / sum_i q_i``
+(about ``3 * c * k * w / (Q * sum_i n_i)``), provided no coordinate is clipped, i.e.
+``|x_i| <= c * w / n_i`` for every coordinate (true whenever ``|x_i| <= c`` and
+``n_i <= w``). Hospitals log a warning when they clip.
+
+What SecAgg+ does *not* hide from the coordinator: which hospitals took part or dropped out, each
+hospital's example count and its allow-listed scalar train metrics (epsilon, loss, ...), and the
+per-site evaluation counts (evaluation is not aggregated securely). What to know about Flower
+1.41's implementation: masks are drawn by ``numpy.random.RandomState`` from the 32-byte seeds
+folded to 32 bits (``secaggplus_utils.pseudo_rand_gen``), so each mask has 32 bits of entropy;
+and the protocol is the semi-honest one (no consistency round), which is why the threshold must
+be a strict majority here (a coordinator lying about dropouts then cannot collect both kinds of
+shares of one hospital). Each hospital's DP-SGD stays as it is: secure aggregation is defence in
+depth, not a reason to train with less noise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app.message_type import MessageType
+from flwr.common import (
+    EvaluateIns,
+    EvaluateRes,
+    FitIns,
+    FitRes,
+    Parameters,
+    Scalar,
+    bytes_to_ndarray,
+    parameters_to_ndarrays,
+)
+from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.server.client_manager import ClientManager, SimpleClientManager
+from flwr.server.client_proxy import ClientProxy
+from flwr.server.compat.app_utils import start_update_client_manager_thread
+from flwr.server.compat.legacy_context import LegacyContext
+from flwr.server.server_config import ServerConfig
+from flwr.server.strategy import Strategy as LegacyStrategy
+from flwr.server.workflow import SecAggPlusWorkflow
+from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD
+from flwr.server.workflow.constant import Key as WorkflowKey
+from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
+from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy.strategy_utils import sample_nodes
+from flwr.supercore.run import Run
+
+from fedrad.common.config import StudyConfig
+from fedrad.common.device import resolve_device
+from fedrad.common.errors import ConfigError, FederationError, ProtocolError
+from fedrad.common.evaluation import evaluate
+from fedrad.common.models import build_model
+from fedrad.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_reply
+
+from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .history import StudyHistory
+from .plots import write_plots
+from .progress import NullReporter, Reporter
+from .study import REFUSALS, FedradStrategyMixin, StudyStopped, _num_classes_and_test, _Wiring
+
+log = logging.getLogger(__name__)
+
+#: The ClientApp every hospital runs for a study with secure aggregation.
+SECAGG_CLIENT_APP_REF = "fedrad.client.secagg_app:app"
+#: Train-config key naming the model's arrays (legacy messages carry an unnamed list).
+ARRAY_NAMES_KEY = "array-names"
+#: Strategies whose aggregation is a weighted mean of the updates: the only ones SecAgg can run
+#: (the coordinator never holds an individual update, so median/trimmed mean/Krum are impossible).
+SECAGG_STRATEGIES = frozenset({"fedavg", "fedprox"})
+
+
+# ---------------------------------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class SecAggSettings:
+    """SecAgg+ parameters of a study (the proposed ``secure_aggregation`` config block).
+
+    ``num_shares``: neighbours each hospital shares its secrets with (itself included); None =
+    every hospital sampled in the round (the complete graph, SecAgg). ``reconstruction_threshold``:
+    shares needed to reconstruct a secret; None = a strict majority of ``num_shares``. A round
+    survives up to ``num_shares - reconstruction_threshold`` dropouts among a hospital's
+    neighbours. ``clipping_range``: bound on ``|r_i * x_i|`` for each coordinate of a weighted
+    update (larger = fewer clipped coordinates, coarser quantization). ``quantization_range``:
+    quantization levels (``Q``). ``modulus_range``: arithmetic modulus (``2**32``: Flower's PRG
+    draws masks below it). ``max_weight``: the example count that maps to weight 1; set it to at
+    least the largest hospital's training-set size.
+    """
+
+    enabled: bool = True
+    num_shares: int | None = None
+    reconstruction_threshold: int | None = None
+    clipping_range: float = 1.0
+    quantization_range: int = 2**22
+    modulus_range: int = 2**32
+    max_weight: float = 10_000.0
+
+    @classmethod
+    def from_study(cls, study: StudyConfig, **overrides: Any) -> SecAggSettings:
+        """The study's ``secure_aggregation`` block (once the schema has it), then ``overrides``."""
+        block = getattr(study, "secure_aggregation", None)
+        base: dict[str, Any] = block.model_dump() if block is not None else {}
+        base.update(overrides)
+        return cls(**{k: v for k, v in base.items() if k in cls.__dataclass_fields__})
+
+    def check(self, study: StudyConfig) -> None:
+        """Raise :class:`ConfigError` (every problem at once) unless these settings can run ``study``."""
+        n = study.federation.num_hospitals
+        problems: list[str] = []
+        if n < 3:
+            problems.append(f"federation.num_hospitals: secure aggregation needs at least 3 hospitals (got {n}); "
+                            "with 2, each could subtract its own update from the aggregate")
+        if study.strategy.name not in SECAGG_STRATEGIES:
+            problems.append(f"strategy.name: {study.strategy.name!r} cannot run under secure aggregation "
+                            f"(the coordinator only sees a sum; allowed: {sorted(SECAGG_STRATEGIES)})")
+        if self.num_shares is not None and not 3 <= self.num_shares <= n:
+            problems.append(f"secure_aggregation.num_shares: must be in 3..{n} (got {self.num_shares})")
+        shares = self.num_shares or n
+        t = self.reconstruction_threshold
+        if t is not None and not shares // 2 < t <= shares:
+            problems.append(f"secure_aggregation.reconstruction_threshold: must be a strict majority of "
+                            f"num_shares={shares}, i.e. in {shares // 2 + 1}..{shares} (got {t})")
+        if not self.clipping_range > 0:
+            problems.append(f"secure_aggregation.clipping_range: must be > 0 (got {self.clipping_range})")
+        if not isinstance(self.quantization_range, int) or self.quantization_range < 2:
+            problems.append(f"secure_aggregation.quantization_range: must be an integer >= 2 "
+                            f"(got {self.quantization_range!r})")
+        m = self.modulus_range
+        if not isinstance(m, int) or m > 2**32 or m.bit_count() != 1:
+            problems.append(f"secure_aggregation.modulus_range: must be a power of 2 <= 2**32 (got {m!r})")
+        elif isinstance(self.quantization_range, int) and n * (self.quantization_range + 1) >= m:
+            problems.append(f"secure_aggregation.quantization_range: {n} hospitals x {self.quantization_range} "
+                            f"levels overflow modulus_range={m}; lower quantization_range")
+        if not self.max_weight > 0:
+            problems.append(f"secure_aggregation.max_weight: must be > 0 (got {self.max_weight})")
+        if study.federation.min_hospitals > n:
+            problems.append("federation.min_hospitals exceeds num_hospitals")
+        if problems:
+            raise ConfigError("<study>", problems)
+
+    def shares_for(self, sampled: int) -> tuple[int, int]:
+        """(num_shares, threshold) for a round with ``sampled`` hospitals."""
+        if sampled < 3:
+            raise FederationError(f"secure aggregation needs at least 3 hospitals in a round, {sampled} sampled")
+        shares = min(self.num_shares or sampled, sampled)
+        if shares < sampled and shares % 2 == 0:
+            shares += 1  # SecAgg+ neighbourhoods are symmetric: an odd count (Flower does the same)
+        t = self.reconstruction_threshold or shares // 2 + 1
+        return shares, min(max(t, shares // 2 + 1), shares)
+
+
+def aggregation_error_bound(num_examples: Iterable[int], *, clipping_range: float, quantization_range: int,
+                            max_weight: float) -> float:
+    """Largest per-coordinate difference between the SecAgg+ aggregate and the exact weighted mean.
+
+    For survivors with ``num_examples`` and no clipped coordinate (``|x| <= c * w / n`` per
+    coordinate): stochastic rounding adds < 1 level (``2c/Q`` in value) per hospital to the sum,
+    and rounding the weights to ``q_i = round(n_i Q / w)`` moves the weighted mean by less than
+    ``k * c / sum q_i``; together < ``3 c k / sum q_i``.
+    """
+    ns = [int(n) for n in num_examples]
+    q = sum(round(n * quantization_range / max_weight) for n in ns)
+    if not ns or q <= 0:
+        return float("inf")
+    return 3.0 * clipping_range * len(ns) / q
+
+
+# ------------------------------------------------------------------------------ what the server sees
+@dataclass
+class SecAggRound:
+    """What the coordinator saw in one SecAgg+ round (for history, logs and tests)."""
+
+    round: int
+    sampled: list[int] = field(default_factory=list)
+    num_shares: int = 0
+    threshold: int = 0
+    #: node id -> (stage, error code, reason) of the first failed reply.
+    failures: dict[int, tuple[str, int, str]] = field(default_factory=dict)
+    #: node ids whose masked vector entered the sum.
+    survivors: list[int] = field(default_factory=list)
+    #: node id -> the masked integer vectors as received (kept only when an observer is set).
+    masked: dict[int, list[np.ndarray]] = field(default_factory=dict)
+    #: node id -> (num_examples, metrics) the hospital reported beside its masked vector.
+    reports: dict[int, tuple[int, dict[str, Scalar]]] = field(default_factory=dict)
+    #: array name -> the unmasked aggregate update (weighted mean of the survivors' updates).
+    aggregate: dict[str, np.ndarray] | None = None
+    error_bound: float | None = None
+    halted: str = ""
+    #: node id -> site name as far as known.
+    names: dict[int, str] = field(default_factory=dict)
+
+
+#: Called after every round with what the coordinator saw; tests use it, production leaves it None.
+RoundObserver = Callable[[SecAggRound], None]
+
+
+class _RecordingGrid(Grid):
+    """Passes everything to ``inner``; notes each reply of one SecAgg+ stage in ``record``."""
+
+    def __init__(self, inner: Grid, record: SecAggRound, stage: str, keep_masked: bool) -> None:
+        self._inner = inner
+        self._record = record
+        self._stage = stage
+        self._keep_masked = keep_masked
+
+    def set_run(self, run: Run) -> None:
+        self._inner.set_run(run)
+
+    @property
+    def run(self) -> Run:
+        return self._inner.run
+
+    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Message:
+        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self._inner.get_node_ids()
+
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        answered = set()
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            answered.add(node)
+            if msg.has_error():
+                self._record.failures.setdefault(
+                    node, (self._stage, int(msg.error.code), msg.error.reason or f"error code {msg.error.code}"))
+            elif self._stage == "collect_masked_vectors":
+                self._note_masked(node, msg.content)
+        for msg in messages:
+            node = msg.metadata.dst_node_id
+            if node not in answered:
+                self._record.failures.setdefault(node, (self._stage, -1, f"no reply within {timeout} s"))
+        return replies
+
+    def _note_masked(self, node: int, content: RecordDict) -> None:
+        if self._keep_masked and RECORD_KEY_CONFIGS in content.config_records:
+            masked = content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS)
+            if isinstance(masked, list):
+                self._record.masked[node] = [bytes_to_ndarray(cast(bytes, b)) for b in masked]
+
+
+class FedradSecAggPlusWorkflow(SecAggPlusWorkflow):
+    """Flower's SecAgg+ workflow, with each stage's replies noted and a floor on survivors.
+
+    Unmasking reveals the sum of the survivors' updates; it is refused (the round keeps the
+    global model) when fewer than ``min_survivors`` hospitals sent a masked vector.
+    """
+
+    def __init__(self, settings: SecAggSettings, *, min_survivors: int, timeout: float | None,
+                 keep_masked: bool = False) -> None:
+        super().__init__(
+            num_shares=3, reconstruction_threshold=2,  # placeholders; set per round by begin_round
+            max_weight=settings.max_weight, clipping_range=settings.clipping_range,
+            quantization_range=settings.quantization_range, modulus_range=settings.modulus_range, timeout=timeout,
+        )
+        self.settings = settings
+        self.min_survivors = min_survivors
+        self.keep_masked = keep_masked
+        self.record = SecAggRound(round=0)
+
+    def begin_round(self, server_round: int) -> SecAggRound:
+        self.record = SecAggRound(round=server_round)
+        return self.record
+
+    def set_sample_size(self, sampled: int) -> None:
+        """Called by the strategy once it has sampled: fixes this round's share count and threshold."""
+        self.num_shares, self.reconstruction_threshold = self.settings.shares_for(sampled)
+        self.record.num_shares, self.record.threshold = int(self.num_shares), int(self.reconstruction_threshold)
+
+    def _grid(self, grid: Grid, stage: str) -> Grid:
+        return _RecordingGrid(grid, self.record, stage, self.keep_masked)
+
+    def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().setup_stage(self._grid(grid, "setup"), context, state)
+        self.record.sampled = sorted(state.sampled_node_ids)
+        if not ok:
+            self.record.halted = self.record.halted or "setup: too few hospitals answered"
+        return ok
+
+    def share_keys_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().share_keys_stage(self._grid(grid, "share_keys"), context, state)
+        if not ok:
+            self.record.halted = "share keys: too few hospitals answered"
+        return ok
+
+    def collect_masked_vectors_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        ok = super().collect_masked_vectors_stage(self._grid(grid, "collect_masked_vectors"), context, state)
+        self.record.survivors = sorted(state.active_node_ids)
+        for proxy, fitres in state.legacy_results:
+            self.record.reports[proxy.node_id] = (int(fitres.num_examples), dict(fitres.metrics))
+        if not ok:
+            self.record.halted = "collect masked vectors: too few hospitals sent an update"
+        return ok
+
+    def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
+        if len(state.active_node_ids) < self.min_survivors:
+            self.record.halted = (f"only {len(state.active_node_ids)} masked updates (< {self.min_survivors}); "
+                                  "not unmasked")
+            log.warning("round %d: %s", self.record.round, self.record.halted)
+            return False
+        ok = super().unmask_stage(self._grid(grid, "unmask"), context, state)
+        if not ok:
+            self.record.halted = "unmask: too few key shares to remove the masks"
+        return ok
+
+
+class _SecAggStrategy(LegacyStrategy):
+    """The legacy strategy the SecAgg+ workflow consults: samples hospitals, receives the aggregate.
+
+    Aggregation itself is done by the workflow (the unmasked weighted mean of the updates);
+    :meth:`aggregate_fit` only takes it over, for :func:`run_secagg_study` to apply.
+    """
+
+    def __init__(self, *, study: StudyConfig, base_config: dict[str, Scalar],
+                 on_sampled: Callable[[int], None]) -> None:
+        self.study = study
+        self.base_config = base_config
+        self.on_sampled = on_sampled
+        self.aggregate: list[np.ndarray] | None = None
+
+    def __repr__(self) -> str:
+        return "FedradSecAgg+FedAvg"
+
+    def initialize_parameters(self, client_manager: ClientManager) -> Parameters | None:
+        return None
+
+    def configure_fit(self, server_round: int, parameters: Parameters,
+                      client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
+        fed = self.study.federation
+        available = client_manager.num_available()
+        size = min(max(int(available * fed.fraction_train), fed.min_hospitals, 3), max(available, 3))
+        clients = client_manager.sample(num_clients=size, min_num_clients=size)
+        self.aggregate = None
+        if not clients:
+            return []
+        self.on_sampled(len(clients))
+        config: dict[str, Scalar] = {**self.base_config, "server-round": server_round}
+        return [(c, FitIns(parameters, dict(config))) for c in clients]
+
+    def aggregate_fit(self, server_round: int, results: list[tuple[ClientProxy, FitRes]],
+                      failures: list[tuple[ClientProxy, FitRes] | BaseException]) -> tuple[Parameters | None, dict[str, Scalar]]:
+        if results:
+            # The workflow set every result's parameters to the same unmasked aggregate.
+            self.aggregate = parameters_to_ndarrays(results[0][1].parameters)
+        return None, {}  # run_secagg_study checks and applies the aggregate itself
+
+    def configure_evaluate(self, server_round: int, parameters: Parameters,
+                           client_manager: ClientManager) -> list[tuple[ClientProxy, EvaluateIns]]:
+        return []
+
+    def aggregate_evaluate(self, server_round: int, results: list[tuple[ClientProxy, EvaluateRes]],
+                           failures: list[tuple[ClientProxy, EvaluateRes] | BaseException]) -> tuple[float | None, dict[str, Scalar]]:
+        return None, {}
+
+    def evaluate(self, server_round: int, parameters: Parameters) -> tuple[float, dict[str, Scalar]] | None:
+        return None
+
+
+class _Screen(FedradStrategyMixin):
+    """fedrad's per-hospital screening of evaluation replies, without a Flower strategy."""
+
+    def __init__(self, wiring: _Wiring) -> None:
+        self._fedrad = wiring
+
+
+# ----------------------------------------------------------------------------------------- the study
+def _record_train_round(rec: SecAggRound, *, wiring: _Wiring, n: int) -> list[tuple[str, int, str]]:
+    """Per-hospital entries of round ``n`` in the history; returns the refusals/failures."""
+    hist = wiring.history.round(n)
+    for node, (_num, metrics) in rec.reports.items():
+        if "partition-id" in metrics:
+            wiring.names[node] = f"hospital-{int(cast(int, metrics['partition-id'])) + 1}"
+
+    def name(node: int) -> str:
+        return wiring.names.get(node, f"node-{node}")
+
+    rec.names = {node: name(node) for node in set(rec.sampled) | set(rec.reports)}
+    for node, (num, metrics) in rec.reports.items():
+        site = hist.site(name(node))
+        site["secure_aggregation"] = "masked update" if node in rec.survivors else "not aggregated"
+        try:
+            check_reply(RecordDict({ARRAYS_KEY: ArrayRecord(), METRICS_KEY: MetricRecord(metrics)}),  # type: ignore[arg-type]
+                        kind="train")
+        except ProtocolError as exc:
+            # The update is already inside the sum: it cannot be taken out, only flagged.
+            site["status"] = f"metrics rejected: {exc}"
+            log.warning("round %d: metrics from %s rejected: %s", n, name(node), exc)
+            continue
+        for key, value in metrics.items():
+            if key != "partition-id":
+                site["num_examples" if key == "num-examples" else key] = value
+        site.setdefault("num_examples", num)
+    problems = []
+    for node, (stage, code, reason) in rec.failures.items():
+        if node in rec.reports:
+            continue  # answered the masked-vector stage; a later failure (unmask) is logged only
+        site = hist.site(name(node))
+        kind = "refused" if code in REFUSALS else "failed"
+        site["status"] = f"{kind}: {reason}" + ("" if kind == "refused" else f" (at SecAgg+ stage {stage})")
+        problems.append((name(node), code, reason))
+        log.warning("round %d: %s %s at stage %s: %s", n, name(node), kind, stage, reason)
+    return problems
+
+
+def _merge_node_names(n: int, wiring: _Wiring) -> None:
+    """A hospital that refused before naming itself is filed as ``node-<id>``; file it under its
+    name once a later reply (e.g. its evaluation) has named it."""
+    hospitals = wiring.history.round(n).hospitals
+    for node, name in wiring.names.items():
+        entry = hospitals.pop(f"node-{node}", None)
+        if entry is not None:
+            hospitals[name] = {**hospitals.get(name, {}), **entry}
+
+
+def _apply(model: torch.nn.Module, names: list[str], aggregate: list[np.ndarray]) -> str | None:
+    """Add the aggregate update to ``model``; returns why not if it does not fit."""
+    state = model.state_dict()
+    if len(aggregate) != len(names):
+        return f"aggregate has {len(aggregate)} arrays, the model {len(names)}"
+    new = {}
+    for name, delta in zip(names, aggregate):
+        cur = state[name]
+        if tuple(delta.shape) != tuple(cur.shape):
+            return f"aggregate array {name!r} has shape {tuple(delta.shape)}, the model {tuple(cur.shape)}"
+        if not np.all(np.isfinite(delta)):
+            return f"aggregate array {name!r} is not finite"
+        upd = cur.double() + torch.from_numpy(np.asarray(delta, dtype=np.float64))
+        new[name] = upd.round().to(cur.dtype) if not cur.is_floating_point() else upd.to(cur.dtype)
+    model.load_state_dict(new)
+    return None
+
+
+def _federated_evaluate(grid: Grid, *, study: StudyConfig, model: torch.nn.Module, config: dict[str, Any],
+                        server_round: int, screen: _Screen) -> None:
+    fed = study.federation
+    if fed.fraction_evaluate <= 0:
+        return
+    all_nodes = list(grid.get_node_ids())
+    size = max(int(len(all_nodes) * fed.fraction_evaluate), fed.min_hospitals)
+    node_ids, _ = sample_nodes(grid, fed.min_hospitals, size)
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()),
+                          CONFIG_KEY: ConfigRecord({**config, "server-round": server_round})})
+    msgs = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=nid, group_id=str(server_round))
+            for nid in node_ids]
+    replies = grid.send_and_receive(msgs, timeout=fed.round_timeout_s)
+    screen.aggregate_evaluate(server_round, replies)
+
+
+def run_secagg_study(
+    grid: Grid,
+    *,
+    study: StudyConfig,
+    run_dir: Path,
+    context: Context,
+    reporter: Reporter | None = None,
+    extra_config: dict[str, Any] | None = None,
+    settings: SecAggSettings | None = None,
+    observer: RoundObserver | None = None,
+) -> StudyHistory:
+    """Run (or resume) ``study`` under SecAgg+ with its outputs in ``run_dir``; returns the history.
+
+    ``context`` is the ServerApp's context (the legacy workflow needs it). ``settings`` default
+    to the study's ``secure_aggregation`` block. ``observer`` (tests) is called after each round
+    with what the coordinator saw, masked vectors included.
+    """
+    settings = settings or SecAggSettings.from_study(study)
+    settings.check(study)
+    reporter = reporter or NullReporter()
+    fed = study.federation
+    run_dir.mkdir(parents=True, exist_ok=True)
+    class_names, test = _num_classes_and_test(study)
+    torch.manual_seed(fed.seed)
+    model = build_model(study.model.name, in_channels=study.data.channels, num_classes=len(class_names),
+                        image_size=study.data.image_size, options=study.model.options)
+    study_dict = study.to_dict()
+    study_id = study.fingerprint()[:16]
+    ckpt_dir = run_dir / "checkpoints"
+    offset = 0
+    latest = latest_checkpoint(ckpt_dir)
+    if latest is not None:
+        offset, path = latest
+        ckpt = load_checkpoint(path)
+        if ckpt.get("study") != study_dict:
+            raise FederationError(f"{run_dir}: holds checkpoints of a different study; use a new --out folder")
+        model.load_state_dict(ckpt["state_dict"])
+        log.info("resuming after round %d from %s", offset, path.name)
+    history = StudyHistory.resume(run_dir / "metrics.json", study=study_dict, study_id=study_id, up_to_round=offset)
+    if offset:
+        history.event(f"resumed after round {offset}")
+    device = resolve_device(study.training.device)
+    names = list(model.state_dict().keys())
+    wiring = _Wiring(
+        history=history, reporter=reporter, round_offset=offset, min_hospitals=fed.min_hospitals, names={},
+        expected_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()}, num_classes=len(class_names),
+    )
+    screen = _Screen(wiring)
+    config: dict[str, Any] = {"study": study.to_json(), "study-id": study_id, "total-rounds": fed.rounds,
+                              "round-offset": offset, ARRAY_NAMES_KEY: json.dumps(names), **(extra_config or {})}
+
+    def central_evaluate(n: int, t_round: float) -> None:
+        metrics: dict[str, Any] = {}
+        if test is not None:
+            ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size)
+            metrics = {"loss": ev.loss, **ev.summary.as_dict(), "num_examples": ev.num_examples}
+        if n == offset:
+            if not offset:
+                history.initial_test = metrics
+                history.save()
+            return
+        rec = history.round(n)
+        rec.global_test = metrics
+        rec.seconds = time.perf_counter() - t_round
+        if n % study.output.checkpoint_every == 0 or n == fed.rounds:
+            save_checkpoint(ckpt_dir / f"round-{n:04d}.pt", state_dict=model.state_dict(), study=study_dict,
+                            round=n, class_names=class_names)
+        history.save()
+        reporter.round_finished(rec, history)
+
+    workflow = FedradSecAggPlusWorkflow(settings, min_survivors=max(fed.min_hospitals, 2),
+                                        timeout=fed.round_timeout_s, keep_masked=observer is not None)
+    strategy = _SecAggStrategy(study=study, base_config=config, on_sampled=workflow.set_sample_size)
+    legacy = LegacyContext(context, config=ServerConfig(num_rounds=fed.rounds - offset, round_timeout=fed.round_timeout_s),
+                           strategy=strategy, client_manager=SimpleClientManager())
+    reporter.study_started(name=fed.name, first_round=offset + 1, total_rounds=fed.rounds, hospitals=fed.num_hospitals)
+    central_evaluate(offset, time.perf_counter())
+    history.event(f"secure aggregation (SecAgg+): clipping_range={settings.clipping_range:g}, "
+                  f"quantization_range={settings.quantization_range}, max_weight={settings.max_weight:g}")
+    thread, f_stop, c_done = start_update_client_manager_thread(grid, legacy.client_manager)
+    try:
+        c_done.wait()
+        cfg = ConfigRecord({WorkflowKey.START_TIME: time.time()})
+        legacy.state.config_records[MAIN_CONFIGS_RECORD] = cfg
+        for r in range(1, fed.rounds - offset + 1):
+            n = r + offset
+            reporter.round_started(n)
+            t_round = time.perf_counter()
+            cfg[WorkflowKey.CURRENT_ROUND] = r
+            legacy.state.array_records[MAIN_PARAMS_RECORD] = ArrayRecord(model.state_dict())
+            rec = workflow.begin_round(r)
+            workflow(grid, legacy)
+            problems = _record_train_round(rec, wiring=wiring, n=n)
+            hist_rec = history.round(n)
+            why_not = "no aggregate" if strategy.aggregate is None else _apply(model, names, strategy.aggregate)
+            if why_not is None:
+                assert strategy.aggregate is not None
+                rec.aggregate = dict(zip(names, strategy.aggregate))
+                rec.error_bound = aggregation_error_bound(
+                    [rec.reports[nd][0] for nd in rec.survivors if nd in rec.reports],
+                    clipping_range=settings.clipping_range, quantization_range=settings.quantization_range,
+                    max_weight=settings.max_weight)
+                hist_rec.aggregated = True
+                history.event(f"round {n}: SecAgg+ summed {len(rec.survivors)} masked updates of "
+                              f"{len(rec.sampled)} sampled (threshold {rec.threshold}); "
+                              f"quantization error < {rec.error_bound:.3g} per coordinate")
+            else:
+                reason = rec.halted or why_not
+                history.event(f"round {n}: no secure aggregate ({reason}); global model kept")
+                log.warning("round %d: no secure aggregate (%s); global model kept", n, reason)
+            if observer is not None:
+                observer(rec)
+            if not rec.reports and problems and all(code in REFUSALS for _, code, _ in problems):
+                history.event(f"round {n}: every hospital refused (privacy budget or node policy); study ends")
+                raise StudyStopped("every hospital refused the round (privacy budget or node policy)")
+            _federated_evaluate(grid, study=study, model=model, config=config, server_round=r, screen=screen)
+            _merge_node_names(n, wiring)
+            central_evaluate(n, t_round)
+        history.status = "completed"
+    except StudyStopped as stop:
+        history.status = f"stopped: {stop}"
+        last = latest_checkpoint(ckpt_dir)
+        if last is not None:
+            model.load_state_dict(load_checkpoint(last[1])["state_dict"])
+    finally:
+        f_stop.set()
+        thread.join()
+    if test is not None:
+        ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size)
+        history.final_test = {"loss": ev.loss, **ev.summary.as_dict(), "num_examples": ev.num_examples}
+    save_checkpoint(run_dir / "model.pt", state_dict=model.state_dict(), study=study_dict,
+                    round=max(history.rounds, default=0), class_names=class_names,
+                    extra={"model": study.model.name, "model_options": dict(study.model.options),
+                           "secure_aggregation": True})
+    history.save()
+    write_plots(history, run_dir)
+    reporter.study_finished(history)
+    return history
+
+
+# ---------------------------------------------------------------------------------------- simulation
+def simulate_secagg(
+    study: StudyConfig,
+    *,
+    run_dir: Path,
+    reporter: Reporter | None = None,
+    settings: SecAggSettings | None = None,
+    observer: RoundObserver | None = None,
+) -> StudyHistory:
+    """:func:`fedrad.server.simulation.simulate` for a study under secure aggregation."""
+    import os
+
+    from flwr.simulation import run_simulation
+
+    from .simulation import _quiet_deprecation, load_client_app
+
+    settings = settings or SecAggSettings.from_study(study)
+    settings.check(study)
+    run_dir = run_dir.resolve()
+    state_dir = run_dir / "sites"
+    outcome: dict[str, StudyHistory] = {}
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        outcome["history"] = run_secagg_study(
+            grid, study=study, run_dir=run_dir, context=context, reporter=reporter,
+            extra_config={"sim-state-dir": str(state_dir)}, settings=settings, observer=observer,
+        )
+
+    fed = study.federation
+    cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": fed.client_gpus},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
+                      "logging_level": "error"},
+    }
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    _quiet_deprecation()
+    run_simulation(
+        server_app=server_app,
+        client_app=load_client_app(SECAGG_CLIENT_APP_REF),
+        num_supernodes=fed.num_hospitals,
+        backend_config=backend_config,  # type: ignore[arg-type]
+    )
+    if "history" not in outcome:
+        raise FederationError("the simulated federation ended without a result (see the log above)")
+    return outcome["history"]
+
+
+__all__ = [
+    "ARRAY_NAMES_KEY", "SECAGG_CLIENT_APP_REF", "FedradSecAggPlusWorkflow", "RoundObserver", "SecAggRound",
+    "SecAggSettings", "aggregation_error_bound", "run_secagg_study", "simulate_secagg",
+]

@@ -1,0 +1,145 @@
+"""The deploy/ folder: launch scripts, systemd units, containers, the Flower app, sync script."""
+
+from __future__ import annotations
+
+import configparser
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import yaml
+
+from fedrad.server.provision import Provisioner, load_federation
+
+DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
+
+
+@pytest.mark.parametrize("script", ["fedrad-node.sh", "fedrad-coordinator.sh"])
+def test_launch_scripts_are_strict_bash_and_parse(script: str) -> None:
+    path = DEPLOY / script
+    text = path.read_text()
+    assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
+    assert path.stat().st_mode & 0o111, f"{script} is not executable"
+    subprocess.run(["bash", "-n", str(path)], check=True)
+
+
+def test_node_script_runs_the_preflight_then_execs_the_node() -> None:
+    text = (DEPLOY / "fedrad-node.sh").read_text()
+    check, start = text.index("fedrad-node check --config"), text.index("exec fedrad-node start --config")
+    assert check < start and "--insecure" not in text
+
+
+def test_node_script_refuses_a_missing_config(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(DEPLOY / "fedrad-node.sh"), str(tmp_path / "nope.yaml")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "not found" in proc.stderr
+
+
+def test_coordinator_script_names_missing_certificates(tmp_path: Path) -> None:
+    proc = subprocess.run(["bash", str(DEPLOY / "fedrad-coordinator.sh"), str(tmp_path)],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode != 0 and "ca.pem missing" in proc.stderr and "fedrad provision" in proc.stderr
+
+
+def _unit(name: str) -> configparser.ConfigParser:
+    parser = configparser.ConfigParser(strict=False, interpolation=None)
+    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser.read_string((DEPLOY / "systemd" / name).read_text())
+    return parser
+
+
+@pytest.mark.parametrize("unit", ["fedrad-node.service", "fedrad-coordinator.service"])
+def test_systemd_units_have_unit_service_install(unit: str) -> None:
+    u = _unit(unit)
+    assert {"Unit", "Service", "Install"} <= set(u.sections())
+    assert u["Service"]["User"] == "fedrad" and u["Service"]["Restart"] == "on-failure"
+    assert u["Service"]["NoNewPrivileges"] == "yes" and u["Install"]["WantedBy"] == "multi-user.target"
+
+
+def test_coordinator_unit_serves_tls_with_supernode_auth() -> None:
+    cmd = _unit("fedrad-coordinator.service")["Service"]["ExecStart"]
+    for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth"):
+        assert flag in cmd
+    assert "--insecure" not in cmd and "ca.key" not in cmd
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="systemd-analyze not installed")
+@pytest.mark.parametrize("unit", ["fedrad-node.service", "fedrad-coordinator.service"])
+def test_systemd_units_pass_systemd_analyze_syntax(unit: str) -> None:
+    proc = subprocess.run(["systemd-analyze", "verify", str(DEPLOY / "systemd" / unit)],
+                          capture_output=True, text=True, check=False)
+    # Only missing install targets (/opt/fedrad/...) may be reported on a build machine.
+    bad = [ln for ln in proc.stderr.splitlines() if ln.strip() and "/opt/fedrad" not in ln]
+    assert not bad, proc.stderr
+
+
+def test_compose_has_a_coordinator_and_three_hospitals() -> None:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert set(services) == {"coordinator", "hospital-a", "hospital-b", "hospital-c"}
+    for name in ("hospital-a", "hospital-b", "hospital-c"):
+        svc = services[name]
+        assert svc["build"]["dockerfile"] == "deploy/Dockerfile.node"
+        assert f"./fed/nodes/{name}:/etc/fedrad:ro" in svc["volumes"]
+        assert not any("coordinator" in v and "/fed:" in v for v in svc["volumes"])  # no CA key in a node
+    assert "8000:8000" in services["coordinator"]["ports"]
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.node", "Dockerfile.coordinator"])
+def test_dockerfiles_run_as_a_non_root_user(dockerfile: str) -> None:
+    lines = [ln.strip() for ln in (DEPLOY / dockerfile).read_text().splitlines()]
+    assert lines[next(i for i, ln in enumerate(lines) if ln.startswith("FROM"))].startswith("FROM python:3.11")
+    users = [ln for ln in lines if ln.startswith("USER ")]
+    assert users and users[-1] == "USER fedrad"
+    assert any(ln.startswith("ENTRYPOINT") for ln in lines)
+
+
+def test_flower_app_points_at_fedrad_apps_and_builds() -> None:
+    cfg = tomllib.loads((DEPLOY / "app" / "pyproject.toml").read_text())
+    comps = cfg["tool"]["flwr"]["app"]["components"]
+    assert comps == {"serverapp": "fedrad.server.app:app", "clientapp": "fedrad.client.app:app"}
+    from flwr.common.config import validate_config
+
+    ok, errors, _ = validate_config(cfg, check_module=True, project_dir=DEPLOY / "app")
+    assert ok, errors
+
+
+def _load(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_sync_plan_registers_new_keys_and_unregisters_revoked(tmp_path: Path) -> None:
+    cfg = tmp_path / "federation.yaml"
+    cfg.write_text("name: t\nsuperlink: {address: 127.0.0.1}\nhospitals: [hospital-a, hospital-b, hospital-c]\n")
+    out = tmp_path / "fed"
+    prov = Provisioner(out)
+    prov.provision(load_federation(cfg))
+    (out / "coordinator" / "registered-supernodes.json").write_text(
+        json.dumps({"hospital-a": {"node_id": 11}, "hospital-b": {"node_id": 22}}))
+    prov.revoke("hospital-b")
+    sync = _load(DEPLOY / "sync-supernodes.py")
+
+    add, drop = sync.plan(out)
+
+    assert [n for n, _ in add] == ["hospital-c"] and drop == [("hospital-b", 22)]
+    assert sync.main(["--out", str(out), "--dry-run"]) == 0
+
+
+def test_prepare_demo_points_nodes_at_container_paths(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(DEPLOY / "prepare-demo.py"), "--out", str(tmp_path / "fed")],
+                          capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    node = yaml.safe_load((tmp_path / "fed" / "nodes" / "hospital-b" / "node.yaml").read_text())
+    assert node["data"]["path"] == "/data/site.npz" and node["state_dir"] == "/var/lib/fedrad"
+    assert node["superlink"] == "coordinator:8000"
+    assert (tmp_path / "fed" / "data" / "hospital-b" / "site.npz").exists()

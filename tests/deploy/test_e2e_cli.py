@@ -1,0 +1,244 @@
+"""Loopback deployment through fedrad's own commands: ``fedrad coordinator start`` (TLS, node
+authentication), three ``fedrad-node start`` hospitals, ``fedrad run``; then what must be refused.
+
+Every process runs in its own process group and is stopped by PID (fixture ``procs``), whatever
+happens. Servers bind 127.0.0.1 only, on free ports. Marked slow (a few minutes on 2 cores).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import yaml
+from fedrad.server.provision import Provisioner, load_federation
+
+from .conftest import Procs, free_port, wait_for
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+
+NPZ = Path(__file__).resolve().parents[2] / "fedrad" / "data" / "pneumoniamnist.npz"
+HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
+BIN = Path(sys.executable).parent
+FEDRAD, NODE = str(BIN / "fedrad"), str(BIN / "fedrad-node")
+#: Small enough for 2 busy cores; the node policy is loosened to match (tiny data needs a large budget).
+POLICY = {"max_epsilon_per_study": 60.0, "max_epsilon_lifetime": 1000.0, "max_grad_norm": 25.0,
+          "min_noise_multiplier": 0.1, "min_hospitals": 2}
+ENV = {"OMP_NUM_THREADS": "1", "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2", "COLUMNS": "300"}
+
+
+def _node(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([NODE, *args], capture_output=True, text=True, timeout=120, check=False,
+                          env={**os.environ, **ENV})
+
+
+def _study(path: Path, name: str, *, rounds: int = 2, timeout_s: float = 240.0) -> Path:
+    path.write_text(yaml.safe_dump({
+        "federation": {"name": name, "num_hospitals": 3, "rounds": rounds, "min_hospitals": 2, "seed": 1,
+                       "round_timeout_s": timeout_s},
+        "model": {"name": "cnn", "options": {"widths": [4, 8], "dense": 8}},
+        "data": {"class_names": ["normal", "pneumonia"], "max_test": 64},
+        "privacy": {"enabled": True, "epsilon": 50.0, "max_grad_norm": 20.0},
+        "training": {"batch_size": 32, "lr": 0.05, "momentum": 0.0, "device": "cpu", "num_threads": 1},
+    }))
+    return path
+
+
+def _kit(prov: Path, name: str, i: int, arrays: dict[str, np.ndarray], **extra: Any) -> Path:
+    kit = prov / "nodes" / name
+    sl = {f"{s}_{k}": arrays[f"{s}_{k}"][i * n:(i + 1) * n] for s, n in (("train", 200), ("val", 60), ("test", 20))
+          for k in ("images", "labels")}
+    np.savez(kit / "site.npz", **sl)
+    cfg = yaml.safe_load((kit / "node.yaml").read_text())
+    cfg.update({"data": {"source": "npz", "path": "site.npz"}, "runtime_port": free_port(), "poll_interval_s": 0.25,
+                "privacy": {"epsilon": 50.0, "delta": 1e-5}, "policy": POLICY, **extra})
+    (kit / "node.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return kit / "node.yaml"
+
+
+class Federation:
+    def __init__(self, root: Path, procs: Procs) -> None:
+        self.root, self.procs = root, procs
+        self.port = free_port()
+        fed = root / "federation.yaml"
+        fed.write_text(yaml.safe_dump({"name": "loop", "hospitals": list(HOSPITALS),
+                                       "superlink": {"address": "127.0.0.1", "port": self.port}}))
+        self.fed_yaml = fed
+        self.prov = root / "prov"
+        Provisioner(self.prov).provision(load_federation(fed))
+        with np.load(NPZ) as d:
+            self.arrays = {k: d[k] for k in d.files}
+        self.node_yaml = {n: _kit(self.prov, n, i, self.arrays) for i, n in enumerate(HOSPITALS)}
+
+    def fedrad(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([FEDRAD, *args], capture_output=True, text=True, timeout=timeout, check=False,
+                              env={**os.environ, **ENV, "FEDRAD_PROV": str(self.prov), "COLUMNS": "200"}, cwd=self.root)
+
+    def start_coordinator(self) -> None:
+        before = self.procs.log("coordinator").count("registered hospitals:")
+        self.procs.start("coordinator", [FEDRAD, "coordinator", "start", "--prov", str(self.prov),
+                                         "--host", "127.0.0.1"], env=ENV)
+        wait_for(lambda: self.procs.log("coordinator").count("registered hospitals:") > before
+                 or self.procs.started["coordinator"].poll() is not None, timeout=120, what="the coordinator")
+        assert self.procs.started["coordinator"].poll() is None, self.procs.log("coordinator")
+
+    def start_node(self, name: str, *extra: str, config: Path | None = None) -> subprocess.Popen[bytes]:
+        path = config or self.node_yaml[name]
+        cfg = yaml.safe_load(path.read_text())
+        cfg["runtime_port"] = free_port()  # chosen just before the start: other tests on this host pick ports too
+        path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        return self.procs.start(name, [NODE, "start", "--config", str(path), *extra], env=ENV)
+
+    def wait_online(self, names: tuple[str, ...], timeout: float = 180) -> None:
+        def ready() -> bool:
+            for name in names:
+                proc = self.procs.started[name]
+                assert proc.poll() is None, f"{name} exited {proc.returncode}:\n{self.procs.log(name)[-3000:]}"
+            return sum(s == "online" for n, s in self.nodes().items() if n in names) == len(names)
+
+        wait_for(ready, timeout=timeout, interval=2, what=f"{', '.join(names)} online")
+
+    def nodes(self) -> dict[str, str]:
+        out = self.fedrad("status", "--json", timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        return {n["name"]: n["status"] for n in json.loads(out.stdout)["nodes"]}
+
+
+@pytest.fixture()
+def federation(tmp_path: Path, procs: Procs) -> Iterator[Federation]:
+    f = Federation(tmp_path, procs)
+    f.start_coordinator()
+    yield f
+
+
+def test_tls_federation_runs_a_dp_study_and_survives_a_node_killed_mid_round(federation: Federation) -> None:
+    f = federation
+    for name in HOSPITALS:
+        f.start_node(name)
+    f.wait_online(HOSPITALS)
+    # 1. a 2-round DP study completes and writes the same outputs as a simulation
+    run1 = f.root / "runs" / "first"
+    out = f.fedrad("run", "--config", str(_study(f.root / "s1.yaml", "first")), "--out", str(run1), "--wait", "30")
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + f.procs.log("coordinator")[-3000:]
+    for name in ("metrics.json", "model.pt", "loss.png", "epsilon.png", "checkpoints/round-0002.pt"):
+        assert (run1 / name).exists(), name
+    metrics = json.loads((run1 / "metrics.json").read_text())
+    assert metrics["status"] == "completed" and [r["round"] for r in metrics["rounds"]] == [1, 2]
+    assert all(len(r["hospitals"]) == 3 and r["aggregated"] for r in metrics["rounds"])
+    assert "hospital-a" in out.stdout  # progress names hospitals, not Flower node ids
+    for name in HOSPITALS:  # each node's ledger is in its own state folder
+        ledger = json.loads((f.prov / "nodes" / name / "state" / "privacy-ledger.json").read_text())
+        assert len(ledger["entries"]) == 2
+
+    # 2. hospital-c is killed while training in round 1: the round completes with the other two
+    #    (min_hospitals=2); hospital-c is restarted at once, is let back in once the coordinator has
+    #    noticed the old connection is gone (its launcher keeps retrying), and trains again.
+    run2 = f.root / "runs" / "second"
+    study2 = _study(f.root / "s2.yaml", "second", rounds=3, timeout_s=60.0)
+    follower = subprocess.Popen([FEDRAD, "run", "--config", str(study2), "--out", str(run2), "--wait", "30"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                                env={**os.environ, **ENV, "FEDRAD_PROV": str(f.prov), "COLUMNS": "200"})
+    try:
+        marker = f.procs.log("hospital-c").count("Start `flwr-clientapp`")
+        wait_for(lambda: f.procs.log("hospital-c").count("Start `flwr-clientapp`") > marker, timeout=180,
+                 what="hospital-c to start training in run 2")
+        f.procs.stop("hospital-c", sig=signal.SIGKILL)
+        f.start_node("hospital-c")  # rejoins with the same key, hence the same node id
+        text, _ = follower.communicate(timeout=600)
+    finally:
+        if follower.poll() is None:
+            os.killpg(follower.pid, signal.SIGKILL)
+            follower.wait()
+    assert follower.returncode == 0, text[-3000:]
+    rounds = json.loads((run2 / "metrics.json").read_text())["rounds"]
+    c_id = json.loads((f.prov / "coordinator" / "state" / "nodes.json").read_text())["hospital-c"]
+    first, later = rounds[0], rounds[1:]
+    trained = [k for k, h in first["hospitals"].items() if "train_loss" in h]
+    assert first["aggregated"] and len(trained) == 2 and f"node-{c_id}" not in trained, first
+    assert all(r["aggregated"] for r in later)
+    assert any("train_loss" in r["hospitals"].get(f"node-{c_id}", {}) for r in later), later  # rejoined, same id
+
+    # 3. the coordinator restarts (SIGTERM, then start again): its database keeps the registrations and
+    #    runs, and every hospital reconnects by itself
+    assert f.procs.stop("coordinator") == 0
+    f.start_coordinator()
+    f.wait_online(HOSPITALS)
+    status = f.fedrad("status", "--json")
+    assert len(json.loads(status.stdout)["runs"]) == 2
+    logs = f.fedrad("logs")  # the latest run's ServerApp log
+    assert logs.returncode == 0 and logs.stdout.strip(), logs.stderr
+
+    # 4. a submitted run can be stopped
+    run3 = f.root / "runs" / "third"
+    sub = f.fedrad("run", "--config", str(_study(f.root / "s3.yaml", "third", rounds=50)), "--out", str(run3),
+                   "--wait", "120", "--detach")
+    assert sub.returncode == 0, sub.stdout + sub.stderr
+    run_id = (run3 / "flower-run-id").read_text().strip()
+    stop = f.fedrad("stop", run_id)
+    assert stop.returncode == 0, stop.stdout + stop.stderr
+
+    def stopped() -> bool:
+        runs = json.loads(f.fedrad("status", "--json").stdout)["runs"]
+        return any(r["run-id"] == run_id and str(r["status"]).startswith("finished") for r in runs)
+
+    wait_for(stopped, timeout=120, interval=3, what="the stopped run to finish")
+
+
+def test_what_must_be_refused(federation: Federation, tmp_path: Path) -> None:
+    f = federation
+    # an unregistered key: issued after the coordinator registered the others, so the SuperLink refuses it
+    Provisioner(f.prov).add_node(load_federation(f.fed_yaml), "hospital-x")
+    x_yaml = _kit(f.prov, "hospital-x", 3, f.arrays, rejoin_timeout_s=0)
+    x = f.start_node("hospital-x", config=x_yaml)
+    assert x.wait(timeout=120) != 0
+    assert "activate" in f.procs.log("hospital-x").lower(), f.procs.log("hospital-x")[-2000:]
+
+    # a node that trusts another federation's CA cannot connect (fails before joining, names the CA)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "f.yaml").write_text("name: other\nsuperlink: {address: 127.0.0.1}\nhospitals: [z]\n")
+    Provisioner(other / "prov").provision(load_federation(other / "f.yaml"))
+    kit_a = f.node_yaml["hospital-a"].parent
+    wrong = tmp_path / "wrong-ca"
+    shutil.copytree(kit_a, wrong)
+    shutil.copy(other / "prov" / "coordinator" / "ca.pem", wrong / "ca.pem")
+    out = _node("start", "--config", str(wrong / "node.yaml"))
+    assert out.returncode != 0 and "not signed by the CA" in out.stderr, out.stderr
+    check = _node("check", "--config", str(wrong / "node.yaml"))
+    assert check.returncode == 1 and "ca.pem" in check.stderr
+
+    # plaintext: --insecure alone is refused; insecure on the node's side only is refused by the TLS coordinator
+    out = _node("start", "--config", str(f.node_yaml["hospital-a"]), "--insecure")
+    assert out.returncode != 0 and "both" in out.stderr
+    plain = tmp_path / "plain"
+    shutil.copytree(kit_a, plain)
+    cfg = yaml.safe_load((plain / "node.yaml").read_text())
+    (plain / "node.yaml").write_text(yaml.safe_dump({**cfg, "insecure": True}))
+    out = _node("start", "--config", str(plain / "node.yaml"), "--insecure")
+    assert out.returncode != 0 and "requires TLS" in out.stderr, out.stderr
+    assert all(status != "online" for status in f.nodes().values())  # nothing above ever joined
+
+
+def test_plaintext_only_with_insecure_on_both_sides(tmp_path: Path, procs: Procs) -> None:
+    f = Federation(tmp_path, procs)
+    procs.start("coordinator", [FEDRAD, "coordinator", "start", "--prov", str(f.prov), "--host", "127.0.0.1",
+                                "--insecure"], env=ENV)
+    wait_for(lambda: "PLAINTEXT" in procs.log("coordinator") or procs.started["coordinator"].poll() is not None,
+             timeout=120, what="the insecure coordinator")
+    # a TLS node cannot talk to a plaintext coordinator
+    out = _node("start", "--config", str(f.node_yaml["hospital-a"]))
+    assert out.returncode != 0 and "TLS" in out.stderr, out.stderr
+    # insecure on both sides: the node joins
+    y = f.node_yaml["hospital-b"]
+    y.write_text(y.read_text().replace("insecure: false", "insecure: true"))
+    f.start_node("hospital-b", "--insecure")
+    wait_for(lambda: "online" in f.nodes().values(), timeout=120, interval=2, what="the plaintext node to be online")
