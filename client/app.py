@@ -6,6 +6,7 @@ The same app runs in simulation and in deployment. Everything that leaves goes t
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from fedrad.common.protocol import (
 
 from .audit_log import AuditLog
 from .ledger import PrivacyLedger
-from .node_policy import check_request
+from .node_policy import check_request, check_study
 from .privacy import plan_round, reserve_round
 from .site import Site, simulated_site
 from .train import train_local
@@ -99,7 +100,8 @@ def _threads(study: StudyConfig) -> None:
         torch.set_num_threads(n)
 
 
-def _error_code(exc: Exception) -> int:
+def error_code(exc: Exception) -> int:
+    """The ``Error.code`` a refusal for ``exc`` is answered with."""
     if isinstance(exc, BudgetExceededError):
         return ERR_BUDGET
     if isinstance(exc, PolicyViolation):
@@ -136,7 +138,7 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
     except FedradError as exc:
         log.warning("%s request refused: %s", kind, exc)
         _audit(req, kind=kind, content=None, epsilon_after=req.epsilon_before, outcome=f"refused: {exc}")
-        return Message(Error(code=_error_code(exc), reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        return Message(Error(code=error_code(exc), reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
     metrics = reply.content[METRICS_KEY]
     _audit(req, kind=kind, content=reply.content, epsilon_after=metrics.get("epsilon"), outcome="sent")  # type: ignore[arg-type]
     return reply
@@ -144,12 +146,24 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    return _handle("train", _train, msg, context)
+    return train_reply(msg, context)
 
 
-def _train(msg: Message, context: Context, req: _Request) -> Message:
+def train_reply(msg: Message, context: Context, *, secure_aggregation: bool = False) -> Message:
+    """One round of local (DP) training: the reply, or an ``Error`` reply when the node refuses.
+
+    ``secure_aggregation=True`` only from :mod:`fedrad.client.secagg_app`, whose reply leaves the
+    node masked by SecAgg+.
+    """
+    return _handle("train", functools.partial(_train, secure_aggregation=secure_aggregation), msg, context)
+
+
+def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation: bool = False) -> Message:
     study, server_round, total_rounds, study_id, cfg = _study_and_round(msg)
     req.study_id, req.round = study_id, server_round
+    if study.secure_aggregation.enabled and not secure_aggregation:
+        raise ProtocolError("the study asks for secure aggregation but this request came without it; "
+                            "the update would leave unmasked")
     _threads(study)
     site = req.site = _site(context, study, cfg)
     policy = site.policy
@@ -159,7 +173,8 @@ def _train(msg: Message, context: Context, req: _Request) -> Message:
     metrics: dict[str, float | int] = {"num-examples": len(site.data.train)}
     sigma: float | None = None
     if not priv.enabled and policy is not None:
-        check_request(policy=policy, study=study, study_id=study_id, ledger=None, plan=None)
+        check_request(policy=policy, study=study, study_id=study_id, ledger=None, plan=None,
+                      secure_aggregation=secure_aggregation)
     if priv.enabled:
         ledger = PrivacyLedger.open(
             site.ledger_path, budget_epsilon=priv.epsilon, delta=priv.delta, accountant=priv.accountant,
@@ -171,7 +186,8 @@ def _train(msg: Message, context: Context, req: _Request) -> Message:
             server_round=server_round, total_rounds=total_rounds,
         )
         if policy is not None:  # the hospital's own limits, checked before anything is spent or trained
-            check_request(policy=policy, study=study, study_id=study_id, ledger=ledger, plan=plan)
+            check_request(policy=policy, study=study, study_id=study_id, ledger=ledger, plan=plan,
+                          secure_aggregation=secure_aggregation)
         reservation = reserve_round(ledger=ledger, plan=plan, study_id=study_id, server_round=server_round)
         sigma = plan.noise_multiplier
         metrics.update(
@@ -212,6 +228,8 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
     site = req.site = _site(context, study, cfg)
     policy = site.policy
     req.policy_version = policy.version() if policy else ""
+    if policy is not None:  # a study the hospital would not train for gets no metrics from its data either
+        check_study(policy=policy, study=study)
     model = _model(study, site, msg)
     stats = evaluate(model, site.data.val, device=resolve_device(study.training.device),
                      batch_size=study.training.eval_batch_size)

@@ -14,6 +14,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 import time
@@ -27,6 +28,7 @@ from flwr.app import ArrayRecord, MetricRecord, RecordDict
 from fedrad.common.errors import AuditError
 
 GENESIS = "0" * 64
+log = logging.getLogger(__name__)
 
 
 def _digest(entry: dict[str, Any]) -> str:
@@ -74,6 +76,38 @@ class AuditLog:
             os.fsync(fh.fileno())
         os.replace(tmp, self.head_path)
 
+    def _consistent_head(self) -> tuple[str, int]:
+        """The head to chain onto, after checking it against the log's last line (lock held).
+
+        A crash between writing a line and replacing the head leaves exactly one valid entry past
+        the head: the head is rolled forward. Any other disagreement means the log was damaged or
+        tampered with: refuse to write (nothing is sent unaudited) rather than fork the chain.
+        """
+        prev, count = self._head()
+        last, n = self._tail()
+        if n == count and (last is None or last.get("hash") == prev):
+            return prev, count
+        if (n == count + 1 and last is not None and last.get("seq") == n and last.get("prev_hash") == prev
+                and _digest(last) == last.get("hash")):
+            log.warning("audit log %s: head was one entry behind (interrupted append); rolled forward", self.path)
+            self._write_head(str(last["hash"]), n)
+            return str(last["hash"]), n
+        raise AuditError(f"{self.path}: log ({n} lines) and head ({count} entries) disagree; "
+                         "run 'fedrad-node audit verify' before anything more is sent")
+
+    def _tail(self) -> tuple[dict[str, Any] | None, int]:
+        """The last line parsed (None if absent or damaged) and the number of lines."""
+        if not self.path.exists():
+            return None, 0
+        lines = self.path.read_bytes().splitlines()
+        if not lines:
+            return None, 0
+        try:
+            last = json.loads(lines[-1])
+        except ValueError:
+            return None, len(lines)
+        return (last if isinstance(last, dict) else None), len(lines)
+
     def append(
         self,
         *,
@@ -88,7 +122,7 @@ class AuditLog:
     ) -> dict[str, Any]:
         """Record one outgoing message (``content`` None for a refusal) and return the entry."""
         with self._locked():
-            prev, count = self._head()
+            prev, count = self._consistent_head()
             entry: dict[str, Any] = {
                 "seq": count + 1,
                 "time": time.time(),
@@ -129,9 +163,11 @@ class AuditLog:
         out = []
         for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
             try:
-                out.append(json.loads(line))
+                e = json.loads(line)
             except json.JSONDecodeError:
-                out.append({"seq": None, "_malformed_line": i})
+                e = None
+            # Valid JSON that is not an object (``42``, ``[]``) is as damaged as invalid JSON.
+            out.append(e if isinstance(e, dict) else {"seq": None, "_malformed_line": i})
         return out
 
     def verify(self) -> list[str]:

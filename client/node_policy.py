@@ -62,6 +62,17 @@ def _study_epsilon(ledger: PrivacyLedger, study_id: str, plan: RoundPlan) -> flo
     return epsilon_for(history=hist, delta=ledger.delta, accountant=ledger.accountant)
 
 
+def check_study(*, policy: NodePolicy, study: StudyConfig) -> None:
+    """The rules a study must meet before the node does anything for it (train **or** evaluate).
+
+    Raises :class:`PolicyViolation`; needs no ledger or plan (those are checked by :func:`check_request`).
+    """
+    _check_static(policy, study, secure_aggregation=study.secure_aggregation.enabled)
+    priv = study.privacy
+    if priv.enabled:
+        _check_dp_settings(policy, study)
+
+
 def check_request(
     *,
     policy: NodePolicy,
@@ -69,8 +80,21 @@ def check_request(
     study_id: str,
     ledger: PrivacyLedger | None,
     plan: RoundPlan | None,
+    secure_aggregation: bool = False,
 ) -> None:
-    """Raise :class:`PolicyViolation` (naming the rule and values) unless the request fits."""
+    """Raise :class:`PolicyViolation` (naming the rule and values) unless the training request fits.
+
+    ``secure_aggregation``: the reply will leave masked by SecAgg+ (only
+    :mod:`fedrad.client.secagg_app` says so)."""
+    _check_static(policy, study, secure_aggregation=secure_aggregation)
+    priv = study.privacy
+    if not priv.enabled:
+        return
+    _check_dp_settings(policy, study)
+    _check_budget(policy, study_id, ledger, plan)
+
+
+def _check_static(policy: NodePolicy, study: StudyConfig, *, secure_aggregation: bool) -> None:
     fed, priv, tr = study.federation, study.privacy, study.training
     if policy.require_dp and not priv.enabled:
         raise PolicyViolation("require_dp", "the study asks for training without differential privacy")
@@ -89,10 +113,12 @@ def check_request(
             "min_hospitals",
             f"study aggregates with as few as {fed.min_hospitals} hospital(s), policy requires {policy.min_hospitals}",
         )
-    if policy.require_secure_aggregation:
+    if policy.require_secure_aggregation and not secure_aggregation:
         raise PolicyViolation("require_secure_aggregation", "the study does not use secure aggregation")
-    if not priv.enabled:
-        return
+
+
+def _check_dp_settings(policy: NodePolicy, study: StudyConfig) -> None:
+    priv = study.privacy
     if priv.epsilon > policy.max_epsilon_per_study:
         raise PolicyViolation(
             "max_epsilon_per_study", f"study budget epsilon={priv.epsilon:g}, policy allows {policy.max_epsilon_per_study:g}"
@@ -103,6 +129,9 @@ def check_request(
         raise PolicyViolation(
             "max_grad_norm", f"study clips at {priv.max_grad_norm:g}, policy allows at most {policy.max_grad_norm:g}"
         )
+
+
+def _check_budget(policy: NodePolicy, study_id: str, ledger: PrivacyLedger | None, plan: RoundPlan | None) -> None:
     if plan is None or ledger is None:
         raise PolicyViolation("require_dp", "no privacy plan for a DP study (internal error: refusing)")
     if plan.noise_multiplier < policy.min_noise_multiplier:

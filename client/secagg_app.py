@@ -146,10 +146,8 @@ def secagg_fit(msg: Message, context: Context) -> Message:
         request, names, global_arrays = _plain_request(msg)
         clipping_range, max_weight = _secagg_state(context)
     except FedradError as exc:
-        raise _Refused(Error(code=plain._error_code(exc), reason=f"{type(exc).__name__}: {exc}")) from None
-    # TODO(refactor): plain.train_reply(request, context, secure_aggregation=True) once client/app.py
-    # exposes it (see the report of issue 5); until then the private pieces are used directly.
-    reply = plain._handle("train", plain._train, request, context)
+        raise _Refused(Error(code=plain.error_code(exc), reason=f"{type(exc).__name__}: {exc}")) from None
+    reply = plain.train_reply(request, context, secure_aggregation=True)
     if reply.has_error():
         raise _Refused(reply.error)
     trained = cast(ArrayRecord, reply.content[ARRAYS_KEY])

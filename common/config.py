@@ -131,6 +131,24 @@ class SimulationConfig(_Frozen):
     node_policy: str | None = None
 
 
+class SecureAggregationConfig(_Frozen):
+    """Secure aggregation (Flower SecAgg+): the coordinator only sees the sum of the hospitals' updates.
+
+    See :mod:`fedrad.server.secagg` for the protocol, the error bound and the checks."""
+
+    enabled: bool = False
+    #: Neighbours each hospital shares its secrets with (itself included); None = every hospital sampled.
+    num_shares: int | None = Field(None, ge=3)
+    #: Shares needed to reconstruct a secret (a strict majority of num_shares); None = num_shares // 2 + 1.
+    reconstruction_threshold: int | None = Field(None, ge=2)
+    #: Bound on each coordinate of a hospital's example-weighted update; larger ones are clipped.
+    clipping_range: float = Field(1.0, gt=0.0)
+    quantization_range: int = Field(2**22, ge=2)
+    modulus_range: int = Field(2**32, ge=4, le=2**32)
+    #: Example count that maps to weight 1: at least the largest hospital's training-set size.
+    max_weight: float = Field(10_000.0, gt=0.0)
+
+
 class StudyConfig(_Frozen):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
@@ -140,6 +158,7 @@ class StudyConfig(_Frozen):
     training: TrainingConfig = Field(default_factory=TrainingConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
+    secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
 
     @field_validator("federation", mode="before")
     @classmethod
@@ -147,7 +166,12 @@ class StudyConfig(_Frozen):
         return {} if v is None else v
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump(mode="json")
+        d = self.model_dump(mode="json")
+        if not self.secure_aggregation.enabled:
+            # Off: left out, so that studies without it keep their fingerprint (study id, ledger
+            # entries, checkpoints) from before the block existed.
+            d.pop("secure_aggregation")
+        return d
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -90,9 +90,8 @@ from fedrad.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_re
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .history import StudyHistory
-from .plots import write_plots
 from .progress import NullReporter, Reporter
-from .study import REFUSALS, FedradStrategyMixin, StudyStopped, _num_classes_and_test, _Wiring
+from .study import REFUSALS, FedradStrategyMixin, StudyStopped, _num_classes_and_test, _Wiring, finish_study
 
 log = logging.getLogger(__name__)
 
@@ -616,17 +615,8 @@ def run_secagg_study(
     finally:
         f_stop.set()
         thread.join()
-    if test is not None:
-        ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size)
-        history.final_test = {"loss": ev.loss, **ev.summary.as_dict(), "num_examples": ev.num_examples}
-    save_checkpoint(run_dir / "model.pt", state_dict=model.state_dict(), study=study_dict,
-                    round=max(history.rounds, default=0), class_names=class_names,
-                    extra={"model": study.model.name, "model_options": dict(study.model.options),
-                           "secure_aggregation": True})
-    history.save()
-    write_plots(history, run_dir)
-    reporter.study_finished(history)
-    return history
+    return finish_study(grid, history=history, model=model, test=test, study=study, run_dir=run_dir,
+                        class_names=class_names, reporter=reporter, extra={"secure_aggregation": True})
 
 
 # ---------------------------------------------------------------------------------------- simulation

@@ -20,6 +20,7 @@ from fedrad.common.errors import FederationError
 
 from .history import StudyHistory
 from .progress import Reporter
+from .secagg import SECAGG_CLIENT_APP_REF, run_secagg_study
 from .study import run_study
 
 log = logging.getLogger(__name__)
@@ -59,12 +60,16 @@ def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = N
     state_dir = run_dir / "sites"
     outcome: dict[str, StudyHistory] = {}
     server_app = ServerApp()
+    secure = study.secure_aggregation.enabled
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        outcome["history"] = run_study(
-            grid, study=study, run_dir=run_dir, reporter=reporter, extra_config={"sim-state-dir": str(state_dir)}
-        )
+        extra = {"sim-state-dir": str(state_dir)}
+        if secure:
+            outcome["history"] = run_secagg_study(grid, study=study, run_dir=run_dir, context=context,
+                                                  reporter=reporter, extra_config=extra)
+        else:
+            outcome["history"] = run_study(grid, study=study, run_dir=run_dir, reporter=reporter, extra_config=extra)
 
     fed = study.federation
     cpus = os.cpu_count() or 1
@@ -79,7 +84,7 @@ def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = N
     _quiet_deprecation()
     run_simulation(
         server_app=server_app,
-        client_app=load_client_app(),
+        client_app=load_client_app(SECAGG_CLIENT_APP_REF if secure else CLIENT_APP_REF),
         num_supernodes=fed.num_hospitals,
         backend_config=backend_config,  # type: ignore[arg-type]
     )

@@ -29,6 +29,7 @@ from fedrad.common.models import build_model
 from fedrad.common.protocol import ERR_BUDGET, ERR_POLICY, METRICS_KEY, check_reply
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .governance import write_report
 from .history import StudyHistory
 from .plots import write_plots
 from .progress import NullReporter, Reporter
@@ -240,13 +241,41 @@ def run_study(
     else:
         history.status = "completed"
     model.load_state_dict(final_arrays.to_torch_state_dict())
+    return finish_study(grid, history=history, model=model, test=test, study=study, run_dir=run_dir,
+                        class_names=class_names, reporter=reporter)
+
+
+def _fab_hash(grid: Grid) -> str | None:
+    """The hash of the app bundle Flower runs (deployment); None in simulation."""
+    try:
+        return grid.run.fab_hash or None
+    except Exception:  # noqa: BLE001 - simulation grids have no bundle attached
+        return None
+
+
+def finish_study(
+    grid: Grid,
+    *,
+    history: StudyHistory,
+    model: torch.nn.Module,
+    test: ImageSplit | None,
+    study: StudyConfig,
+    run_dir: Path,
+    class_names: list[str],
+    reporter: Reporter,
+    extra: dict[str, Any] | None = None,
+) -> StudyHistory:
+    """Everything a finished (or stopped) study leaves behind: final test metrics, ``model.pt``,
+    ``metrics.json``, plots and the governance report."""
     if test is not None:
-        ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size)
+        ev = evaluate(model, test, device=resolve_device(study.training.device),
+                      batch_size=study.training.eval_batch_size)
         history.final_test = {"loss": ev.loss, **ev.summary.as_dict(), "num_examples": ev.num_examples}
-    save_checkpoint(run_dir / "model.pt", state_dict=model.state_dict(), study=study_dict,
+    save_checkpoint(run_dir / "model.pt", state_dict=model.state_dict(), study=study.to_dict(),
                     round=max(history.rounds, default=0), class_names=class_names,
-                    extra={"model": study.model.name, "model_options": dict(study.model.options)})
+                    extra={"model": study.model.name, "model_options": dict(study.model.options), **(extra or {})})
     history.save()
     write_plots(history, run_dir)
+    write_report(history=history, run_dir=run_dir, study=study, fab_hash=_fab_hash(grid))
     reporter.study_finished(history)
     return history

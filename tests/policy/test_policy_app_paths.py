@@ -96,8 +96,6 @@ def test_train_inside_policy_is_sent_and_audited(tmp_path: Path) -> None:
     assert entry["outcome"] == "sent" and entry["arrays"] and entry["epsilon_after"] > 0
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: evaluate() never consults the node policy, so a study the "
-                   "hospital refuses to train can still obtain its validation metrics and histograms")
 def test_evaluate_outside_policy_is_refused(tmp_path: Path) -> None:
     study = _study(_policy(tmp_path, "policy:\n  allowed_models: [resnet]\n"))
     reply = client_app.evaluate_global(_message(study, "evaluate", tmp_path / "state"), _context())

@@ -115,8 +115,6 @@ def test_policy_requiring_secure_aggregation_refuses_the_plain_app(tmp_path: Pat
     assert "require_secure_aggregation" in reply.error.reason
 
 
-@pytest.mark.xfail(reason="needs the node_policy.check_request(secure_aggregation=...) and client/app.py "
-                          "train_reply diffs of issue 5; remove this marker when they land", strict=False)
 def test_policy_requiring_secure_aggregation_accepts_the_secagg_app(tmp_path: Path) -> None:
     study = _policy_study(tmp_path)
     torch.manual_seed(0)
