@@ -16,7 +16,7 @@ import torch
 from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrad.common.config import StudyConfig, study_from_json
+from fedrad.common.config import PrivacyConfig, StudyConfig, study_from_json
 from fedrad.common.device import resolve_device
 from fedrad.common.errors import BudgetExceededError, FedradError, PolicyViolation, ProtocolError
 from fedrad.common.evaluation import evaluate
@@ -111,6 +111,12 @@ def error_code(exc: Exception) -> int:
     return ERR_REFUSED
 
 
+def _open_ledger(site: Site, privacy: PrivacyConfig) -> PrivacyLedger:
+    epsilon, delta = site.ledger_budget(privacy)
+    return PrivacyLedger.open(site.ledger_path, budget_epsilon=epsilon, delta=delta, accountant=privacy.accountant,
+                              dataset_id=site.dataset_id)
+
+
 @dataclass
 class _Request:
     """What is known about a request so far (for the audit record of a refusal)."""
@@ -176,10 +182,7 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
         check_request(policy=policy, study=study, study_id=study_id, ledger=None, plan=None,
                       secure_aggregation=secure_aggregation)
     if priv.enabled:
-        ledger = PrivacyLedger.open(
-            site.ledger_path, budget_epsilon=priv.epsilon, delta=priv.delta, accountant=priv.accountant,
-            dataset_id=site.dataset_id,
-        )
+        ledger = _open_ledger(site, priv)
         req.epsilon_before = ledger.spent()
         plan = plan_round(
             ledger=ledger, privacy=priv, training=study.training, num_examples=len(site.data.train),
@@ -247,10 +250,7 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
         "histograms": stats.histograms.reshape(-1).astype(int).tolist(),
     }
     if study.privacy.enabled and site.ledger_path.exists():
-        ledger = PrivacyLedger.open(
-            site.ledger_path, budget_epsilon=study.privacy.epsilon, delta=study.privacy.delta,
-            accountant=study.privacy.accountant, dataset_id=site.dataset_id,
-        )
+        ledger = _open_ledger(site, study.privacy)
         metrics["epsilon"] = req.epsilon_before = ledger.spent()
         metrics["epsilon_budget"] = ledger.budget
     if site.partition_id is not None:

@@ -151,7 +151,7 @@ def run_start(args: argparse.Namespace) -> int:
 
     cmd = supernode_command(args.config, insecure=args.insecure)
     if args.dry_run:
-        console.print(shlex.join(cmd), markup=False)
+        console.print(shlex.join(cmd), markup=False, soft_wrap=True)
         return 0
     problems = preflight(args.config, probe=False)
     if problems:

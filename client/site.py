@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedrad.common.config import StudyConfig
+from fedrad.common.config import PrivacyConfig, StudyConfig
 from fedrad.common.datasets import ImageSplit, SiteData, load_npz, npz_source_path
 from fedrad.common.errors import DataError
 from fedrad.common.partition import partition_indices
@@ -37,6 +37,15 @@ class Site:
     partition_id: int | None = None
     #: The hospital's node policy; None = no policy enforced (a simulation without one).
     policy: "NodePolicy | None" = None
+    #: The hospital's own (epsilon, delta) budget for this dataset (deployment: node.yaml). A study
+    #: never gets more than this, whatever it asks for. None: the study's budget (simulation).
+    budget: tuple[float, float] | None = None
+
+    def ledger_budget(self, privacy: PrivacyConfig) -> tuple[float, float]:
+        """(epsilon, delta) the ledger accounts against: the stricter of the study's and the site's."""
+        if self.budget is None:
+            return privacy.epsilon, privacy.delta
+        return min(privacy.epsilon, self.budget[0]), min(privacy.delta, self.budget[1])
 
     @property
     def audit_path(self) -> Path:

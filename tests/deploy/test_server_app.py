@@ -61,8 +61,6 @@ def test_dry_run_command_has_tls_flags_and_no_insecure(kit: Path, capsys: pytest
     assert "--insecure" not in out
 
 
-@pytest.mark.xfail(strict=True, reason="client/cmd_node.py prints the dry-run command through rich, which wraps "
-                   "it at the console width; needs soft_wrap=True (see the report)")
 def test_dry_run_prints_one_line_a_shell_can_run(kit: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert node_main(["start", "--config", str(kit), "--dry-run"]) == 0
     out = capsys.readouterr().out
