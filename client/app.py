@@ -33,6 +33,7 @@ from fedrad.common.protocol import (
 )
 
 from .audit_log import AuditLog
+from .gate import require_gate
 from .ledger import PrivacyLedger
 from .node_policy import check_request, check_study
 from .privacy import plan_round, reserve_round
@@ -172,6 +173,7 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
                             "the update would leave unmasked")
     _threads(study)
     site = req.site = _site(context, study, cfg)
+    require_gate(context=context)  # deployment: only behind the node's app-approval gate (no-op in simulation)
     policy = site.policy
     req.policy_version = policy.version() if policy else ""
     model = _model(study, site, msg)
@@ -229,6 +231,7 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
     req.study_id, req.round = study_id, server_round
     _threads(study)
     site = req.site = _site(context, study, cfg)
+    require_gate(context=context)  # deployment: only behind the node's app-approval gate (no-op in simulation)
     policy = site.policy
     req.policy_version = policy.version() if policy else ""
     if policy is not None:  # a study the hospital would not train for gets no metrics from its data either

@@ -53,11 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _allow_list(args: argparse.Namespace) -> tuple[AppAllowList, AppApprovalSettings | None]:
     if args.allow_list is not None:
         return AppAllowList(args.allow_list), None
-    from .gate import approval_settings
     from .node_config import load_node_config
 
     node = load_node_config(args.config)
-    return AppAllowList.for_state_dir(node.state_dir), approval_settings(node)
+    return AppAllowList.for_state_dir(node.state_dir), node.apps
 
 
 def _read_bundle(path: Path) -> bytes:

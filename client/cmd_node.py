@@ -163,8 +163,15 @@ def run_start(args: argparse.Namespace) -> int:
         if not problem.startswith("unreachable:"):
             raise FedradError(f"{problem.split(': ', 1)[1]} (fix: {fix})")
         err_console.print(f"[yellow]warning:[/] {problem.split(': ', 1)[1]}; the node keeps retrying")
-    # Never install packages at run time: the node runs the fedrad installed here, nothing else.
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+    # Every ClientApp task runs behind the node's app-approval gate (an unapproved FAB is never
+    # unpacked), and nothing is installed at run time: the node runs the fedrad installed here.
+    from .gate import check_gated, gated_env, write_shim
+
+    bin_dir = node.state_dir / "bin"
+    write_shim(bin_dir)
+    env = gated_env(bin_dir=bin_dir, node_config=args.config)
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    check_gated(env, bin_dir=bin_dir)
     if node.poll_interval_s is not None:
         env[POLL_ENV] = str(node.poll_interval_s)
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(node.poll_interval_s))

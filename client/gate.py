@@ -38,7 +38,7 @@ from flwr.clientapp import ClientApp
 from fedrad.common.errors import FedradError
 from fedrad.common.protocol import CONFIG_KEY, ERR_POLICY
 
-from .approval import AppAllowList, AppApprovalSettings, AppNotApproved, fab_hash, verify_app
+from .approval import AppAllowList, AppNotApproved, fab_hash, verify_app
 
 log = logging.getLogger(__name__)
 
@@ -64,12 +64,6 @@ class GateDecision:
     policy_version: str = ""
 
 
-def approval_settings(node: Any) -> AppApprovalSettings:
-    """The node's approval settings (``apps:`` in node.yaml once integrated; the safe default until then)."""
-    settings = getattr(node, "apps", None)
-    return settings if isinstance(settings, AppApprovalSettings) else AppApprovalSettings()
-
-
 def decide(
     *, fab_content: bytes, claimed_hash: str, run_fab_hash: str | None, node_config: Mapping[str, Any]
 ) -> GateDecision:
@@ -91,7 +85,7 @@ def decide(
         if run_fab_hash is not None and run_fab_hash != claimed_hash:
             raise AppNotApproved(f"run names app sha256 {run_fab_hash} but the bundle received is {claimed_hash}")
         verify_app(fab_content=fab_content, claimed_hash=claimed_hash,
-                   allow_list=AppAllowList.for_state_dir(node.state_dir), settings=approval_settings(node))
+                   allow_list=AppAllowList.for_state_dir(node.state_dir), settings=node.apps)
     except AppNotApproved as exc:
         return GateDecision(digest, False, str(exc), audit_path, version)
     return GateDecision(digest, True, "", audit_path, version)

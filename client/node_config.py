@@ -13,6 +13,7 @@ from typing import Literal
 from fedrad.common.config import load_yaml_model
 from pydantic import BaseModel, ConfigDict, Field
 
+from .approval import AppApprovalSettings
 from .node_policy import NodePolicy
 
 
@@ -52,6 +53,9 @@ class NodeConfig(_Frozen):
     state_dir: Path = Path("state")
     privacy: NodePrivacy = Field(default_factory=NodePrivacy)
     policy: NodePolicy = Field(default_factory=NodePolicy)
+    #: Which coordinator apps (FABs) may run on this node: by default only those on the node's
+    #: allow-list (``fedrad-node apps approve``).
+    apps: AppApprovalSettings = Field(default_factory=AppApprovalSettings)
 
     @property
     def ledger_path(self) -> Path:

@@ -1,12 +1,13 @@
 """The coordinator's Flower ServerApp for deployment (SuperLink + real hospital SuperNodes).
 
-The SuperLink starts this app (``fedrad.server.app:app``) for each run submitted with ``flwr run``
-against the app folder in ``deploy/app/``. The run configuration names the study YAML *on the
+The SuperLink starts this app (``fedrad.server.app:app``) for each run ``fedrad run`` submits (a
+code-free Flower app naming this ServerApp and ``fedrad.client.app:app``; see
+:func:`fedrad.server.coordinator.write_app`). The run configuration names the study YAML *on the
 coordinator* and the run folder; the study body is the same :func:`fedrad.server.study.run_study`
 the simulation uses. Hospitals find their own data, ledger and budget through their node.yaml;
 nothing here can move them.
 
-Run-config keys (``flwr run deploy/app fedrad --run-config 'study-config="/etc/fedrad/study.yaml"'``):
+Run-config keys:
 
 * ``study-config``: path of the study YAML on the coordinator (required)
 * ``run-dir``: run folder; default ``<output.dir>/<name>-<timestamp>``; an existing, unfinished

@@ -53,6 +53,17 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                         "(after add-node or revoke)")
     add_prov_argument(r)
     r.set_defaults(handler=run_register)
+    h = csub.add_parser("app-hash", help="print the sha256 of the app bundle studies run with (hospitals approve "
+                        "it with `fedrad-node apps approve --hash`)")
+    add_prov_argument(h)
+    h.set_defaults(handler=run_app_hash)
+
+
+def run_app_hash(args: argparse.Namespace) -> int:
+    from fedrad.server import coordinator as cdn
+
+    console.print(cdn.app_hash(cdn.Coordinator(prov_dir(args.prov))), markup=False, soft_wrap=True)
+    return 0
 
 
 def run_start(args: argparse.Namespace) -> int:

@@ -188,6 +188,25 @@ def write_app(co: Coordinator) -> Path:
     return co.app_dir
 
 
+def app_hash(co: Coordinator) -> str:
+    """sha256 of the app bundle (FAB) ``fedrad run`` submits: what each hospital approves.
+
+    The bundle carries no code (it names the fedrad apps installed on both sides), so the hash
+    changes only with this fedrad version's app definition. Built the way ``flwr run`` builds it.
+    """
+    import hashlib
+    import tempfile
+
+    app = write_app(co)
+    with tempfile.TemporaryDirectory(prefix="fedrad-fab-") as tmp:
+        out = subprocess.run(["flwr", "build", "--app", str(app.resolve())], cwd=tmp, env=flwr_env(co),
+                             capture_output=True, text=True, timeout=120, check=False)
+        fabs = list(Path(tmp).glob("*.fab"))
+        if out.returncode != 0 or len(fabs) != 1:
+            raise FederationError(f"could not build the app bundle: {(out.stderr or out.stdout).strip()[-500:]}")
+        return hashlib.sha256(fabs[0].read_bytes()).hexdigest()
+
+
 def flwr_env(co: Coordinator) -> dict[str, str]:
     return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(co.flwr_home.resolve())}
 

@@ -1,31 +1,24 @@
-"""The deploy/ folder: launch scripts, systemd units, containers, the Flower app, sync script."""
+"""The deploy/ folder: the node launch script, systemd units, containers, the compose demo."""
 
 from __future__ import annotations
 
 import configparser
-import importlib.util
-import json
 import shutil
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
-from types import ModuleType
 
 import pytest
 import yaml
 
-from fedrad.server.provision import Provisioner, load_federation
-
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 
 
-@pytest.mark.parametrize("script", ["fedrad-node.sh", "fedrad-coordinator.sh"])
-def test_launch_scripts_are_strict_bash_and_parse(script: str) -> None:
-    path = DEPLOY / script
+def test_launch_script_is_strict_bash_and_parses() -> None:
+    path = DEPLOY / "fedrad-node.sh"
     text = path.read_text()
     assert text.startswith("#!/usr/bin/env bash") and "set -euo pipefail" in text
-    assert path.stat().st_mode & 0o111, f"{script} is not executable"
+    assert path.stat().st_mode & 0o111, "fedrad-node.sh is not executable"
     subprocess.run(["bash", "-n", str(path)], check=True)
 
 
@@ -39,12 +32,6 @@ def test_node_script_refuses_a_missing_config(tmp_path: Path) -> None:
     proc = subprocess.run(["bash", str(DEPLOY / "fedrad-node.sh"), str(tmp_path / "nope.yaml")],
                           capture_output=True, text=True, check=False)
     assert proc.returncode != 0 and "not found" in proc.stderr
-
-
-def test_coordinator_script_names_missing_certificates(tmp_path: Path) -> None:
-    proc = subprocess.run(["bash", str(DEPLOY / "fedrad-coordinator.sh"), str(tmp_path)],
-                          capture_output=True, text=True, check=False)
-    assert proc.returncode != 0 and "ca.pem missing" in proc.stderr and "fedrad provision" in proc.stderr
 
 
 def _unit(name: str) -> configparser.ConfigParser:
@@ -62,10 +49,10 @@ def test_systemd_units_have_unit_service_install(unit: str) -> None:
     assert u["Service"]["NoNewPrivileges"] == "yes" and u["Install"]["WantedBy"] == "multi-user.target"
 
 
-def test_coordinator_unit_serves_tls_with_supernode_auth() -> None:
+def test_coordinator_unit_runs_the_tls_coordinator_command() -> None:
+    # `fedrad coordinator start` always serves TLS with SuperNode authentication unless --insecure.
     cmd = _unit("fedrad-coordinator.service")["Service"]["ExecStart"]
-    for flag in ("--ssl-certfile", "--ssl-keyfile", "--ssl-ca-certfile", "--enable-supernode-auth"):
-        assert flag in cmd
+    assert "fedrad coordinator start --prov" in cmd
     assert "--insecure" not in cmd and "ca.key" not in cmd
 
 
@@ -100,39 +87,9 @@ def test_dockerfiles_run_as_a_non_root_user(dockerfile: str) -> None:
     assert any(ln.startswith("ENTRYPOINT") for ln in lines)
 
 
-def test_flower_app_points_at_fedrad_apps_and_builds() -> None:
-    cfg = tomllib.loads((DEPLOY / "app" / "pyproject.toml").read_text())
-    comps = cfg["tool"]["flwr"]["app"]["components"]
-    assert comps == {"serverapp": "fedrad.server.app:app", "clientapp": "fedrad.client.app:app"}
-    from flwr.common.config import validate_config
-
-    ok, errors, _ = validate_config(cfg, check_module=True, project_dir=DEPLOY / "app")
-    assert ok, errors
-
-
-def _load(path: Path) -> ModuleType:
-    spec = importlib.util.spec_from_file_location(path.stem.replace("-", "_"), path)
-    assert spec and spec.loader
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def test_sync_plan_registers_new_keys_and_unregisters_revoked(tmp_path: Path) -> None:
-    cfg = tmp_path / "federation.yaml"
-    cfg.write_text("name: t\nsuperlink: {address: 127.0.0.1}\nhospitals: [hospital-a, hospital-b, hospital-c]\n")
-    out = tmp_path / "fed"
-    prov = Provisioner(out)
-    prov.provision(load_federation(cfg))
-    (out / "coordinator" / "registered-supernodes.json").write_text(
-        json.dumps({"hospital-a": {"node_id": 11}, "hospital-b": {"node_id": 22}}))
-    prov.revoke("hospital-b")
-    sync = _load(DEPLOY / "sync-supernodes.py")
-
-    add, drop = sync.plan(out)
-
-    assert [n for n, _ in add] == ["hospital-c"] and drop == [("hospital-b", 22)]
-    assert sync.main(["--out", str(out), "--dry-run"]) == 0
+def test_coordinator_container_runs_the_coordinator_command() -> None:
+    text = (DEPLOY / "Dockerfile.coordinator").read_text()
+    assert 'ENTRYPOINT ["fedrad", "coordinator", "start"' in text and "--insecure" not in text
 
 
 def test_prepare_demo_points_nodes_at_container_paths(tmp_path: Path) -> None:

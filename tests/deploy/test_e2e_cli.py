@@ -78,6 +78,15 @@ class Federation:
         with np.load(NPZ) as d:
             self.arrays = {k: d[k] for k in d.files}
         self.node_yaml = {n: _kit(self.prov, n, i, self.arrays) for i, n in enumerate(HOSPITALS)}
+        # The approval ceremony: the coordinator publishes the hash of the app its studies run with,
+        # each hospital approves it (nodes refuse unapproved apps by default).
+        out = subprocess.run([FEDRAD, "coordinator", "app-hash", "--prov", str(self.prov)], capture_output=True,
+                             text=True, timeout=120, check=False, env={**os.environ, **ENV})
+        assert out.returncode == 0, out.stderr
+        self.app_hash = out.stdout.strip()
+        for path in self.node_yaml.values():
+            ok = _node("apps", "approve", "--config", str(path), "--hash", self.app_hash, "--by", "e2e")
+            assert ok.returncode == 0, ok.stderr
 
     def fedrad(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return subprocess.run([FEDRAD, *args], capture_output=True, text=True, timeout=timeout, check=False,
