@@ -105,6 +105,13 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         if s["node_poll"] is not None:
             cfg["poll_interval_s"] = s["node_poll"]
         (kit / "node.yaml").write_text(yaml.safe_dump(cfg))
+    # the hospitals approve the app the coordinator's studies run with (nodes refuse others)
+    app_hash = subprocess.run([str(BIN / "fedrad"), "coordinator", "app-hash", "--prov", str(root / "prov")],
+                              check=True, capture_output=True, text=True, env={**os.environ, **env}).stdout.strip()
+    for h in hospitals:
+        subprocess.run([str(BIN / "fedrad-node"), "apps", "approve", "--config", str(root / "prov" / "nodes" / h /
+                        "node.yaml"), "--hash", app_hash, "--by", "benchmark"], check=True, capture_output=True,
+                       env={**os.environ, **env})
     study = root / "study.yaml"
     study.write_text(yaml.safe_dump({
         "federation": {"name": "bench", "num_hospitals": args.hospitals, "rounds": args.rounds,

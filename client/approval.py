@@ -19,23 +19,20 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import hashlib
 import io
 import json
 import logging
-import os
 import re
-import tempfile
 import tomllib
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from fedrad.common.durable import atomic_write_json, locked
 from fedrad.common.errors import ConfigError, PolicyViolation
 
 log = logging.getLogger(__name__)
@@ -129,27 +126,6 @@ def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
 
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
 class AppAllowList:
     """The node's allow-list of app hashes (``approved-apps.json``); all mutating calls keyword-only."""
 
@@ -160,15 +136,8 @@ class AppAllowList:
     def for_state_dir(cls, state_dir: str | Path) -> "AppAllowList":
         return cls(Path(state_dir) / APPROVALS_FILE)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked(self.path)
 
     def _read(self) -> dict[str, Any]:
         if not self.path.exists():
@@ -235,7 +204,7 @@ class AppAllowList:
                 "revoke_reason": None,
             }
             data["apps"].append(record)
-            _atomic_write_json(self.path, data)
+            atomic_write_json(self.path, data)
         log.info("app %s approved", digest[:16])
         return dict(record)
 
@@ -246,7 +215,7 @@ class AppAllowList:
             for r in data["apps"]:
                 if r.get("fab_hash") == digest and not r.get("revoked_at"):
                     r.update(revoked_by=by, revoked_at=_now(), revoke_reason=reason)
-                    _atomic_write_json(self.path, data)
+                    atomic_write_json(self.path, data)
                     log.info("app %s approval revoked", digest[:16])
                     return dict(r)
         raise ConfigError(str(self.path), [f"{self.path}: app {digest} is not approved (nothing to revoke)"])

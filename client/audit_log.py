@@ -11,20 +11,18 @@ deleted, inserted, reordered or truncated entry.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from fedrad.common.durable import atomic_write_json, locked
 from fedrad.common.errors import AuditError
 
 GENESIS = "0" * 64
@@ -49,15 +47,8 @@ class AuditLog:
         self.path = Path(path)
         self.head_path = self.path.with_name(self.path.name + ".head")
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self) -> contextlib.AbstractContextManager[None]:
+        return locked(self.path)
 
     def _head(self) -> tuple[str, int]:
         if not self.head_path.exists():
@@ -69,12 +60,7 @@ class AuditLog:
             raise AuditError(f"{self.head_path}: unreadable audit head ({exc})") from None
 
     def _write_head(self, last_hash: str, count: int) -> None:
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.head_path.name}.", dir=self.path.parent)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump({"last_hash": last_hash, "count": count}, fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, self.head_path)
+        atomic_write_json(self.head_path, {"last_hash": last_hash, "count": count})
 
     def _consistent_head(self) -> tuple[str, int]:
         """The head to chain onto, after checking it against the log's last line (lock held).

@@ -10,17 +10,14 @@
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import logging
-import os
-import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fedrad.common.durable import atomic_write_json, locked
 from fedrad.common.errors import BudgetExceededError, LedgerError, PrivacyError
 from fedrad.common.privacy import ACCOUNTANTS, HistoryEntry, epsilon_for
 
@@ -36,27 +33,6 @@ class Reservation:
     noise_multiplier: float
     sample_rate: float
     steps: int
-
-
-def _atomic_write_json(path: Path, data: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o600)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 class PrivacyLedger:
@@ -94,7 +70,7 @@ class PrivacyLedger:
                         p.name, data["budget_epsilon"], budget_epsilon,
                     )
                     data["budget_epsilon"] = budget_epsilon
-                    _atomic_write_json(p, data)
+                    atomic_write_json(p, data)
             else:
                 data = {
                     "version": LEDGER_VERSION,
@@ -106,7 +82,7 @@ class PrivacyLedger:
                     "entries": [],
                     "created": time.time(),
                 }
-                _atomic_write_json(p, data)
+                atomic_write_json(p, data)
         return cls(p, data)
 
     @classmethod
@@ -118,15 +94,8 @@ class PrivacyLedger:
         return cls(p, cls._read(p))
 
     @staticmethod
-    @contextlib.contextmanager
-    def _locked(path: Path) -> Iterator[None]:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path.with_name(path.name + ".lock"), "a+") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(path: Path) -> contextlib.AbstractContextManager[None]:
+        return locked(path)
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:
@@ -199,7 +168,7 @@ class PrivacyLedger:
                     "epsilon_after": after,
                 }
             )
-            _atomic_write_json(self.path, self._data)
+            atomic_write_json(self.path, self._data)
         log.info("ledger %s: reserved %d steps, epsilon %.4g -> %.4g of %g", self.path.name, steps, before, after, self.budget)
         return Reservation(before, after, self.budget, float(noise_multiplier), float(sample_rate), int(steps))
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedrad.common.durable import atomic_write_json
 from fedrad.common.metrics import pooled_summary
 
 #: Per-hospital fields reported for every round (see README "Outputs").
@@ -33,13 +32,8 @@ def _clean(x: Any) -> Any:
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        json.dump(_clean(data), fh, indent=1, allow_nan=False)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    """Write ``data`` (NaN/inf as null) atomically; readable by everyone who may read the run folder."""
+    atomic_write_json(path, _clean(data), mode=0o644, allow_nan=False, sort_keys=False)
 
 
 @dataclass

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-import fedrad.client.ledger as ledger_mod
+import fedrad.common.durable as durable_mod
 from fedrad.client.ledger import PrivacyLedger
 from fedrad.common.errors import BudgetExceededError, LedgerError, PrivacyError
 from fedrad.common.privacy import epsilon_for
@@ -107,7 +107,7 @@ def test_crash_during_replace_keeps_previous_file(tmp_path: Path, monkeypatch) -
     def boom(src, dst):  # the process dies between writing the temp file and renaming it
         raise OSError("simulated crash")
 
-    monkeypatch.setattr(ledger_mod.os, "replace", boom)
+    monkeypatch.setattr(durable_mod.os, "replace", boom)
     with pytest.raises(OSError, match="simulated crash"):
         led.reserve(**WORK, study="s", round=2)
     monkeypatch.undo()
@@ -125,16 +125,26 @@ def test_crash_during_json_dump_keeps_previous_file(tmp_path: Path, monkeypatch)
     led.reserve(**WORK, study="s", round=1)
     before_bytes = path.read_bytes()
     eps_history = [led.spent()]
-    real_dump = json.dump
+    real_fdopen = os.fdopen
 
-    def half_dump(obj, fh, **kw):
-        fh.write('{"version": 1, "hist')  # a torn, partial write
-        raise KeyboardInterrupt
+    class Torn:  # the process dies half-way through writing the temporary file
+        def __init__(self, fh):
+            self.fh = fh
 
-    monkeypatch.setattr(ledger_mod.json, "dump", half_dump)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+
+        def write(self, text):
+            self.fh.write(text[: len(text) // 2])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(durable_mod.os, "fdopen", lambda fd, *a, **k: Torn(real_fdopen(fd, *a, **k)))
     with pytest.raises(KeyboardInterrupt):
         led.reserve(**WORK, study="s", round=2)
-    monkeypatch.setattr(ledger_mod.json, "dump", real_dump)
+    monkeypatch.undo()
 
     assert path.read_bytes() == before_bytes
     reopened = _open(path)
