@@ -8,16 +8,19 @@ study with ``fedrad run`` and reads the run folder. Per round:
 * ``slowest train``: the largest ``train_seconds`` any hospital reported for that round;
 * ``overhead`` = round wall - slowest train (round 1 has no previous checkpoint: not counted).
 
-Settings compared (``--settings``):
+Settings compared (``--settings``; ``flower`` and ``polls`` turn the node's warm runtime off):
 
 * ``flower``: Flower 1.41's defaults: SuperNode polls every 3 s, SuperExec every 1 s, the
   ServerApp's Grid checks for replies every 3 s;
-* ``tuned``: SuperNode 0.25 s (``poll_interval_s`` in node.yaml), SuperExec 0.2 s
-  (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), ServerApp Grid 0.25 s (``fedrad run --poll-interval``).
+* ``polls``: SuperNode 0.25 s (``poll_interval_s`` in node.yaml), SuperExec 0.2 s
+  (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), ServerApp Grid 0.25 s (``fedrad run --poll-interval``);
+  each message still starts a cold ``flwr-clientapp`` process (``warm_runtime: false``);
+* ``tuned``: the same polls, and each message's process is forked from the node's warm runtime
+  (``warm_runtime: true``, the default: torch, Opacus and fedrad imported once per node).
 
 Every process is started in its own process group and stopped by PID, whatever happens.
 
-    python benchmarks/deploy_overhead.py --model resnet18 --rounds 4 --settings flower tuned
+    python benchmarks/deploy_overhead.py --model resnet18 --rounds 4 --settings flower polls tuned
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT / "fedrad" / "data" / "pneumoniamnist.npz"
 BIN = Path(sys.executable).parent
 SETTINGS: dict[str, dict[str, Any]] = {
-    "flower": {"node_poll": None, "superexec_poll": "1.0", "grid_poll": 0.0},
-    "tuned": {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25},
+    "flower": {"node_poll": None, "superexec_poll": "1.0", "grid_poll": 0.0, "warm": False},
+    "polls": {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": False},
+    "tuned": {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": True},
 }
 
 
@@ -104,6 +108,7 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
                                "min_noise_multiplier": 0.1, "max_rounds": 1000}})
         if s["node_poll"] is not None:
             cfg["poll_interval_s"] = s["node_poll"]
+        cfg["warm_runtime"] = s["warm"]
         (kit / "node.yaml").write_text(yaml.safe_dump(cfg))
     # the hospitals approve the app the coordinator's studies run with (nodes refuse others)
     app_hash = subprocess.run([str(BIN / "fedrad"), "coordinator", "app-hash", "--prov", str(root / "prov")],
@@ -174,14 +179,19 @@ def main() -> int:
     ap.add_argument("--train", type=int, default=200, help="training images per hospital")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--settings", nargs="+", default=["flower", "tuned"], choices=sorted(SETTINGS))
+    ap.add_argument("--settings", nargs="+", default=["flower", "polls", "tuned"], choices=sorted(SETTINGS))
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--keep", type=Path, help="keep the provisioning, logs and run folders here (default: deleted)")
     args = ap.parse_args()
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "host": os.uname().nodename,
                                "cpus": os.cpu_count(), "load_before": os.getloadavg()}
     results["import_s"] = {m: import_seconds(m) for m in ("torch", "flwr.clientapp", "fedrad.client.app")}
-    with tempfile.TemporaryDirectory(prefix="fedrad-bench-") as tmp:
-        results["runs"] = [run_setting(name, args, Path(tmp)) for name in args.settings]
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=False)
+        results["runs"] = [run_setting(name, args, args.keep) for name in args.settings]
+    else:
+        with tempfile.TemporaryDirectory(prefix="fedrad-bench-") as tmp:
+            results["runs"] = [run_setting(name, args, Path(tmp)) for name in args.settings]
     results["load_after"] = os.getloadavg()
     print(f"model {args.model}, {args.hospitals} hospitals x {args.train} images, {args.rounds} rounds, "
           f"{os.cpu_count()} CPUs, load {results['load_before'][0]:.1f} -> {results['load_after'][0]:.1f}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from fedrad.common.protocol import (
 )
 
 from .audit_log import AuditLog
-from .gate import require_gate
+from .gate import require_gate, task_age
 from .ledger import PrivacyLedger
 from .node_policy import check_request, check_study
 from .privacy import plan_round, reserve_round
@@ -140,6 +141,7 @@ def _audit(req: _Request, *, kind: str, content: RecordDict | None, epsilon_afte
 
 def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], msg: Message, context: Context) -> Message:
     req = _Request()
+    started = time.monotonic()
     try:
         reply = body(msg, context, req)
     except FedradError as exc:
@@ -148,6 +150,10 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
         return Message(Error(code=error_code(exc), reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
     metrics = reply.content[METRICS_KEY]
     _audit(req, kind=kind, content=reply.content, epsilon_after=metrics.get("epsilon"), outcome="sent")  # type: ignore[arg-type]
+    age = task_age()
+    if age is not None:  # deployment: where a task's time goes (process start and imports vs. the work)
+        log.info("%s task: %.2fs in fedrad (train %.2fs), %.2fs since the task process started", kind,
+                 time.monotonic() - started, float(metrics.get("train_seconds", 0.0)), age)  # type: ignore[arg-type]
     return reply
 
 

@@ -175,8 +175,24 @@ def run_start(args: argparse.Namespace) -> int:
     if node.poll_interval_s is not None:
         env[POLL_ENV] = str(node.poll_interval_s)
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(node.poll_interval_s))
-    return supervise([sys.executable, "-m", "fedrad.client.node", *cmd[1:]], env=env,
-                     rejoin_timeout_s=node.rejoin_timeout_s)
+    warm = None
+    if node.warm_runtime:
+        from .warm import WARM_SOCKET_ENV
+
+        sock = node.state_dir / "run" / "warm.sock"
+        env[WARM_SOCKET_ENV] = str(sock)
+        warm = subprocess.Popen([sys.executable, "-m", "fedrad.client.warm", "--socket", str(sock)], env=env)
+    try:
+        return supervise([sys.executable, "-m", "fedrad.client.node", *cmd[1:]], env=env,
+                         rejoin_timeout_s=node.rejoin_timeout_s)
+    finally:
+        if warm is not None and warm.poll() is None:  # tasks in flight are stopped with the node
+            warm.terminate()
+            try:
+                warm.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                warm.kill()
+                warm.wait()
 
 
 def supervise(cmd: list[str], *, env: dict[str, str], rejoin_timeout_s: float, pause_s: float = 10.0) -> int:

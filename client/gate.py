@@ -27,6 +27,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +52,17 @@ GATE_APPROVED_ENV = "FEDRAD_APPROVED_APP"
 #: The Flower calls the gate wraps, in ``flwr.supernode.runtime.run_clientapp``.
 GATED_CALLS = ("pull_task_input", "install_from_fab", "get_load_client_app_fn")
 _DEP_INSTALL_FLAG = "--allow-runtime-dependency-installation"
+#: Wall-clock time (``time.time()``) at which this task's process started (set by the shim; for the timing log).
+TASK_T0_ENV = "FEDRAD_TASK_T0"
+
+
+def task_age() -> float | None:
+    """Seconds since this ClientApp task's process started (None outside the gate)."""
+    t0 = os.environ.get(TASK_T0_ENV)
+    try:
+        return time.time() - float(t0) if t0 else None
+    except ValueError:
+        return None
 
 
 @dataclass(frozen=True)
@@ -170,7 +182,9 @@ def install_gate(module: Any) -> None:
         state["decision"] = d
         if d.approved:
             os.environ[GATE_APPROVED_ENV] = d.fab_hash
-            log.info("app %s approved on this node", d.fab_hash[:16])
+            age = task_age()
+            log.info("app %s approved on this node (task input pulled %.2fs after the task process started)",
+                     d.fab_hash[:16], -1.0 if age is None else age)
         else:
             log.warning("app %s refused: %s", d.fab_hash[:16], d.reason)
         return message, context, run, fab
@@ -209,6 +223,10 @@ def install_gate(module: Any) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the node's ``flwr-clientapp``: Flower's, behind the gate."""
     args = list(sys.argv[1:] if argv is None else argv)
+    if not logging.getLogger().handlers:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for chatty in ("httpx", "alembic"):  # one line per HTTP request / plugin otherwise
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     if _DEP_INSTALL_FLAG in args:
         args = [a for a in args if a != _DEP_INSTALL_FLAG]
         log.warning("runtime dependency installation is disabled on this node")
@@ -233,8 +251,11 @@ def write_shim(bin_dir: str | Path, *, python: str | None = None) -> Path:
     d.mkdir(parents=True, exist_ok=True)
     target = d / CLIENTAPP_COMMAND
     text = (f"#!{python or sys.executable}\n"
-            "# fedrad: Flower's flwr-clientapp behind the node's app-approval gate (written by fedrad-node start)\n"
-            "import sys\n\nfrom fedrad.client.gate import main\n\nsys.exit(main())\n")
+            "# fedrad: Flower's flwr-clientapp behind the node's app-approval gate (written by fedrad-node start);\n"
+            "# run by the node's warm runtime when it is up (fedrad.client.warm), else cold\n"
+            "import os\nimport sys\nimport time\n\n"
+            f"os.environ[{TASK_T0_ENV!r}] = repr(time.time())\n\n"
+            "from fedrad.client.warm import run_task\n\nsys.exit(run_task(sys.argv[1:]))\n")
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=d)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)

@@ -49,6 +49,9 @@ class NodeConfig(_Frozen):
     #: After the SuperNode is refused or drops out (e.g. restarted right after a crash, while the
     #: coordinator still counts the old connection as online), keep restarting it this long.
     rejoin_timeout_s: float = Field(300.0, ge=0)
+    #: Start each ClientApp task from a process that has torch, Opacus and fedrad already imported
+    #: (``fedrad.client.warm``) instead of importing them per message; falls back to cold starts.
+    warm_runtime: bool = True
     data: NodeData
     state_dir: Path = Path("state")
     privacy: NodePrivacy = Field(default_factory=NodePrivacy)

@@ -96,15 +96,16 @@ def check_reply(
         arrays = content[ARRAYS_KEY]
         if not isinstance(arrays, ArrayRecord):
             raise ProtocolError(f"train reply: '{ARRAYS_KEY}' must be an ArrayRecord, got {type(arrays).__name__}")
-        if expected_shapes is not None:
-            got = {k: tuple(v.shape) for k, v in arrays.items()}
-            if set(got) != set(expected_shapes):
-                missing = sorted(set(expected_shapes) - set(got))
-                unexpected = sorted(set(got) - set(expected_shapes))
-                raise ProtocolError(f"train reply: array names differ from the model (missing {missing}, unexpected {unexpected})")
-            bad = sorted(k for k in got if got[k] != tuple(expected_shapes[k]))
-            if bad:
-                raise ProtocolError(f"train reply: arrays with wrong shapes: {bad}")
+        if expected_shapes is None:  # a train reply is checked against the model, never waved through
+            raise ProtocolError("train reply: the expected array names and shapes are required to check it")
+        got = {k: tuple(v.shape) for k, v in arrays.items()}
+        if set(got) != set(expected_shapes):
+            missing = sorted(set(expected_shapes) - set(got))
+            unexpected = sorted(set(got) - set(expected_shapes))
+            raise ProtocolError(f"train reply: array names differ from the model (missing {missing}, unexpected {unexpected})")
+        bad = sorted(k for k in got if got[k] != tuple(expected_shapes[k]))
+        if bad:
+            raise ProtocolError(f"train reply: arrays with wrong shapes: {bad}")
     for name in names:
         if isinstance(content[name], ConfigRecord):
             raise ProtocolError(f"{kind} reply: config records may not leave a hospital ({name!r})")

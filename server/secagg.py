@@ -82,16 +82,14 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from flwr.supercore.run import Run
 
 from fedrad.common.config import StudyConfig
-from fedrad.common.device import resolve_device
 from fedrad.common.errors import ConfigError, FederationError, ProtocolError
 from fedrad.common.evaluation import evaluate
-from fedrad.common.models import build_model
 from fedrad.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_reply
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .history import StudyHistory
 from .progress import NullReporter, Reporter
-from .study import REFUSALS, FedradStrategyMixin, StudyStopped, _num_classes_and_test, _Wiring, finish_study
+from .study import REFUSALS, FedradStrategyMixin, StudyStopped, _Wiring, finish_study, prepare_study
 
 log = logging.getLogger(__name__)
 
@@ -421,8 +419,9 @@ def _record_train_round(rec: SecAggRound, *, wiring: _Wiring, n: int) -> list[tu
         site = hist.site(name(node))
         site["secure_aggregation"] = "masked update" if node in rec.survivors else "not aggregated"
         try:
+            # the update itself travels masked (checked when unmasked): only its metrics are checked here
             check_reply(RecordDict({ARRAYS_KEY: ArrayRecord(), METRICS_KEY: MetricRecord(metrics)}),  # type: ignore[arg-type]
-                        kind="train")
+                        kind="train", expected_shapes={})
         except ProtocolError as exc:
             # The update is already inside the sum: it cannot be taken out, only flagged.
             site["status"] = f"metrics rejected: {exc}"
@@ -509,32 +508,10 @@ def run_secagg_study(
     settings.check(study)
     reporter = reporter or NullReporter()
     fed = study.federation
-    run_dir.mkdir(parents=True, exist_ok=True)
-    class_names, test = _num_classes_and_test(study)
-    torch.manual_seed(fed.seed)
-    model = build_model(study.model.name, in_channels=study.data.channels, num_classes=len(class_names),
-                        image_size=study.data.image_size, options=study.model.options)
-    study_dict = study.to_dict()
-    study_id = study.fingerprint()[:16]
-    ckpt_dir = run_dir / "checkpoints"
-    offset = 0
-    latest = latest_checkpoint(ckpt_dir)
-    if latest is not None:
-        offset, path = latest
-        ckpt = load_checkpoint(path)
-        if ckpt.get("study") != study_dict:
-            raise FederationError(f"{run_dir}: holds checkpoints of a different study; use a new --out folder")
-        model.load_state_dict(ckpt["state_dict"])
-        log.info("resuming after round %d from %s", offset, path.name)
-    history = StudyHistory.resume(run_dir / "metrics.json", study=study_dict, study_id=study_id, up_to_round=offset)
-    if offset:
-        history.event(f"resumed after round {offset}")
-    device = resolve_device(study.training.device)
+    prep = prepare_study(study=study, run_dir=run_dir, reporter=reporter)
+    model, class_names, test, study_dict, study_id = prep.model, prep.class_names, prep.test, prep.study_dict, prep.study_id
+    ckpt_dir, offset, history, device, wiring = prep.ckpt_dir, prep.offset, prep.history, prep.device, prep.wiring
     names = list(model.state_dict().keys())
-    wiring = _Wiring(
-        history=history, reporter=reporter, round_offset=offset, min_hospitals=fed.min_hospitals, names={},
-        expected_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()}, num_classes=len(class_names),
-    )
     screen = _Screen(wiring)
     config: dict[str, Any] = {"study": study.to_json(), "study-id": study_id, "total-rounds": fed.rounds,
                               "round-offset": offset, ARRAY_NAMES_KEY: json.dumps(names), **(extra_config or {})}

@@ -155,16 +155,25 @@ def _num_classes_and_test(study: StudyConfig) -> tuple[list[str], ImageSplit | N
     return list(data.class_names), None
 
 
-def run_study(
-    grid: Grid,
-    *,
-    study: StudyConfig,
-    run_dir: Path,
-    reporter: Reporter | None = None,
-    extra_config: dict[str, Any] | None = None,
-) -> StudyHistory:
-    """Run (or resume) ``study`` with its outputs in ``run_dir``; returns the history."""
-    reporter = reporter or NullReporter()
+@dataclass
+class PreparedStudy:
+    """What both study runners (plain and secure aggregation) start from: model, resume point, history."""
+
+    model: torch.nn.Module
+    class_names: list[str]
+    test: ImageSplit | None
+    study_dict: dict[str, Any]
+    study_id: str
+    ckpt_dir: Path
+    offset: int
+    history: StudyHistory
+    device: torch.device
+    wiring: _Wiring
+
+
+def prepare_study(*, study: StudyConfig, run_dir: Path, reporter: Reporter) -> PreparedStudy:
+    """Build the initial model, resume from ``run_dir``'s latest checkpoint (same study only) and
+    open its history."""
     fed = study.federation
     run_dir.mkdir(parents=True, exist_ok=True)
     class_names, test = _num_classes_and_test(study)
@@ -186,11 +195,28 @@ def run_study(
     history = StudyHistory.resume(run_dir / "metrics.json", study=study_dict, study_id=study_id, up_to_round=offset)
     if offset:
         history.event(f"resumed after round {offset}")
-    device = resolve_device(study.training.device)
     wiring = _Wiring(
         history=history, reporter=reporter, round_offset=offset, min_hospitals=fed.min_hospitals, names={},
         expected_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()}, num_classes=len(class_names),
     )
+    return PreparedStudy(model, class_names, test, study_dict, study_id, ckpt_dir, offset, history,
+                         resolve_device(study.training.device), wiring)
+
+
+def run_study(
+    grid: Grid,
+    *,
+    study: StudyConfig,
+    run_dir: Path,
+    reporter: Reporter | None = None,
+    extra_config: dict[str, Any] | None = None,
+) -> StudyHistory:
+    """Run (or resume) ``study`` with its outputs in ``run_dir``; returns the history."""
+    reporter = reporter or NullReporter()
+    fed = study.federation
+    prep = prepare_study(study=study, run_dir=run_dir, reporter=reporter)
+    model, class_names, test, study_dict, study_id = prep.model, prep.class_names, prep.test, prep.study_dict, prep.study_id
+    ckpt_dir, offset, history, device, wiring = prep.ckpt_dir, prep.offset, prep.history, prep.device, prep.wiring
     strategy = make_strategy(study, wiring)
     config = ConfigRecord({"study": study.to_json(), "study-id": study_id, "total-rounds": fed.rounds,
                            "round-offset": offset, **(extra_config or {})})

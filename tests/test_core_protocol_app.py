@@ -49,8 +49,12 @@ def _eval_reply(**metrics) -> RecordDict:
 
 def test_check_reply_accepts_well_formed_replies() -> None:
     check_reply(_train_reply(), kind="train", expected_shapes=SHAPES)
-    check_reply(_train_reply(), kind="train")
     check_reply(_eval_reply(histograms=[1] * 400), kind="evaluate")
+
+
+def test_train_reply_is_never_waved_through_without_the_models_shapes() -> None:
+    with pytest.raises(ProtocolError, match="expected array names and shapes are required"):
+        check_reply(_train_reply(), kind="train")
 
 
 @pytest.mark.parametrize(
