@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -40,6 +41,7 @@ from .node_policy import check_request, check_study
 from .privacy import plan_round, reserve_round
 from .site import Site, simulated_site
 from .train import train_local
+from .warm import WARM_TASK_ENV
 
 log = logging.getLogger(__name__)
 
@@ -152,8 +154,9 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
     _audit(req, kind=kind, content=reply.content, epsilon_after=metrics.get("epsilon"), outcome="sent")  # type: ignore[arg-type]
     age = task_age()
     if age is not None:  # deployment: where a task's time goes (process start and imports vs. the work)
-        log.info("%s task: %.2fs in fedrad (train %.2fs), %.2fs since the task process started", kind,
-                 time.monotonic() - started, float(metrics.get("train_seconds", 0.0)), age)  # type: ignore[arg-type]
+        log.info("%s task (%s start): %.2fs in fedrad (train %.2fs), %.2fs since the task process started", kind,
+                 "warm" if os.environ.get(WARM_TASK_ENV) else "cold", time.monotonic() - started,
+                 float(metrics.get("train_seconds", 0.0)), age)  # type: ignore[arg-type]
     return reply
 
 
@@ -194,12 +197,13 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
         req.epsilon_before = ledger.spent()
         plan = plan_round(
             ledger=ledger, privacy=priv, training=study.training, num_examples=len(site.data.train),
-            server_round=server_round, total_rounds=total_rounds,
+            server_round=server_round, total_rounds=total_rounds, study_id=study_id,
         )
         if policy is not None:  # the hospital's own limits, checked before anything is spent or trained
             check_request(policy=policy, study=study, study_id=study_id, ledger=ledger, plan=plan,
                           secure_aggregation=secure_aggregation)
-        reservation = reserve_round(ledger=ledger, plan=plan, study_id=study_id, server_round=server_round)
+        reservation = reserve_round(ledger=ledger, plan=plan, study_id=study_id, server_round=server_round,
+                                    study_budget=priv.epsilon)
         sigma = plan.noise_multiplier
         metrics.update(
             epsilon=reservation.epsilon_after, epsilon_budget=reservation.budget, delta=priv.delta,

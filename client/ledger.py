@@ -4,7 +4,10 @@
 * Work is *reserved* (written to disk) before any training step runs, so a kill at any moment
   never lowers the recorded epsilon; at worst it over-counts a round that did not finish.
 * Writes are atomic (temp file, fsync, rename, fsync of the folder) and serialised with a lock.
-* Work that would take the site past its budget is refused with :class:`BudgetExceededError`.
+* Two budgets: the ledger's own (``budget_epsilon``) is the dataset's **lifetime** budget,
+  composed over every study that ever used the dataset; a study's epsilon is composed over that
+  study's entries only and capped by what the study asked for (``study_budget``). Work over
+  either is refused with :class:`BudgetExceededError`.
 """
 
 from __future__ import annotations
@@ -132,8 +135,17 @@ class PrivacyLedger:
         return [dict(e) for e in self._data["entries"]]
 
     def spent(self) -> float:
-        """Cumulative epsilon recorded so far."""
+        """Cumulative (lifetime) epsilon recorded so far, over every study."""
         return epsilon_for(history=self.history, delta=self.delta, accountant=self.accountant)
+
+    def history_of(self, study: str) -> list[HistoryEntry]:
+        """The work recorded for one study (its entries, in order)."""
+        return [(float(e["noise_multiplier"]), float(e["sample_rate"]), int(e["steps"]))
+                for e in self._data["entries"] if e["study"] == study]
+
+    def spent_by(self, study: str) -> float:
+        """Epsilon of one study's own work on this dataset."""
+        return epsilon_for(history=self.history_of(study), delta=self.delta, accountant=self.accountant)
 
     def preview(self, *, noise_multiplier: float, sample_rate: float, steps: int) -> float:
         """Epsilon the site would reach after the given extra work (nothing is written)."""
@@ -143,18 +155,30 @@ class PrivacyLedger:
 
     # ------------------------------------------------------------------ mutation
     def reserve(
-        self, *, noise_multiplier: float, sample_rate: float, steps: int, study: str, round: int
+        self, *, noise_multiplier: float, sample_rate: float, steps: int, study: str, round: int,
+        study_budget: float | None = None,
     ) -> Reservation:
-        """Record the work *before* it runs; refuse it if it would exceed the budget."""
+        """Record the work *before* it runs; refuse it if it would exceed the dataset's lifetime
+        budget or (when given) ``study_budget`` for this study's own work."""
+        if study_budget is not None and not study_budget > 0:
+            raise PrivacyError(f"study_budget must be > 0, got {study_budget!r}")
         with self._locked(self.path):
             self._reload()
             before = self.spent()
             after = self.preview(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)
             if after > self.budget * (1 + 1e-9):
                 raise BudgetExceededError(
-                    f"round {round} would take epsilon from {before:.4g} to {after:.4g}, over the site's budget "
-                    f"of {self.budget:g} (delta={self.delta:g}); round refused"
+                    f"round {round} would take the dataset's epsilon from {before:.4g} to {after:.4g}, over the "
+                    f"site's lifetime budget of {self.budget:g} (delta={self.delta:g}); round refused"
                 )
+            if study_budget is not None:
+                study_after = epsilon_for(history=self.history_of(study) + [(noise_multiplier, sample_rate, steps)],
+                                          delta=self.delta, accountant=self.accountant)
+                if study_after > study_budget * (1 + 1e-9):
+                    raise BudgetExceededError(
+                        f"round {round} would take study {study}'s epsilon to {study_after:.4g}, over the "
+                        f"{study_budget:g} it asked for (delta={self.delta:g}); round refused"
+                    )
             self._data["history"].append([float(noise_multiplier), float(sample_rate), int(steps)])
             self._data["entries"].append(
                 {

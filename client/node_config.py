@@ -28,7 +28,9 @@ class NodeData(_Frozen):
 
 
 class NodePrivacy(_Frozen):
-    epsilon: float = Field(8.0, gt=0, description="this dataset's budget, owned by the hospital")
+    #: The dataset's lifetime budget, composed over every study that trains on it (each study is
+    #: also held to the epsilon it asks for). The default matches the node policy's lifetime limit.
+    epsilon: float = Field(20.0, gt=0, description="this dataset's lifetime budget, owned by the hospital")
     delta: float = Field(1e-5, gt=0, lt=1)
 
 

@@ -37,15 +37,18 @@ class Site:
     partition_id: int | None = None
     #: The hospital's node policy; None = no policy enforced (a simulation without one).
     policy: "NodePolicy | None" = None
-    #: The hospital's own (epsilon, delta) budget for this dataset (deployment: node.yaml). A study
-    #: never gets more than this, whatever it asks for. None: the study's budget (simulation).
+    #: The hospital's own lifetime (epsilon, delta) budget for this dataset (deployment: node.yaml),
+    #: over every study; each study is also held to its own epsilon. None: the study's (simulation).
     budget: tuple[float, float] | None = None
 
     def ledger_budget(self, privacy: PrivacyConfig) -> tuple[float, float]:
-        """(epsilon, delta) the ledger accounts against: the stricter of the study's and the site's."""
+        """(epsilon, delta) of the ledger: the dataset's lifetime budget, the site's own when it has
+        one (node.yaml ``privacy``), else the study's (a simulated site lives for one study).
+        Delta is the stricter of the two. Each study is also held to its own epsilon
+        (:func:`fedrad.client.privacy.plan_round` / ``reserve_round`` with the study's id)."""
         if self.budget is None:
             return privacy.epsilon, privacy.delta
-        return min(privacy.epsilon, self.budget[0]), min(privacy.delta, self.budget[1])
+        return self.budget[0], min(privacy.delta, self.budget[1])
 
     @property
     def audit_path(self) -> Path:

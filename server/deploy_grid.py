@@ -20,12 +20,11 @@ except ImportError:  # pragma: no cover
     Run = object  # type: ignore[assignment,misc]
 
 
-class FastPollGrid(Grid):
-    """Delegates to ``inner``; ``send_and_receive`` polls every ``interval`` seconds."""
+class DelegatingGrid(Grid):
+    """A Grid that passes every call to ``inner``; subclasses override what they change."""
 
-    def __init__(self, inner: Grid, *, interval: float) -> None:
+    def __init__(self, inner: Grid) -> None:
         self._inner = inner
-        self._interval = max(0.01, float(interval))
 
     def set_run(self, run: Run) -> None:
         self._inner.set_run(run)
@@ -46,6 +45,17 @@ class FastPollGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self._inner.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        return self._inner.send_and_receive(messages, timeout=timeout)
+
+
+class FastPollGrid(DelegatingGrid):
+    """Delegates to ``inner``; ``send_and_receive`` polls every ``interval`` seconds."""
+
+    def __init__(self, inner: Grid, *, interval: float) -> None:
+        super().__init__(inner)
+        self._interval = max(0.01, float(interval))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         pending = set(self._inner.push_messages(messages))

@@ -166,7 +166,7 @@ def _node_yaml(cfg: FederationConfig, name: str) -> str:
         "insecure": False,
         "data": {"source": "npz", "path": "/path/to/site-data.npz"},
         "state_dir": "state",
-        "privacy": {"epsilon": 8.0, "delta": 1.0e-5},
+        "privacy": {"epsilon": 20.0, "delta": 1.0e-5},  # the dataset's lifetime budget, over every study
     }, sort_keys=False)
 
 

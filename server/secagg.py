@@ -79,7 +79,6 @@ from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
-from flwr.supercore.run import Run
 
 from fedrad.common.config import StudyConfig
 from fedrad.common.errors import ConfigError, FederationError, ProtocolError
@@ -87,6 +86,7 @@ from fedrad.common.evaluation import evaluate
 from fedrad.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_reply
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
+from .deploy_grid import DelegatingGrid
 from .history import StudyHistory
 from .progress import NullReporter, Reporter
 from .study import REFUSALS, FedradStrategyMixin, StudyStopped, _Wiring, finish_study, prepare_study
@@ -225,34 +225,14 @@ class SecAggRound:
 RoundObserver = Callable[[SecAggRound], None]
 
 
-class _RecordingGrid(Grid):
+class _RecordingGrid(DelegatingGrid):
     """Passes everything to ``inner``; notes each reply of one SecAgg+ stage in ``record``."""
 
     def __init__(self, inner: Grid, record: SecAggRound, stage: str, keep_masked: bool) -> None:
-        self._inner = inner
+        super().__init__(inner)
         self._record = record
         self._stage = stage
         self._keep_masked = keep_masked
-
-    def set_run(self, run: Run) -> None:
-        self._inner.set_run(run)
-
-    @property
-    def run(self) -> Run:
-        return self._inner.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Message:
-        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self._inner.get_node_ids()
-
-    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self._inner.push_messages(messages)
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self._inner.pull_messages(message_ids)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
@@ -606,11 +586,7 @@ def simulate_secagg(
     observer: RoundObserver | None = None,
 ) -> StudyHistory:
     """:func:`fedrad.server.simulation.simulate` for a study under secure aggregation."""
-    import os
-
-    from flwr.simulation import run_simulation
-
-    from .simulation import _quiet_deprecation, load_client_app
+    from .simulation import run_engine
 
     settings = settings or SecAggSettings.from_study(study)
     settings.check(study)
@@ -626,23 +602,7 @@ def simulate_secagg(
             extra_config={"sim-state-dir": str(state_dir)}, settings=settings, observer=observer,
         )
 
-    fed = study.federation
-    cpus = os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": fed.client_gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
-                      "logging_level": "error"},
-    }
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    _quiet_deprecation()
-    run_simulation(
-        server_app=server_app,
-        client_app=load_client_app(SECAGG_CLIENT_APP_REF),
-        num_supernodes=fed.num_hospitals,
-        backend_config=backend_config,  # type: ignore[arg-type]
-    )
+    run_engine(server_app, client_app_ref=SECAGG_CLIENT_APP_REF, study=study)
     if "history" not in outcome:
         raise FederationError("the simulated federation ended without a result (see the log above)")
     return outcome["history"]

@@ -52,10 +52,31 @@ def _quiet_deprecation() -> None:
         lg.addFilter(_DropRunSimulationDeprecation())
 
 
-def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = None) -> StudyHistory:
-    """Run ``study`` with ``federation.num_hospitals`` simulated hospitals; outputs go to ``run_dir``."""
+def run_engine(server_app: ServerApp, *, client_app_ref: str, study: StudyConfig) -> None:
+    """Run ``server_app`` with ``federation.num_hospitals`` simulated hospitals on Flower's engine."""
     from flwr.simulation import run_simulation
 
+    fed = study.federation
+    cpus = os.cpu_count() or 1
+    backend_config = {
+        "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": fed.client_gpus},
+        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
+                      "logging_level": "error"},
+    }
+    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
+    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    _quiet_deprecation()
+    run_simulation(
+        server_app=server_app,
+        client_app=load_client_app(client_app_ref),
+        num_supernodes=fed.num_hospitals,
+        backend_config=backend_config,  # type: ignore[arg-type]
+    )
+
+
+def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = None) -> StudyHistory:
+    """Run ``study`` with ``federation.num_hospitals`` simulated hospitals; outputs go to ``run_dir``."""
     run_dir = run_dir.resolve()
     state_dir = run_dir / "sites"
     outcome: dict[str, StudyHistory] = {}
@@ -71,23 +92,7 @@ def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = N
         else:
             outcome["history"] = run_study(grid, study=study, run_dir=run_dir, reporter=reporter, extra_config=extra)
 
-    fed = study.federation
-    cpus = os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": fed.client_gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
-                      "logging_level": "error"},
-    }
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
-    _quiet_deprecation()
-    run_simulation(
-        server_app=server_app,
-        client_app=load_client_app(SECAGG_CLIENT_APP_REF if secure else CLIENT_APP_REF),
-        num_supernodes=fed.num_hospitals,
-        backend_config=backend_config,  # type: ignore[arg-type]
-    )
+    run_engine(server_app, client_app_ref=SECAGG_CLIENT_APP_REF if secure else CLIENT_APP_REF, study=study)
     if "history" not in outcome:
         raise FederationError("the simulated federation ended without a result (see the log above)")
     return outcome["history"]

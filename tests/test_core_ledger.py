@@ -83,7 +83,7 @@ def test_reserve_over_budget_refused_file_bytes_unchanged(tmp_path: Path) -> Non
     before = path.read_bytes()
     spent = led.spent()
 
-    with pytest.raises(BudgetExceededError, match="over the site's budget"):
+    with pytest.raises(BudgetExceededError, match="over the site's lifetime budget"):
         led.reserve(noise_multiplier=0.5, sample_rate=0.5, steps=100, study="s", round=2)
 
     assert path.read_bytes() == before

@@ -147,6 +147,10 @@ def test_tls_federation_runs_a_dp_study_and_survives_a_node_killed_mid_round(fed
     for name in HOSPITALS:  # each node's ledger is in its own state folder
         ledger = json.loads((f.prov / "nodes" / name / "state" / "privacy-ledger.json").read_text())
         assert len(ledger["entries"]) == 2
+        # every message ran in a process forked by the node's warm runtime (no cold imports)
+        assert "warm ClientApp runtime ready" in f.procs.log(name)
+        assert f.procs.log(name).count("train task (warm start)") >= 2, f.procs.log(name)[-3000:]
+        assert "(cold start)" not in f.procs.log(name)
 
     # 2. hospital-c is killed while training in round 1: the round completes with the other two
     #    (min_hospitals=2); hospital-c is restarted at once, is let back in once the coordinator has

@@ -78,9 +78,8 @@ def test_lifetime_limit_adds_up_across_studies(tmp_path: Path) -> None:
     ledger = PrivacyLedger.open(tmp_path / "l.json", budget_epsilon=100.0, delta=1e-5, dataset_id="d")
     # study 1 spends about 8 over 5 rounds, inside its per-study limit
     for rnd in range(1, 6):
-        plan = plan_round(ledger=PrivacyLedger.open(tmp_path / "x.json", budget_epsilon=8.0, delta=1e-5),
-                          privacy=study.privacy, training=study.training, num_examples=1000, server_round=1,
-                          total_rounds=5)
+        plan = plan_round(ledger=ledger, privacy=study.privacy, training=study.training, num_examples=1000,
+                          server_round=rnd, total_rounds=5, study_id="s1")
         check_request(policy=policy, study=study, study_id="s1", ledger=ledger, plan=plan)
         ledger.reserve(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
                        study="s1", round=rnd)
@@ -88,6 +87,8 @@ def test_lifetime_limit_adds_up_across_studies(tmp_path: Path) -> None:
     # study 2: its own per-study epsilon stays small, but the dataset's lifetime total would pass 10
     refused = None
     for rnd in range(1, 6):
+        plan = plan_round(ledger=ledger, privacy=study.privacy, training=study.training, num_examples=1000,
+                          server_round=rnd, total_rounds=5, study_id="s2")
         try:
             check_request(policy=policy, study=study, study_id="s2", ledger=ledger, plan=plan)
         except PolicyViolation as exc:

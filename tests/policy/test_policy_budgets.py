@@ -8,9 +8,9 @@ import pytest
 
 from fedrad.client.ledger import PrivacyLedger
 from fedrad.client.node_policy import NodePolicy, check_request
-from fedrad.client.privacy import RoundPlan
-from fedrad.common.config import parse_study
-from fedrad.common.errors import PolicyViolation
+from fedrad.client.privacy import RoundPlan, plan_round, reserve_round
+from fedrad.common.config import PrivacyConfig, TrainingConfig, parse_study
+from fedrad.common.errors import BudgetExceededError, PolicyViolation
 
 STUDY = parse_study({"federation": {"rounds": 10, "min_hospitals": 2}, "privacy": {"epsilon": 4.0},
                      "model": {"name": "cnn"}})
@@ -54,3 +54,71 @@ def test_lifetime_limit_refuses_a_new_study_with_its_own_budget_untouched(tmp_pa
     assert err.value.rule == "max_epsilon_lifetime"
     assert f"{policy.max_epsilon_lifetime:g}" in str(err.value)
     assert ledger.spent() == lifetime  # the refusal reserved nothing
+
+
+# ---------------------------------------------------------------- the ledger's own two budgets
+def _run_study(ledger: PrivacyLedger, study: str, *, epsilon: float = 8.0, rounds: int = 5) -> None:
+    privacy = PrivacyConfig(epsilon=epsilon, delta=1e-5)
+    training = TrainingConfig(batch_size=64)
+    for rnd in range(1, rounds + 1):
+        plan = plan_round(ledger=ledger, privacy=privacy, training=training, num_examples=1000, server_round=rnd,
+                          total_rounds=rounds, study_id=study)
+        reserve_round(ledger=ledger, plan=plan, study_id=study, server_round=rnd, study_budget=epsilon)
+
+
+def test_two_studies_on_one_dataset_share_its_lifetime_budget(tmp_path: Path) -> None:
+    path = tmp_path / "l.json"
+    ledger = PrivacyLedger.open(path, budget_epsilon=10.0, delta=1e-5, dataset_id="d")
+
+    _run_study(ledger, "s1")
+    after_s1 = ledger.spent()
+    _run_study(ledger, "s2")
+
+    # study 1 had the dataset to itself: its own epsilon was the limit
+    assert 7.5 < ledger.spent_by("s1") <= 8.0
+    assert after_s1 == pytest.approx(ledger.spent_by("s1"))
+    # study 2 asked for 8 too, but only the lifetime budget's remainder was left: more noise
+    assert ledger.spent_by("s2") < ledger.spent_by("s1")
+    assert 9.5 < ledger.spent() <= 10.0
+    # what is left is a sliver: study 3 only gets it under far more noise ...
+    s1_noise = max(e["noise_multiplier"] for e in ledger.entries if e["study"] == "s1")
+    try:
+        _run_study(ledger, "s3")
+    except BudgetExceededError:
+        pass
+    s3_noise = [e["noise_multiplier"] for e in ledger.entries if e["study"] == "s3"]
+    assert all(n > 5 * s1_noise for n in s3_noise)
+    assert ledger.spent() <= 10.0
+    # ... and a study that fixes its own noise is refused outright, with nothing written
+    before = path.read_bytes()
+    fixed = PrivacyConfig(epsilon=8.0, delta=1e-5, noise_multiplier=s1_noise)
+    plan = plan_round(ledger=ledger, privacy=fixed, training=TrainingConfig(batch_size=64), num_examples=1000,
+                      server_round=1, total_rounds=5, study_id="s4")
+    with pytest.raises(BudgetExceededError, match="lifetime budget of 10"):
+        reserve_round(ledger=ledger, plan=plan, study_id="s4", server_round=1, study_budget=8.0)
+    assert path.read_bytes() == before
+
+
+def test_a_study_is_held_to_its_own_epsilon_even_with_lifetime_budget_left(tmp_path: Path) -> None:
+    ledger = PrivacyLedger.open(tmp_path / "l.json", budget_epsilon=100.0, delta=1e-5, dataset_id="d")
+
+    _run_study(ledger, "s1", epsilon=3.0)
+
+    assert 2.8 < ledger.spent_by("s1") <= 3.0  # calibrated to the study's 3, not the dataset's 100
+    with pytest.raises(BudgetExceededError, match="study s1's epsilon"):  # a sixth round at the same noise
+        last = ledger.entries[-1]
+        ledger.reserve(noise_multiplier=last["noise_multiplier"], sample_rate=last["sample_rate"],
+                       steps=last["steps"], study="s1", round=6, study_budget=3.0)
+    assert len(ledger.entries) == 5
+
+
+def test_simulated_site_ledger_is_the_studys_budget_and_a_node_keeps_its_own() -> None:
+    from fedrad.client.site import Site
+
+    study_privacy = PrivacyConfig(epsilon=8.0, delta=1e-5)
+    sim = Site(name="h", data=None, ledger_path=Path("l.json"), dataset_id="d")  # type: ignore[arg-type]
+    node = Site(name="h", data=None, ledger_path=Path("l.json"), dataset_id="d", budget=(20.0, 1e-5))  # type: ignore[arg-type]
+
+    assert sim.ledger_budget(study_privacy) == (8.0, 1e-5)
+    assert node.ledger_budget(study_privacy) == (20.0, 1e-5)  # lifetime: not cut to one study's ask
+    assert node.ledger_budget(PrivacyConfig(epsilon=30.0, delta=1e-6)) == (20.0, 1e-6)
