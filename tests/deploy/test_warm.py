@@ -65,6 +65,14 @@ def _shim(sock: Path, *args: str, cwd: Path, extra_env: dict[str, str] | None = 
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def _sleeping_task(sock: Path, tmp_path: Path) -> tuple[subprocess.Popen[str], int]:
+    """A shim whose task sleeps for a minute, and the task's pid once it runs."""
+    pidfile = tmp_path / "task.pid"
+    shim = _shim(sock, "sleep", str(pidfile), "60", cwd=tmp_path)
+    assert _wait(lambda: pidfile.exists() and pidfile.read_text() != "")
+    return shim, int(pidfile.read_text())
+
+
 def test_task_runs_in_a_forked_process_with_the_shims_stdio_env_cwd_and_exit_code(server, tmp_path: Path) -> None:
     sock, proc = server
     assert len(str(sock)) > 108
@@ -99,10 +107,7 @@ def test_sys_exit_status_is_relayed(server, tmp_path: Path) -> None:
 
 def test_sigterm_to_the_shim_reaches_the_task(server, tmp_path: Path) -> None:
     sock, _ = server
-    pidfile = tmp_path / "task.pid"
-    shim = _shim(sock, "sleep", str(pidfile), "60", cwd=tmp_path)
-    assert _wait(lambda: pidfile.exists() and pidfile.read_text() != "")
-    task = int(pidfile.read_text())
+    shim, task = _sleeping_task(sock, tmp_path)
 
     shim.send_signal(signal.SIGTERM)
     shim.communicate(timeout=30)
@@ -113,10 +118,7 @@ def test_sigterm_to_the_shim_reaches_the_task(server, tmp_path: Path) -> None:
 
 def test_task_is_stopped_when_its_launcher_dies(server, tmp_path: Path) -> None:
     sock, _ = server
-    pidfile = tmp_path / "task.pid"
-    shim = _shim(sock, "sleep", str(pidfile), "60", cwd=tmp_path)
-    assert _wait(lambda: pidfile.exists() and pidfile.read_text() != "")
-    task = int(pidfile.read_text())
+    shim, task = _sleeping_task(sock, tmp_path)
 
     shim.kill()
     shim.wait(timeout=10)
@@ -126,10 +128,7 @@ def test_task_is_stopped_when_its_launcher_dies(server, tmp_path: Path) -> None:
 
 def test_server_stop_ends_tasks_and_removes_socket(server, tmp_path: Path) -> None:
     sock, proc = server
-    pidfile = tmp_path / "task.pid"
-    shim = _shim(sock, "sleep", str(pidfile), "60", cwd=tmp_path)
-    assert _wait(lambda: pidfile.exists() and pidfile.read_text() != "")
-    task = int(pidfile.read_text())
+    shim, task = _sleeping_task(sock, tmp_path)
 
     proc.terminate()
     proc.wait(timeout=30)
