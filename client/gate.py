@@ -8,8 +8,11 @@ on ``PATH``), which pulls message, Context, Run and FAB from the SuperNode
 folder first on ``sys.path`` and imports the ClientApp it names (``get_load_client_app_fn``).
 Flower's own check at this point (``--trusted-entities``) needs FABs signed by its hub.
 
-``fedrad-node start`` puts a ``flwr-clientapp`` of its own first on ``PATH`` (:func:`write_shim`,
-:func:`gated_env`). It runs Flower's ClientApp process unchanged except at those three calls
+``fedrad-node start`` puts a ``flwr-clientapp`` and a ``flower-superexec`` of its own first on
+``PATH`` (:func:`write_shim`, :func:`gated_env`) and runs the SuperNode with its own interpreter.
+Its ``flower-superexec`` is Flower's, except that it starts the gate by absolute path: a wrapper
+that puts another folder first on ``PATH`` (pyenv's shims do) cannot make SuperExec find Flower's
+ungated ``flwr-clientapp`` instead (:func:`superexec_main`). It runs Flower's ClientApp process unchanged except at those three calls
 (:func:`install_gate`): right after the FAB arrives its hash is checked against the node's
 allow-list (:func:`fedrad.client.approval.verify_app`); an app that is not approved is neither
 unpacked nor imported, and the reply is an error (``ERR_POLICY``, rule ``app_approval``) sent by
@@ -45,8 +48,12 @@ log = logging.getLogger(__name__)
 
 #: The command SuperExec starts for every ClientApp task (``flwr.supercore.constant``).
 CLIENTAPP_COMMAND = "flwr-clientapp"
+#: The command the SuperNode starts its SuperExec with (``flwr.supernode.start_client_internal``).
+SUPEREXEC_COMMAND = "flower-superexec"
 #: Fallback for the node.yaml path when the SuperNode's node config lacks it (set by fedrad-node start).
 NODE_CONFIG_ENV = "FEDRAD_NODE_CONFIG"
+#: The folder holding the node's gate and SuperExec (set by :func:`gated_env`; read by the SuperNode process).
+GATE_BIN_ENV = "FEDRAD_GATE_BIN"
 #: Set in the ClientApp process once the gate approved its app (read by :func:`require_gate`).
 GATE_APPROVED_ENV = "FEDRAD_APPROVED_APP"
 #: The Flower calls the gate wraps, in ``flwr.supernode.runtime.run_clientapp``.
@@ -244,23 +251,56 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0  # pragma: no cover
 
 
+def superexec_main(bin_dir: str | Path) -> int:
+    """The node's ``flower-superexec``: Flower's SuperExec, starting ClientApp tasks only through
+    the gate in ``bin_dir`` (by absolute path). Fails closed if this Flower has no such mapping."""
+    gate_path = Path(bin_dir).resolve() / CLIENTAPP_COMMAND
+    if not os.access(gate_path, os.X_OK):
+        log.error("the node's gate %s is missing: refusing to start SuperExec", gate_path)
+        return 1
+    try:
+        from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+        TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = str(gate_path)  # the executors read this dict per launch
+        from flwr.supercore.cli import flower_superexec
+    except (ImportError, AttributeError, KeyError) as exc:
+        log.error("cannot gate this Flower version's SuperExec (%s): refusing to start", exc)
+        return 1
+    os.environ["PATH"] = os.pathsep.join([str(gate_path.parent), os.environ.get("PATH", "")])
+    sys.argv[0] = SUPEREXEC_COMMAND
+    flower_superexec()
+    return 0
+
+
 # ---------------------------------------------------------------------------- launcher side
-def write_shim(bin_dir: str | Path, *, python: str | None = None) -> Path:
-    """Write the node's ``flwr-clientapp`` (runs :func:`main` with this interpreter) into ``bin_dir``."""
-    d = Path(bin_dir)
-    d.mkdir(parents=True, exist_ok=True)
-    target = d / CLIENTAPP_COMMAND
-    text = (f"#!{python or sys.executable}\n"
-            "# fedrad: Flower's flwr-clientapp behind the node's app-approval gate (written by fedrad-node start);\n"
-            "# run by the node's warm runtime when it is up (fedrad.client.warm), else cold\n"
-            "import os\nimport sys\nimport time\n\n"
-            f"os.environ[{TASK_T0_ENV!r}] = repr(time.time())\n\n"
-            "from fedrad.client.warm import run_task\n\nsys.exit(run_task(sys.argv[1:]))\n")
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=d)
+def _write_executable(target: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     with os.fdopen(fd, "w", encoding="utf-8") as fh:
         fh.write(text)
     os.chmod(tmp, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP)
     os.replace(tmp, target)
+
+
+def write_shim(bin_dir: str | Path, *, python: str | None = None) -> Path:
+    """Write the node's ``flwr-clientapp`` (runs :func:`main` with this interpreter) and its
+    ``flower-superexec`` (:func:`superexec_main`) into ``bin_dir``; returns the ``flwr-clientapp``."""
+    d = Path(bin_dir)
+    d.mkdir(parents=True, exist_ok=True)
+    interpreter = python or sys.executable
+    target = d / CLIENTAPP_COMMAND
+    _write_executable(target, (
+        f"#!{interpreter}\n"
+        "# fedrad: Flower's flwr-clientapp behind the node's app-approval gate (written by fedrad-node start);\n"
+        "# run by the node's warm runtime when it is up (fedrad.client.warm), else cold\n"
+        "import os\nimport sys\nimport time\n\n"
+        f"os.environ[{TASK_T0_ENV!r}] = repr(time.time())\n\n"
+        "from fedrad.client.warm import run_task\n\nsys.exit(run_task(sys.argv[1:]))\n"))
+    _write_executable(d / SUPEREXEC_COMMAND, (
+        f"#!{interpreter}\n"
+        "# fedrad: Flower's flower-superexec, starting ClientApps only through this folder's gate\n"
+        "# (written by fedrad-node start)\n"
+        "import sys\n\nfrom fedrad.client.gate import superexec_main\n\n"
+        f"sys.exit(superexec_main({str(d.resolve())!r}))\n"))
     return target
 
 
@@ -268,14 +308,28 @@ def gated_env(*, bin_dir: str | Path, node_config: str | Path, base: Mapping[str
     """Environment for ``flower-supernode`` / ``flower-superexec``: the gate first on PATH."""
     env = dict(os.environ if base is None else base)
     env["PATH"] = os.pathsep.join([str(Path(bin_dir).resolve()), env.get("PATH", "")])
+    env[GATE_BIN_ENV] = str(Path(bin_dir).resolve())
     env[NODE_CONFIG_ENV] = str(Path(node_config).resolve())
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     return env
 
 
+def regate_path() -> None:
+    """In the SuperNode's own process: put the gate's folder first on ``PATH`` again (a wrapper
+    such as pyenv's shims may have put another first since :func:`gated_env`), then check it.
+    Raises :class:`FedradError` when the process was not started with a gated environment."""
+    bin_dir = os.environ.get(GATE_BIN_ENV)
+    if not bin_dir:
+        raise FedradError(f"{GATE_BIN_ENV} is not set: start the node with `fedrad-node start`")
+    os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    check_gated(os.environ, bin_dir=bin_dir)
+
+
 def check_gated(env: Mapping[str, str], *, bin_dir: str | Path) -> None:
-    """Raise :class:`FedradError` unless ``flwr-clientapp`` resolves to the gate under ``env``."""
-    found = shutil.which(CLIENTAPP_COMMAND, path=env.get("PATH"))
-    want = Path(bin_dir).resolve() / CLIENTAPP_COMMAND
-    if found is None or Path(found).resolve() != want:
-        raise FedradError(f"{CLIENTAPP_COMMAND} resolves to {found}, not the node's gate {want}; refusing to start")
+    """Raise :class:`FedradError` unless ``flwr-clientapp`` and ``flower-superexec`` resolve to the
+    node's own under ``env``."""
+    for command in (CLIENTAPP_COMMAND, SUPEREXEC_COMMAND):
+        found = shutil.which(command, path=env.get("PATH"))
+        want = Path(bin_dir).resolve() / command
+        if found is None or Path(found).resolve() != want:
+            raise FedradError(f"{command} resolves to {found}, not the node's gate {want}; refusing to start")

@@ -158,6 +158,15 @@ def run_supernode(argv: list[str], *, poll_interval_s: float | None) -> None:
 if __name__ == "__main__":  # ``python -m fedrad.client.node FLOWER-SUPERNODE-ARGS``: what fedrad-node start runs
     import os
 
+    from fedrad.common.errors import FedradError
+
+    from .gate import regate_path
+
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        regate_path()  # the SuperExec this SuperNode starts must be the node's, whatever ran us
+    except FedradError as exc:
+        log.error("%s", exc)
+        sys.exit(exc.exit_code)
     poll = os.environ.get(POLL_ENV)
     run_supernode(sys.argv[1:], poll_interval_s=float(poll) if poll else None)

@@ -30,7 +30,7 @@ from fedrad.client.approval import (
 from fedrad.client.audit_log import AuditLog
 from fedrad.client.cli import main as node_main
 from fedrad.client.node import NODE_CONFIG_KEY
-from fedrad.common.errors import ConfigError, PolicyViolation
+from fedrad.common.errors import ConfigError, FedradError, PolicyViolation
 from fedrad.common.protocol import ERR_POLICY
 
 PYPROJECT = """[build-system]
@@ -259,6 +259,45 @@ def test_shim_is_what_superexec_finds_on_path(tmp_path: Path, node_yaml: Path) -
     assert shim.read_text().startswith(f"#!{sys.executable}\n")
     out = subprocess.run(["flwr-clientapp", "--help"], env=env, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and "--runtime-api-address" in out.stdout
+    assert (bin_dir / gate.SUPEREXEC_COMMAND).read_text().startswith(f"#!{sys.executable}\n")
+
+
+def test_node_superexec_starts_only_the_gate_by_absolute_path(tmp_path: Path, monkeypatch) -> None:
+    from flwr.supercore import cli
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+
+    bin_dir = tmp_path / "bin"
+    monkeypatch.setitem(TASK_TYPE_TO_COMMAND, TaskType.CLIENT_APP, gate.CLIENTAPP_COMMAND)
+    monkeypatch.setattr(cli, "flower_superexec", lambda: None)  # Flower's loop itself is not under test
+    monkeypatch.setenv("PATH", os.environ["PATH"])
+    monkeypatch.setattr(sys, "argv", list(sys.argv))
+
+    assert gate.superexec_main(bin_dir) == 1  # no gate there yet: refuses to start (fails closed)
+    gate.write_shim(bin_dir)
+    assert gate.superexec_main(bin_dir) == 0
+
+    assert TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] == str((bin_dir / gate.CLIENTAPP_COMMAND).resolve())
+    assert os.environ["PATH"].split(os.pathsep)[0] == str(bin_dir.resolve())
+
+
+def test_supernode_process_puts_the_gate_first_again(tmp_path: Path, node_yaml: Path, monkeypatch) -> None:
+    bin_dir = tmp_path / "state" / "bin"
+    gate.write_shim(bin_dir)
+    env = gate.gated_env(bin_dir=bin_dir, node_config=node_yaml)
+    hostile = tmp_path / "hostile"  # what a wrapper (pyenv's shims) may put first after gated_env
+    hostile.mkdir()
+    for name in (gate.CLIENTAPP_COMMAND, gate.SUPEREXEC_COMMAND):
+        (hostile / name).write_text("#!/bin/sh\nexit 0\n")
+        (hostile / name).chmod(0o755)
+    monkeypatch.setenv("PATH", os.pathsep.join([str(hostile), env["PATH"]]))
+    monkeypatch.setenv(gate.GATE_BIN_ENV, env[gate.GATE_BIN_ENV])
+
+    gate.regate_path()
+
+    gate.check_gated(os.environ, bin_dir=bin_dir)
+    monkeypatch.delenv(gate.GATE_BIN_ENV)
+    with pytest.raises(FedradError, match="fedrad-node start"):
+        gate.regate_path()
 
 
 # ---------------------------------------------------------------------------- fedrad-node apps

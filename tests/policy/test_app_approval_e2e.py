@@ -12,6 +12,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,10 +116,17 @@ def federation(tmp_path: Path) -> Iterator[dict[str, object]]:
                                       stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT,
                                       start_new_session=True))
         time.sleep(3)
+        # The SuperNode as `fedrad-node start` runs it, behind a wrapper that puts Flower's own
+        # (ungated) flwr-clientapp and flower-superexec first on PATH, as pyenv's shims do.
+        flower_clientapp = shutil.which("flwr-clientapp", path=os.pathsep.join(
+            [os.path.dirname(sys.executable), os.path.dirname(os.path.realpath(sys.executable))]))
+        assert flower_clientapp is not None, "Flower's own flwr-clientapp not found beside the interpreter"
+        flower_bin = str(Path(flower_clientapp).parent)
         procs.append(subprocess.Popen(
-            ["flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{link_port}", "--port", str(runtime_port),
-             "--node-config", f'fedrad-node-config="{node / "node.yaml"}"'],
-            env=node_env, stdout=open(tmp_path / "supernode.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
+            ["/bin/sh", "-c", 'PATH="$FLOWER_BIN:$PATH" exec "$@"', "sh",
+             sys.executable, "-m", "fedrad.client.node", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+             "--port", str(runtime_port), "--node-config", f'fedrad-node-config="{node / "node.yaml"}"'],
+            env={**node_env, "FLOWER_BIN": flower_bin}, stdout=open(tmp_path / "supernode.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
         yield {"app": app, "env": base, "node": node, "out": out, "tmp": tmp_path}
     finally:
         for p in procs:
