@@ -17,7 +17,6 @@ needs its hub, which hospitals cannot reach, so fedrad builds approval from offl
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import io
@@ -136,9 +135,6 @@ class AppAllowList:
     def for_state_dir(cls, state_dir: str | Path) -> "AppAllowList":
         return cls(Path(state_dir) / APPROVALS_FILE)
 
-    def _locked(self) -> contextlib.AbstractContextManager[None]:
-        return locked(self.path)
-
     def _read(self) -> dict[str, Any]:
         if not self.path.exists():
             return {"version": APPROVALS_VERSION, "apps": []}
@@ -185,7 +181,7 @@ class AppAllowList:
         digest = check_hash(digest)
         if info is not None and info.fab_hash != digest:
             raise ConfigError("<command line>", [f"<command line>: bundle hash {info.fab_hash} != {digest}"])
-        with self._locked():
+        with locked(self.path):
             data = self._read()
             for r in data["apps"]:
                 if r.get("fab_hash") == digest and not r.get("revoked_at"):
@@ -210,7 +206,7 @@ class AppAllowList:
 
     def revoke(self, *, digest: str, by: str, reason: str = "") -> dict[str, Any]:
         """Revoke the approval in force for a FAB hash (the record is kept, marked revoked)."""
-        with self._locked():
+        with locked(self.path):
             data = self._read()
             for r in data["apps"]:
                 if r.get("fab_hash") == digest and not r.get("revoked_at"):

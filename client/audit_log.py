@@ -10,7 +10,6 @@ deleted, inserted, reordered or truncated entry.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -46,9 +45,6 @@ class AuditLog:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.head_path = self.path.with_name(self.path.name + ".head")
-
-    def _locked(self) -> contextlib.AbstractContextManager[None]:
-        return locked(self.path)
 
     def _head(self) -> tuple[str, int]:
         if not self.head_path.exists():
@@ -107,7 +103,7 @@ class AuditLog:
         outcome: str = "sent",
     ) -> dict[str, Any]:
         """Record one outgoing message (``content`` None for a refusal) and return the entry."""
-        with self._locked():
+        with locked(self.path):
             prev, count = self._consistent_head()
             entry: dict[str, Any] = {
                 "seq": count + 1,

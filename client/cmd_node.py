@@ -14,9 +14,13 @@ import sys
 import time
 from pathlib import Path
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from fedrad.common.cli import console, err_console
+from fedrad.common.cli import console, err_console, stop_process
 from fedrad.common.errors import ConfigError, FedradError
+
+if TYPE_CHECKING:
+    from .node_config import NodeConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -30,11 +34,25 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     s.set_defaults(handler=run_start)
 
 
-def preflight(config: Path, *, probe: bool = True) -> list[tuple[str, str]]:
+def probe_coordinator(node: NodeConfig) -> tuple[tuple[str, str] | None, tuple[str, str] | None]:
+    """Contact the coordinator as the SuperNode would (TCP, then TLS against the kit's CA and the
+    configured host name): (problem, warning), each a (text, fix) pair or None. An unreachable
+    coordinator is only a warning: the node starts anyway and keeps retrying."""
+    from .node import probe_superlink
+
+    found = probe_superlink(node.superlink, ca=node.root_certificates, insecure=node.insecure)
+    if found is None:
+        return None, None
+    kind, text = found[0].split(": ", 1)
+    return (None, (text, found[1])) if kind == "unreachable" else ((text, found[1]), None)
+
+
+def preflight(config: Path, *, probe: bool = True, warnings: list[tuple[str, str]] | None = None
+              ) -> list[tuple[str, str]]:
     """(problem, fix) pairs; empty when the node is ready.
 
-    With ``probe`` the coordinator is contacted as the SuperNode would (TCP, then TLS against the
-    kit's CA and the configured host name).
+    With ``probe`` the coordinator is contacted (:func:`probe_coordinator`); an unreachable one is
+    appended to ``warnings`` (when given), not to the problems.
     """
     from cryptography import x509
     from cryptography.hazmat.primitives import serialization
@@ -84,30 +102,22 @@ def preflight(config: Path, *, probe: bool = True) -> list[tuple[str, str]]:
     if shutil.which("flower-supernode") is None:
         problems.append(("flower-supernode not on PATH", "install fedrad (pip install .) in this environment"))
     if probe and not any("CA certificate" in p for p, _ in problems):
-        from .node import probe_superlink
-
-        found = probe_superlink(node.superlink, ca=node.root_certificates, insecure=node.insecure)
-        # An unreachable coordinator does not stop the node (it keeps retrying): run_check warns.
-        if found is not None and not found[0].startswith("unreachable:"):
-            problems.append((found[0].split(": ", 1)[1], found[1]))
+        problem, warning = probe_coordinator(node)
+        if problem is not None:
+            problems.append(problem)
+        if warning is not None and warnings is not None:
+            warnings.append(warning)
     return problems
 
 
 def run_check(args: argparse.Namespace) -> int:
     import torch
 
-    from .node import probe_superlink
-    from .node_config import load_node_config
-
-    problems = preflight(args.config)
-    try:
-        node = load_node_config(args.config)
-        found = probe_superlink(node.superlink, ca=node.root_certificates, insecure=node.insecure)
-        if found is not None and found[0].startswith("unreachable:"):
-            err_console.print(f"[yellow]warning:[/] {found[0].split(': ', 1)[1]}\n  [bold]fix:[/] {found[1]}"
-                              "\n  (the node would start anyway and keep retrying)")
-    except ConfigError:
-        pass  # already reported by preflight
+    warnings: list[tuple[str, str]] = []
+    problems = preflight(args.config, warnings=warnings)
+    for warning, fix in warnings:
+        err_console.print(f"[yellow]warning:[/] {warning}\n  [bold]fix:[/] {fix}"
+                          "\n  (the node would start anyway and keep retrying)")
     device = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU (no CUDA GPU visible)"
     console.print(f"compute: {device}")
     if not problems:
@@ -150,7 +160,7 @@ WARM_START_TIMEOUT_S = 120.0
 
 
 def run_start(args: argparse.Namespace) -> int:
-    from .node import POLL_ENV, probe_superlink
+    from .node import POLL_ENV
     from .node_config import load_node_config
 
     cmd = supernode_command(args.config, insecure=args.insecure)
@@ -161,12 +171,11 @@ def run_start(args: argparse.Namespace) -> int:
     if problems:
         raise FedradError("preflight failed: " + "; ".join(p for p, _ in problems) + " (run fedrad-node check)")
     node = load_node_config(args.config)
-    found = probe_superlink(node.superlink, ca=node.root_certificates, insecure=node.insecure)
-    if found is not None:
-        problem, fix = found
-        if not problem.startswith("unreachable:"):
-            raise FedradError(f"{problem.split(': ', 1)[1]} (fix: {fix})")
-        err_console.print(f"[yellow]warning:[/] {problem.split(': ', 1)[1]}; the node keeps retrying")
+    problem, warning = probe_coordinator(node)
+    if problem is not None:
+        raise FedradError(f"{problem[0]} (fix: {problem[1]})")
+    if warning is not None:
+        err_console.print(f"[yellow]warning:[/] {warning[0]}; the node keeps retrying")
     # Every ClientApp task runs behind the node's app-approval gate (an unapproved FAB is never
     # unpacked), and nothing is installed at run time: the node runs the fedrad installed here.
     from .gate import check_gated, gated_env, write_shim
@@ -199,13 +208,8 @@ def run_start(args: argparse.Namespace) -> int:
         return supervise([sys.executable, "-m", "fedrad.client.node", *cmd[1:]], env=env,
                          rejoin_timeout_s=node.rejoin_timeout_s)
     finally:
-        if warm is not None and warm.poll() is None:  # tasks in flight are stopped with the node
-            warm.terminate()
-            try:
-                warm.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                warm.kill()
-                warm.wait()
+        if warm is not None:  # tasks in flight are stopped with the node
+            stop_process(warm, grace_s=30)
 
 
 def supervise(cmd: list[str], *, env: dict[str, str], rejoin_timeout_s: float, pause_s: float = 10.0) -> int:

@@ -12,8 +12,9 @@ Flower's own check at this point (``--trusted-entities``) needs FABs signed by i
 ``PATH`` (:func:`write_shim`, :func:`gated_env`) and runs the SuperNode with its own interpreter.
 Its ``flower-superexec`` is Flower's, except that it starts the gate by absolute path: a wrapper
 that puts another folder first on ``PATH`` (pyenv's shims do) cannot make SuperExec find Flower's
-ungated ``flwr-clientapp`` instead (:func:`superexec_main`). It runs Flower's ClientApp process unchanged except at those three calls
-(:func:`install_gate`): right after the FAB arrives its hash is checked against the node's
+ungated ``flwr-clientapp`` instead (:func:`superexec_main`).
+
+The gate runs Flower's ClientApp process unchanged except at those three calls (:func:`install_gate`): right after the FAB arrives its hash is checked against the node's
 allow-list (:func:`fedrad.client.approval.verify_app`); an app that is not approved is neither
 unpacked nor imported, and the reply is an error (``ERR_POLICY``, rule ``app_approval``) sent by
 fedrad's own code, recorded in the node's audit log. Runtime dependency installation is always
@@ -27,7 +28,6 @@ import importlib
 import logging
 import os
 import shutil
-import stat
 import sys
 import tempfile
 import time
@@ -39,6 +39,7 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
+from fedrad.common.durable import atomic_write_text
 from fedrad.common.errors import FedradError
 from fedrad.common.protocol import CONFIG_KEY, ERR_POLICY
 
@@ -59,6 +60,7 @@ GATE_APPROVED_ENV = "FEDRAD_APPROVED_APP"
 #: The Flower calls the gate wraps, in ``flwr.supernode.runtime.run_clientapp``.
 GATED_CALLS = ("pull_task_input", "install_from_fab", "get_load_client_app_fn")
 _DEP_INSTALL_FLAG = "--allow-runtime-dependency-installation"
+_EXECUTABLE = 0o750  # the node's own user runs the shims; group may read and run them
 #: Wall-clock time (``time.time()``) at which this task's process started (set by the shim; for the timing log).
 TASK_T0_ENV = "FEDRAD_TASK_T0"
 
@@ -273,34 +275,25 @@ def superexec_main(bin_dir: str | Path) -> int:
 
 
 # ---------------------------------------------------------------------------- launcher side
-def _write_executable(target: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.chmod(tmp, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP)
-    os.replace(tmp, target)
-
-
 def write_shim(bin_dir: str | Path, *, python: str | None = None) -> Path:
     """Write the node's ``flwr-clientapp`` (runs :func:`main` with this interpreter) and its
     ``flower-superexec`` (:func:`superexec_main`) into ``bin_dir``; returns the ``flwr-clientapp``."""
     d = Path(bin_dir)
-    d.mkdir(parents=True, exist_ok=True)
     interpreter = python or sys.executable
     target = d / CLIENTAPP_COMMAND
-    _write_executable(target, (
+    atomic_write_text(target, (
         f"#!{interpreter}\n"
         "# fedrad: Flower's flwr-clientapp behind the node's app-approval gate (written by fedrad-node start);\n"
         "# run by the node's warm runtime when it is up (fedrad.client.warm), else cold\n"
         "import os\nimport sys\nimport time\n\n"
         f"os.environ[{TASK_T0_ENV!r}] = repr(time.time())\n\n"
-        "from fedrad.client.warm import run_task\n\nsys.exit(run_task(sys.argv[1:]))\n"))
-    _write_executable(d / SUPEREXEC_COMMAND, (
+        "from fedrad.client.warm import run_task\n\nsys.exit(run_task(sys.argv[1:]))\n"), mode=_EXECUTABLE)
+    atomic_write_text(d / SUPEREXEC_COMMAND, (
         f"#!{interpreter}\n"
         "# fedrad: Flower's flower-superexec, starting ClientApps only through this folder's gate\n"
         "# (written by fedrad-node start)\n"
         "import sys\n\nfrom fedrad.client.gate import superexec_main\n\n"
-        f"sys.exit(superexec_main({str(d.resolve())!r}))\n"))
+        f"sys.exit(superexec_main({str(d.resolve())!r}))\n"), mode=_EXECUTABLE)
     return target
 
 

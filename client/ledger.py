@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import time
@@ -58,7 +57,7 @@ class PrivacyLedger:
         if accountant not in ACCOUNTANTS:
             raise PrivacyError(f"unknown accountant {accountant!r}")
         p = Path(path)
-        with cls._locked(p):
+        with locked(p):
             if p.exists():
                 data = cls._read(p)
                 for key, want in (("delta", delta), ("accountant", accountant), ("dataset_id", dataset_id)):
@@ -95,10 +94,6 @@ class PrivacyLedger:
         if not p.exists():
             raise LedgerError(f"{p}: no such privacy ledger")
         return cls(p, cls._read(p))
-
-    @staticmethod
-    def _locked(path: Path) -> contextlib.AbstractContextManager[None]:
-        return locked(path)
 
     @staticmethod
     def _read(path: Path) -> dict[str, Any]:
@@ -162,7 +157,7 @@ class PrivacyLedger:
         budget or (when given) ``study_budget`` for this study's own work."""
         if study_budget is not None and not study_budget > 0:
             raise PrivacyError(f"study_budget must be > 0, got {study_budget!r}")
-        with self._locked(self.path):
+        with locked(self.path):
             self._reload()
             before = self.spent()
             after = self.preview(noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps)

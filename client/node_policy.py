@@ -57,8 +57,7 @@ def load_policy(path: str | Path) -> NodePolicy:
 
 
 def _study_epsilon(ledger: PrivacyLedger, study_id: str, plan: RoundPlan) -> float:
-    hist = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in ledger.entries if e["study"] == study_id]
-    hist.append((plan.noise_multiplier, plan.sample_rate, plan.steps))
+    hist = [*ledger.history_of(study_id), (plan.noise_multiplier, plan.sample_rate, plan.steps)]
     return epsilon_for(history=hist, delta=ledger.delta, accountant=ledger.accountant)
 
 

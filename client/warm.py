@@ -121,20 +121,15 @@ def run_via_warm_runtime(argv: Sequence[str], *, socket_path: str | None = None)
 
     for sig in _SIGNALS:
         signal.signal(sig, forward)
-    with sock, reader:
-        while True:
-            try:
-                line = reader.readline()
-            except InterruptedError:  # pragma: no cover (PEP 475 retries)
-                continue
-            except OSError:
-                return 1
-            parts = line.split()
-            if not parts:
-                return 1  # the runtime went away without the task's status
-            if parts[0] == "exit" and len(parts) == 2:
-                code = int(parts[1])
-                return 128 - code if code < 0 else code
+    with sock, reader:  # the waiter's only other line: the task's exit status
+        try:
+            parts = reader.readline().split()
+        except OSError:
+            parts = []
+    if len(parts) != 2 or parts[0] != "exit":
+        return 1  # the runtime went away without the task's status
+    code = int(parts[1])
+    return 128 - code if code < 0 else code
 
 
 # ---------------------------------------------------------------------------- server side

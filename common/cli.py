@@ -1,4 +1,5 @@
-"""Shared command-line plumbing: sub-command discovery, logging set-up, error-to-exit-code mapping.
+"""Shared command-line plumbing: sub-command discovery, logging set-up, error-to-exit-code mapping,
+stopping the child processes a command started.
 
 Each package (``fedrad.server``, ``fedrad.client``) holds modules named ``cmd_<name>.py`` with a
 ``register(subparsers) -> None`` function that adds its sub-command(s) and sets
@@ -13,6 +14,7 @@ import importlib
 import logging
 import os
 import pkgutil
+import subprocess
 import sys
 import warnings
 from collections.abc import Sequence
@@ -26,6 +28,18 @@ from .errors import ConfigError, FedradError
 #: Where CLIs write human-facing output (stdout); logs go to stderr.
 console = Console(highlight=False)
 err_console = Console(stderr=True, highlight=False)
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, grace_s: float) -> None:
+    """SIGTERM ``proc`` if it still runs, SIGKILL it after ``grace_s`` seconds; always reaped."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def discover_commands(package: ModuleType) -> list[ModuleType]:

@@ -12,7 +12,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from fedrad.common.cli import console, err_console
+from fedrad.common.cli import console, err_console, stop_process
 
 if TYPE_CHECKING:
     from fedrad.server.coordinator import Coordinator
@@ -115,13 +115,7 @@ def run_start(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         return 0
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        stop_process(proc, grace_s=15)
         co.info_path.unlink(missing_ok=True)
 
 
