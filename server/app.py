@@ -86,6 +86,8 @@ def main(grid: Grid, context: Context) -> None:
     poll = float(context.run_config.get(POLL_KEY, 0.25) or 0.0)  # type: ignore[arg-type]
     if poll > 0:
         grid = FastPollGrid(grid, interval=poll)
+    if study.secure_aggregation.enabled:  # `fedrad run` refuses these first; hospitals would refuse every round
+        raise FederationError("secure aggregation runs in simulation only in this release (`fedrad simulate`)")
     history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter())
     for event in history.events:
         log.info("note: %s", event)

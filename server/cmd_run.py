@@ -62,6 +62,10 @@ def run_run(args: argparse.Namespace) -> int:
     co = cdn.Coordinator(prov_dir(args.prov))
     study_file = args.config.resolve()
     study = load_study(study_file)  # every config problem surfaces here, before anything is submitted
+    if study.secure_aggregation.enabled:  # the deployment ServerApp runs plain FedAvg-family studies only
+        raise FederationError("secure aggregation runs in simulation only in this release (`fedrad simulate`); "
+                              "deployed hospitals would refuse every round of this study (its updates would "
+                              "leave unmasked). Set secure_aggregation.enabled: false or simulate it.")
     info = _running(co)
     fed = study.federation
     if not info.get("insecure"):

@@ -497,14 +497,15 @@ def run_secagg_study(
                               "round-offset": offset, ARRAY_NAMES_KEY: json.dumps(names), **(extra_config or {})}
 
     def central_evaluate(n: int, t_round: float) -> None:
+        if n == offset and offset:
+            return  # resuming: the initial test result is already in the history
         metrics: dict[str, Any] = {}
         if test is not None:
             ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size)
             metrics = {"loss": ev.loss, **ev.summary.as_dict(), "num_examples": ev.num_examples}
         if n == offset:
-            if not offset:
-                history.initial_test = metrics
-                history.save()
+            history.initial_test = metrics
+            history.save()
             return
         rec = history.round(n)
         rec.global_test = metrics
