@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 #: File name of the allow-list in the node's state folder.
 APPROVALS_FILE = "approved-apps.json"
 APPROVALS_VERSION = 1
-#: The ClientApp an "installed code only" FAB must name (fedrad's, from the installed package).
-INSTALLED_CLIENTAPP = "fedrad.client.app:app"
+#: The ClientApps an "installed code only" FAB may name (fedrad's, from the installed package): the
+#: deployment bundle names the SecAgg+-capable app, which answers plain studies with the plain app.
+INSTALLED_CLIENTAPPS = ("fedrad.client.secagg_app:app", "fedrad.client.app:app")
 #: Files that are (or can carry) executable code; an "installed code only" FAB holds none.
 CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyx", ".so", ".pyd", ".pth", ".dll", ".dylib", ".whl", ".egg", ".zip",
                  ".sh", ".ipynb")
@@ -240,9 +241,9 @@ def verify_app(
             shown = ", ".join(info.code_files[:5]) + (" ..." if len(info.code_files) > 5 else "")
             raise AppNotApproved(f"app {info.label} (sha256 {digest}) carries code ({shown}); this node runs only its "
                                  "installed fedrad")
-        if info.clientapp != INSTALLED_CLIENTAPP:
+        if info.clientapp not in INSTALLED_CLIENTAPPS:
             raise AppNotApproved(f"app {info.label} (sha256 {digest}) names ClientApp {info.clientapp!r}; this node "
-                                 f"runs only {INSTALLED_CLIENTAPP!r}")
+                                 f"runs only {' or '.join(map(repr, INSTALLED_CLIENTAPPS))}")
     if settings.require_approval:
         try:
             record = allow_list.lookup(digest)

@@ -56,7 +56,7 @@ publisher = "fedrad"
 
 [tool.flwr.app.components]
 serverapp = "fedrad.server.app:app"
-clientapp = "fedrad.client.app:app"
+clientapp = "fedrad.client.secagg_app:app"
 
 [tool.flwr.app.config]
 study-config = ""

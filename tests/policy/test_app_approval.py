@@ -139,7 +139,7 @@ def test_installed_code_only_refuses_bundles_that_carry_code(allow: AppAllowList
     with pytest.raises(AppNotApproved, match="carries code"):  # even though approved
         verify_app(fab_content=GOOD, claimed_hash=None, allow_list=allow, settings=strict)
     other = _fab(clientapp="evil.client:app")
-    with pytest.raises(AppNotApproved, match="runs only 'fedrad.client.app:app'"):
+    with pytest.raises(AppNotApproved, match="runs only 'fedrad.client.secagg_app:app' or 'fedrad.client.app:app'"):
         verify_app(fab_content=other, claimed_hash=None, allow_list=allow,
                    settings=AppApprovalSettings(installed_code_only=True, require_approval=False))
     config_only = _fab(files={"README.md": b"# study\n"})
