@@ -11,7 +11,7 @@ canonical JSON without the hash; entries say ``"chain": "hmac-sha256"``; the hea
 HMAC of (last hash, count) too. Whoever can write the state folder but does not hold the key
 cannot edit, insert, delete, reorder or append an entry, nor truncate the log, without
 :meth:`AuditLog.verify` finding it; and :meth:`AuditLog.append` never chains onto anything it did
-not write itself: a last line or head that does not verify under the key raises
+not write itself: it writes only onto a log (and head) that verifies under the key, else it raises
 :class:`AuditError` and nothing is written (the log is kept as it is, as evidence; nothing more is
 sent until an operator has looked, see ``fedrad-node audit verify``). What a key cannot show: a
 rollback of log and head together to an earlier state of their own (or a truncation right after
@@ -233,6 +233,12 @@ class AuditLog:
         with locked(self.path):
             key, created = self._load_key(create=True) if self.keyed else (None, False)
             prev, count = self._consistent_head(key, key_created=created)
+            if key is not None and count and not created:  # the node writes only onto a log that verifies
+                problems = self.verify_report().problems
+                if problems:
+                    raise AuditError(f"{self.path}: the log does not verify under the node's key ({problems[0]}"
+                                     f"{f'; and {len(problems) - 1} more' if len(problems) > 1 else ''}); refusing to "
+                                     "write. Run 'fedrad-node audit verify' and keep the files as evidence")
             entry: dict[str, Any] = {
                 "seq": count + 1,
                 "time": time.time(),
@@ -337,7 +343,7 @@ class AuditLog:
             problems.append(f"log has {len(entries)} entries but its head records {count}: entries removed from the end "
                             "or the log replaced")
         if key is not None:
-            if keyed_seen and (mac is None or not hmac.compare_digest(mac, _head_mac(key, last, count))):
+            if (keyed_seen or count) and (mac is None or not hmac.compare_digest(mac, _head_mac(key, last, count))):
                 problems.append(f"{self.head_path.name}: head not signed by the node's audit key (replaced or forged)")
             if entries and not keyed_seen:
                 problems.append(f"none of the {len(entries)} entries is keyed although the node has an audit key: the "
