@@ -177,7 +177,10 @@ def _check_flower_folder(d: GateDecision, *, fab_content: bytes, folder: Path) -
     """Flower's own folder for this app is never loaded; remove it, refusing if it was not the bundle."""
     if not (folder.exists() or folder.is_symlink()):
         return d
-    problems = folder_problems(folder, fab_content=fab_content, code_allowed=d.code_allowed)
+    try:
+        problems = folder_problems(folder, fab_content=fab_content, code_allowed=d.code_allowed)
+    except OSError as exc:
+        problems = [f"unreadable ({exc})"]
     try:
         remove_folder(folder)
     except OSError as exc:
