@@ -14,8 +14,8 @@ cannot edit, insert, delete, reorder or append an entry, nor truncate the log, w
 not write itself: it writes only onto a log (and head) that verifies under the key, else it raises
 :class:`AuditError` and nothing is written (the log is kept as it is, as evidence; nothing more is
 sent until an operator has looked, see ``fedrad-node audit verify``). What a key cannot show: a
-rollback of log and head together to an earlier state of their own (or a truncation right after
-the last receipt the coordinator got), and anything done by someone holding the key. Every reply
+rollback of log and head together to an earlier state of their own (deleting both included, or a
+truncation right after the last receipt the coordinator got), and anything done by someone holding the key. Every reply
 therefore carries the head (:class:`AuditHead`, the receipt): the coordinator's governance report
 anchors the log off the machine, and ``fedrad-node audit verify --receipt HEAD:COUNT`` checks a
 receipt against the log.
@@ -187,8 +187,8 @@ class AuditLog:
         if key is not None and not upgrading and count and (
                 mac is None or not hmac.compare_digest(mac, _head_mac(key, prev, count))):
             raise AuditError(f"{self.head_path}: the audit head is not signed by the node's key {self.key_file} "
-                             "(replaced or forged); refusing to write. Run 'fedrad-node audit verify --config "
-                             "node.yaml' and keep the files as evidence")
+                             "(replaced or forged, or written before the node had its key); refusing to write. Run "
+                             "'fedrad-node audit verify --config node.yaml' and keep the files as evidence")
         if n == count and (last is None if n == 0 else (last is not None and last.get("hash") == prev)):
             if key is not None and last is not None and not upgrading and not self._valid(last, key):
                 raise AuditError(f"{self.path}: the last entry does not verify under the node's key (edited or "

@@ -16,7 +16,8 @@ from .audit_log import AuditLog, AuditReport, parse_receipt
 KEYED_SCOPE = (
     "detects, by anyone without the node's audit key: any edited, inserted, deleted or reordered entry, a "
     "truncated log, a forged entry appended, a rewritten log or head",
-    "cannot detect: a rollback of log and head together to an earlier state of their own, or a truncation "
+    "cannot detect: a rollback of log and head together to an earlier state of their own (deleting both "
+    "included), or a truncation "
     "right after the last receipt the coordinator got, unless checked against the receipts in the coordinator's "
     "governance report (--receipt HEAD:COUNT); anything done by someone holding the key",
 )
