@@ -107,8 +107,7 @@ def _place_foreign_folder(node: SimpleNamespace, fab: bytes, *, fab_id: str = "c
     return folder
 
 
-def _runner(node: SimpleNamespace, fab: bytes, *, fab_id: str = "coordinator/fedradstudy",
-            on_pull: Any = None) -> SimpleNamespace:
+def _runner(node: SimpleNamespace, fab: bytes, *, fab_id: str = "coordinator/fedradstudy") -> SimpleNamespace:
     """``flwr.supernode.runtime.run_clientapp``'s calls: Flower's real installer and loader; only the
     task input (what the SuperNode would hand over) is made here."""
     context = Context(run_id=7, node_id=1, node_config={NODE_CONFIG_KEY: str(node.yaml)}, state=RecordDict(),
@@ -120,8 +119,6 @@ def _runner(node: SimpleNamespace, fab: bytes, *, fab_id: str = "coordinator/fed
                                     message_type=MessageType.TRAIN))
 
     def pull_task_input(client: Any) -> tuple[Any, ...]:
-        if on_pull is not None:
-            on_pull()
         return msg, context, run, Fab(fab_hash(fab), fab, {})
 
     return SimpleNamespace(__name__="run_clientapp", pull_task_input=pull_task_input, install_from_fab=flower_install,
@@ -135,6 +132,12 @@ def _drive(runner: SimpleNamespace) -> tuple[Any, Message, Context]:
     app = runner.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
         run.fab_id, run.fab_version, fab.hash_str)
     return app, message, context
+
+
+def _gated(node: SimpleNamespace, fab: bytes, **kw: Any) -> SimpleNamespace:
+    runner = _runner(node, fab, **kw)
+    gate.install_gate(runner)
+    return runner
 
 
 def _refused(node: SimpleNamespace, app: Any, message: Message, context: Context) -> str:
@@ -171,16 +174,10 @@ def test_gate_refuses_a_preplaced_folder_audits_it_and_never_runs_it(node: Simpl
     assert app is fedrad_app.app and not node.marker.exists()
 
 
-def _gated(node: SimpleNamespace, fab: bytes, **kw: Any) -> SimpleNamespace:
-    runner = _runner(node, fab, **kw)
-    gate.install_gate(runner)
-    return runner
-
-
 def test_folder_placed_after_the_check_is_never_loaded(node: SimpleNamespace) -> None:
     """Flower's folder is not where the gate loads from: placing it after the decision changes nothing."""
     placed: list[Path] = []
-    runner = _gated(node, CODE_FREE, on_pull=lambda: None)
+    runner = _gated(node, CODE_FREE)
     orig_pull = runner.pull_task_input
 
     def pull_then_attack(client: Any) -> Any:
