@@ -134,13 +134,17 @@ def summarize(problems: list[str]) -> str:
 
 
 def remove_folder(path: Path) -> bool:
-    """Remove an app folder (a symlink is unlinked, never followed); True if something was removed."""
-    if path.is_symlink() or path.is_file():
-        path.unlink()
-        return True
-    if path.is_dir():
-        shutil.rmtree(path)
-        return True
+    """Remove an app folder (a symlink is unlinked, never followed); True if something was removed
+    (False also when another task removed it first)."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            return True
+        if path.is_dir():
+            shutil.rmtree(path)
+            return True
+    except FileNotFoundError:
+        pass
     return False
 
 
