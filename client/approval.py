@@ -12,7 +12,10 @@ needs its hub, which hospitals cannot reach, so fedrad builds approval from offl
   hospital installed.
 
 :func:`verify_app` takes the decision; :mod:`fedrad.client.gate` enforces it in the node's
-``flwr-clientapp`` process before the FAB is installed or any of its code is imported.
+``flwr-clientapp`` process before the FAB is installed or any of its code is imported, and
+:mod:`fedrad.client.app_folder` makes sure the code Flower then imports is exactly the approved
+bundle's (a private copy checked file by file; Flower's shared app folder is never used, and
+revoking an app removes its installed folder).
 """
 
 from __future__ import annotations

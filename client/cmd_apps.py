@@ -11,6 +11,7 @@ from rich.table import Table
 from fedrad.common.cli import console, err_console
 from fedrad.common.errors import ConfigError
 
+from .app_folder import APP_DIR, HASH_PREFIX, flower_home, remove_app_folders
 from .approval import AppAllowList, AppApprovalSettings, AppNotApproved, check_hash, fab_hash, inspect_fab, verify_app
 
 
@@ -37,7 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     ap.add_argument("--note", default="", help="why / reference to the review (no patient data)")
     ap.set_defaults(handler=run_approve)
 
-    rv = asub.add_parser("revoke", help="revoke an approval (kept in the file, marked revoked)")
+    rv = asub.add_parser("revoke", help="revoke an approval (kept in the file, marked revoked) and remove the app's "
+                                         "installed folder from Flower's home ($FLWR_HOME or ~/.flwr)")
     where(rv)
     rv.add_argument("hash", help="the approved bundle's sha256 or a unique prefix of at least 8 digits")
     rv.add_argument("--by", default=None, help="who revokes (default: the current user)")
@@ -103,6 +105,14 @@ def run_revoke(args: argparse.Namespace) -> int:
     digest = allow.resolve(args.hash)
     rec = allow.revoke(digest=digest, by=args.by or getpass.getuser(), reason=args.reason)
     console.print(f"revoked {rec['fab_hash']} by {rec['revoked_by']} at {rec['revoked_at']}", markup=False)
+    home = flower_home()
+    removed = remove_app_folders(flwr_home=home, revoked=[digest], approved=[r["fab_hash"] for r in allow.approved()])
+    for folder in removed:
+        console.print(f"removed its installed folder {folder}", markup=False)
+    left = [p for p in (home / APP_DIR).glob(f"*.{digest[:HASH_PREFIX]}")] if (home / APP_DIR).is_dir() else []
+    if left:  # kept: another approved app shares the 8-digit prefix Flower names folders by
+        console.print(f"kept {', '.join(map(str, left))} (an approved app's folder has the same name prefix)",
+                      markup=False)
     return 0
 
 

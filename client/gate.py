@@ -14,12 +14,25 @@ Its ``flower-superexec`` is Flower's, except that it starts the gate by absolute
 that puts another folder first on ``PATH`` (pyenv's shims do) cannot make SuperExec find Flower's
 ungated ``flwr-clientapp`` instead (:func:`superexec_main`).
 
-The gate runs Flower's ClientApp process unchanged except at those three calls (:func:`install_gate`): right after the FAB arrives its hash is checked against the node's
-allow-list (:func:`fedrad.client.approval.verify_app`); an app that is not approved is neither
-unpacked nor imported, and the reply is an error (``ERR_POLICY``, rule ``app_approval``) sent by
-fedrad's own code, recorded in the node's audit log. Runtime dependency installation is always
-off. If the Flower internals the gate wraps are missing (another Flower version), the gate
-refuses to start: it fails closed.
+The gate runs Flower's ClientApp process unchanged except at those three calls (:func:`install_gate`):
+
+* right after the FAB arrives its hash is checked against the node's allow-list
+  (:func:`fedrad.client.approval.verify_app`), and the run must name the app the bundle is (a run
+  naming another publisher, name or version would make Flower load another folder); an app that
+  is not approved is neither unpacked nor imported, and the reply is an error (``ERR_POLICY``, rule
+  ``app_approval``) sent by fedrad's own code, recorded in the node's audit log;
+* the node runs exactly the code it approved (:mod:`fedrad.client.app_folder`): Flower would load
+  the app from ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<8 hex>`` and skip unpacking when
+  that folder exists, so the gate never uses it. It unpacks the approved bundle's verified bytes
+  into a private folder of its own, checks it file by file (full sha256) after unpacking and
+  again right before the import, and loads the app from there. Flower's folder for the app, if
+  present, is removed; if it was not byte for byte the approved bundle (pre-placed code) the task
+  is refused and audited. Folders of revoked apps are removed at every decision;
+* runtime dependency installation is always off.
+
+If the Flower internals the gate wraps are missing (another Flower version), the gate refuses to
+start: it fails closed. The node's warm runtime (:mod:`fedrad.client.warm`) forks tasks that run
+this same :func:`main`, so they pass the same gate.
 """
 
 from __future__ import annotations
@@ -32,7 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +56,16 @@ from fedrad.common.durable import atomic_write_text
 from fedrad.common.errors import FedradError
 from fedrad.common.protocol import CONFIG_KEY, ERR_POLICY
 
-from .approval import AppAllowList, AppNotApproved, fab_hash, verify_app
+from .app_folder import (
+    flower_app_folder,
+    flower_home,
+    folder_problems,
+    install_private,
+    remove_app_folders,
+    remove_folder,
+    summarize,
+)
+from .approval import AppAllowList, AppNotApproved, fab_hash, inspect_fab, verify_app
 
 log = logging.getLogger(__name__)
 
@@ -83,12 +105,34 @@ class GateDecision:
     reason: str = ""
     audit_path: Path | None = None
     policy_version: str = ""
+    #: The node's audit key (None: unkeyed log, e.g. no node configuration could be read).
+    audit_key: Path | None = None
+    #: Whether the app's folder may hold code (False on an ``apps.installed_code_only`` node).
+    code_allowed: bool = True
+
+    def refuse(self, reason: str | AppNotApproved) -> "GateDecision":
+        """This decision, turned into a refusal for ``reason`` (worded as :class:`AppNotApproved` words it)."""
+        return replace(self, approved=False, reason=str(reason if isinstance(reason, AppNotApproved)
+                                                         else AppNotApproved(reason)))
 
 
 def decide(
-    *, fab_content: bytes, claimed_hash: str, run_fab_hash: str | None, node_config: Mapping[str, Any]
+    *,
+    fab_content: bytes,
+    claimed_hash: str,
+    run_fab_hash: str | None,
+    node_config: Mapping[str, Any],
+    run_fab_id: str | None = None,
+    run_fab_version: str | None = None,
+    flwr_home: Path | None = None,
 ) -> GateDecision:
-    """Decide whether the FAB may run on this node; never raises (any doubt is a refusal)."""
+    """Decide whether the FAB may run on this node; never raises (any doubt is a refusal).
+
+    Besides the allow-list: the run must name the bundle's own publisher/name and version, and
+    Flower's folder for the app (``flwr_home``, default Flower's) must be absent or exactly the
+    bundle; it is removed either way, as are the folders of revoked apps.
+    """
+    from .audit_key import node_audit_key
     from .node import NODE_CONFIG_KEY
     from .node_config import load_node_config
 
@@ -98,18 +142,55 @@ def decide(
         return GateDecision(digest, False, f"no node configuration ({NODE_CONFIG_KEY}): refusing every app")
     try:
         node = load_node_config(str(path))
+        audit_key = node_audit_key(node=node, node_yaml=Path(str(path)))
     except FedradError as exc:
         return GateDecision(digest, False, f"node configuration unreadable, refusing every app: {exc}")
-    audit_path = node.state_dir / "audit.jsonl"
-    version = node.policy.version()
+    base = GateDecision(digest, True, "", node.state_dir / "audit.jsonl", node.policy.version(), audit_key,
+                        not node.apps.installed_code_only)
+    allow = AppAllowList.for_state_dir(node.state_dir)
     try:
         if run_fab_hash is not None and run_fab_hash != claimed_hash:
             raise AppNotApproved(f"run names app sha256 {run_fab_hash} but the bundle received is {claimed_hash}")
-        verify_app(fab_content=fab_content, claimed_hash=claimed_hash,
-                   allow_list=AppAllowList.for_state_dir(node.state_dir), settings=node.apps)
+        verify_app(fab_content=fab_content, claimed_hash=claimed_hash, allow_list=allow, settings=node.apps)
+        info = inspect_fab(fab_content)
+        if run_fab_id is not None and (run_fab_id, run_fab_version) != (f"{info.publisher}/{info.name}", info.version):
+            raise AppNotApproved(f"run names app {run_fab_id!r} version {run_fab_version!r} but the bundle "
+                                 f"(sha256 {digest}) is {info.publisher}/{info.name!s} version {info.version!r}")
     except AppNotApproved as exc:
-        return GateDecision(digest, False, str(exc), audit_path, version)
-    return GateDecision(digest, True, "", audit_path, version)
+        return base.refuse(exc)
+    home = flower_home() if flwr_home is None else flwr_home
+    _sweep_revoked(allow, home)
+    return _check_flower_folder(base, fab_content=fab_content, folder=flower_app_folder(
+        flwr_home=home, fab_id=f"{info.publisher}/{info.name}", fab_version=info.version, digest=digest))
+
+
+def _sweep_revoked(allow: AppAllowList, flwr_home: Path) -> None:
+    try:
+        records = allow.records()
+        remove_app_folders(flwr_home=flwr_home, revoked=[str(r["fab_hash"]) for r in records if r.get("revoked_at")],
+                           approved=[str(r["fab_hash"]) for r in records if not r.get("revoked_at")])
+    except (OSError, FedradError, KeyError) as exc:  # never in the way of the decision itself
+        log.error("could not remove the installed folders of revoked apps: %s", exc)
+
+
+def _check_flower_folder(d: GateDecision, *, fab_content: bytes, folder: Path) -> GateDecision:
+    """Flower's own folder for this app is never loaded; remove it, refusing if it was not the bundle."""
+    if not (folder.exists() or folder.is_symlink()):
+        return d
+    try:
+        problems = folder_problems(folder, fab_content=fab_content, code_allowed=d.code_allowed)
+    except OSError as exc:
+        problems = [f"unreadable ({exc})"]
+    try:
+        remove_folder(folder)
+    except OSError as exc:
+        problems.append(f"could not be removed ({exc.strerror})")
+    if not problems:
+        log.info("removed Flower's unused install of app %s (the gate installs approved apps privately)", d.fab_hash[:16])
+        return d
+    log.warning("foreign files in Flower's folder of app %s: refusing", d.fab_hash[:16])
+    return d.refuse(f"Flower's app folder {folder.name} held files that are not the approved bundle "
+                    f"(removed, never loaded): {summarize(problems)}")
 
 
 def _audit_refusal(decision: GateDecision, msg: Message, kind: str) -> None:
@@ -125,9 +206,9 @@ def _audit_refusal(decision: GateDecision, msg: Message, kind: str) -> None:
     except (KeyError, TypeError, ValueError):
         pass
     try:
-        AuditLog(decision.audit_path).append(study=study, round=rnd, kind=kind, content=None, epsilon_before=None,
-                                             epsilon_after=None, policy_version=decision.policy_version,
-                                             outcome=f"refused: {decision.reason}")
+        AuditLog(decision.audit_path, key_file=decision.audit_key).append(
+            study=study, round=rnd, kind=kind, content=None, epsilon_before=None, epsilon_after=None,
+            policy_version=decision.policy_version, outcome=f"refused: {decision.reason}")
     except (OSError, FedradError):
         log.exception("could not record the refusal of app %s in the audit log", decision.fab_hash[:16])
 
@@ -163,7 +244,8 @@ def require_gate(*, context: Context) -> None:
 
 
 def install_gate(module: Any) -> None:
-    """Wrap Flower's ClientApp runner (``module``) so that only approved apps are installed and loaded.
+    """Wrap Flower's ClientApp runner (``module``) so that only approved apps are installed and loaded,
+    and only from the gate's own verified copy of the approved bundle.
 
     Raises :class:`AppNotApproved` (the caller must then not run Flower) when ``module`` lacks
     any call in :data:`GATED_CALLS`.
@@ -177,18 +259,25 @@ def install_gate(module: Any) -> None:
     orig_pull = module.pull_task_input
     orig_install = module.install_from_fab
     orig_loader = module.get_load_client_app_fn
-    orig_deps = getattr(module, "install_app_dependencies", None)
-    state: dict[str, GateDecision | None] = {"decision": None}
+    has_deps = getattr(module, "install_app_dependencies", None) is not None
+    state: dict[str, Any] = {"decision": None, "content": None, "run": None, "installed": None}
 
     def refused() -> GateDecision | None:
         d = state["decision"]
         return None if d is not None and d.approved else (d or GateDecision("?", False, "app not verified"))
 
+    def refuse(reason: str | AppNotApproved) -> GateDecision:
+        d = (state["decision"] or GateDecision("?", False)).refuse(reason)
+        state["decision"] = d
+        log.warning("app %s refused: %s", d.fab_hash[:16], d.reason)
+        return d
+
     def pull_task_input(client: Any) -> Any:
         message, context, run, fab = orig_pull(client)
         d = decide(fab_content=fab.content, claimed_hash=fab.hash_str, run_fab_hash=getattr(run, "fab_hash", None),
-                   node_config=context.node_config)
-        state["decision"] = d
+                   node_config=context.node_config, run_fab_id=getattr(run, "fab_id", ""),
+                   run_fab_version=getattr(run, "fab_version", ""))
+        state.update(decision=d, content=fab.content, run=(run.fab_id, run.fab_version, fab.hash_str))
         if d.approved:
             os.environ[GATE_APPROVED_ENV] = d.fab_hash
             age = task_age()
@@ -199,32 +288,53 @@ def install_gate(module: Any) -> None:
         return message, context, run, fab
 
     def install_from_fab(fab_file: Any, *args: Any, **kwargs: Any) -> Any:
-        if refused() is not None:
+        d = refused()
+        if d is not None:
             return Path(tempfile.gettempdir()) / "fedrad-refused-app"  # nothing unpacked
         content = fab_file if isinstance(fab_file, bytes) else Path(fab_file).read_bytes()
-        d = state["decision"]
-        if d is None or fab_hash(content) != d.fab_hash:  # exactly the bytes that were checked
+        if content != state["content"] or fab_hash(content) != state["decision"].fab_hash:
             raise AppNotApproved("the bundle being installed is not the one that was approved")
-        return orig_install(fab_file, *args, **kwargs)
+        try:  # into the gate's own folder, never Flower's shared one (which may hold anything)
+            state["installed"] = install_private(fab_content=content, installer=orig_install,
+                                                 code_allowed=state["decision"].code_allowed)
+        except AppNotApproved as exc:
+            refuse(exc)
+            return Path(tempfile.gettempdir()) / "fedrad-refused-app"
+        return state["installed"]
 
     def get_load_client_app_fn(*args: Any, **kwargs: Any) -> Any:
         d = refused()
         if d is not None:
             return lambda *_a, **_k: refusal_app(d)
-        # The installed fedrad is imported before Flower puts the bundle's folder first on sys.path,
+        installed: Path | None = state["installed"]
+        if installed is None:
+            return lambda *_a, **_k: refusal_app(refuse("the approved bundle was not installed by the gate"))
+        # The installed fedrad is imported before Flower puts the app's folder first on sys.path,
         # so a bundle cannot shadow fedrad's modules with its own copies.
         importlib.import_module("fedrad.client.app")
-        return orig_loader(*args, **kwargs)
+        inner = orig_loader(default_app_ref="", app_path=str(installed), multi_app=True)
+
+        def load(fab_id: str, fab_version: str, fab_hash_str: str) -> Any:
+            if (fab_id, fab_version, fab_hash_str) != state["run"]:
+                return refusal_app(refuse(f"asked to load {fab_id} {fab_version} ({fab_hash_str[:16]}), not the "
+                                          "approved app of this task"))
+            problems = folder_problems(installed, fab_content=state["content"],
+                                       code_allowed=state["decision"].code_allowed)
+            if problems:  # changed between unpacking and import
+                return refusal_app(refuse(f"the app folder changed after the gate unpacked it: {summarize(problems)}"))
+            sys.dont_write_bytecode = True  # no compiled cache is left in (or later read from) the folder
+            return inner(fab_id, fab_version, fab_hash_str)
+
+        return load
 
     def install_app_dependencies(*args: Any, **kwargs: Any) -> Any:
-        if refused() is not None or orig_deps is None:
-            return None
-        return orig_deps(*args, **kwargs)
+        log.warning("runtime dependency installation is disabled on this node")
+        return None
 
     module.pull_task_input = pull_task_input
     module.install_from_fab = install_from_fab
     module.get_load_client_app_fn = get_load_client_app_fn
-    if orig_deps is not None:
+    if has_deps:
         module.install_app_dependencies = install_app_dependencies
     module._fedrad_gate = True
 

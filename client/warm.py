@@ -14,8 +14,10 @@ which imports those modules once and then forks a ready process for each task:
   working directory;
 * the server forks a *waiter*, which forks the *task*: the task takes over the shim's stdio,
   environment, arguments and folder and runs :func:`fedrad.client.gate.main`, exactly what a cold
-  shim runs, the app-approval gate included; torch's and NumPy's random generators are reseeded
-  from the OS, so no two tasks share random state;
+  shim runs, the app-approval gate included (each task decides afresh, unpacks the approved bundle
+  into its own private folder and checks it file by file; nothing of the gate's state is set up
+  before the fork, and the task's exit handlers remove its private copy); torch's and NumPy's
+  random generators are reseeded from the OS, so no two tasks share random state;
 * the waiter sends the task's pid to the shim (which forwards SIGTERM/SIGINT/SIGHUP to it), then
   the task's exit status; if the shim goes away first, the waiter stops the task.
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
 from flwr.cli.build import build_fab_from_files
+from flwr.cli.install import install_from_fab as flower_install
 from flwr.app import MessageType
 from flwr.supercore.fab import Fab
 
@@ -64,10 +65,12 @@ MODIFIED = _fab(files={"fedradstudy/task.py": b"LR = 0.1\nimport os; os.system('
 
 
 @pytest.fixture(autouse=True)
-def _no_gate_marker(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The gate marks the process environment on approval; keep that from leaking between tests."""
+def _no_gate_marker(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The gate marks the process environment on approval; keep that from leaking between tests.
+    Flower's home is the test's own (the gate removes folders there)."""
     monkeypatch.setenv(gate.GATE_APPROVED_ENV, "")
     monkeypatch.delenv(gate.GATE_APPROVED_ENV)
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
 
 
 @pytest.fixture()
@@ -172,9 +175,9 @@ def _fake_runner(fab: bytes, node_yaml: Path, calls: list[str]) -> SimpleNamespa
         calls.append("pull")
         return msg, context, run, Fab(fab_hash(fab), fab, {})
 
-    def install_from_fab(content: bytes, skip_prompt: bool = False) -> Path:
-        calls.append("install")
-        return Path("/nonexistent")
+    def install_from_fab(content: bytes, install_dir: Path | None = None, skip_prompt: bool = False) -> Path:
+        calls.append("install")  # Flower's own unpacking (the gate names the folder)
+        return flower_install(content, install_dir=install_dir, skip_prompt=skip_prompt)
 
     def get_load_client_app_fn(**kwargs: Any) -> Any:
         calls.append("loader")
@@ -207,8 +210,8 @@ def test_gate_never_installs_or_loads_an_unapproved_bundle(node_yaml: Path) -> N
     reply = app(message=message, context=context)
     assert reply.has_error() and reply.error.code == ERR_POLICY
     assert "app_approval" in reply.error.reason and fab_hash(MODIFIED) in reply.error.reason
-    log = AuditLog(node_yaml.parent / "state" / "audit.jsonl")
-    assert log.verify() == []
+    log = AuditLog(node_yaml.parent / "state" / "audit.jsonl", key_file=node_yaml.parent / "audit.key")
+    assert log.verify() == []  # keyed by the node's key beside node.yaml
     (entry,) = log.entries()
     assert entry["outcome"].startswith("refused: rule app_approval") and entry["study"] == "s-1"
     assert entry["round"] == 3 and entry["arrays"] == [] and entry["policy_version"]
@@ -219,7 +222,7 @@ def test_gate_lets_an_approved_bundle_through(node_yaml: Path) -> None:
     runner = _fake_runner(GOOD, node_yaml, calls)
     gate.install_gate(runner)
     app, _, _ = _drive(runner)
-    assert calls == ["pull", "install", "deps", "loader"] and app == "THE COORDINATOR'S APP"
+    assert calls == ["pull", "install", "loader"] and app == "THE COORDINATOR'S APP"  # never dependency installs
 
 
 def test_gate_fails_closed(node_yaml: Path, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Code approval against real Flower processes: flower-superlink, flower-supernode behind the gate, flwr run.
 
 The approved app runs; the same app modified by one line is refused with ERR_POLICY before it is
-even unpacked on the node, and the refusal is in the node's audit log.
+even unpacked on the node, and the refusal is in the node's audit log. Foreign code pre-placed in
+Flower's app folder under the approved app's name never runs (refused, audited, removed).
 """
 
 from __future__ import annotations
@@ -150,6 +151,14 @@ def _run(fed: dict[str, object]) -> list[dict[str, object]]:
     return json.loads(out.read_text())
 
 
+EVIL_CLIENT = """from pathlib import Path
+from flwr.clientapp import ClientApp
+
+Path({marker!r}).write_text("foreign code ran")
+app = ClientApp()
+"""
+
+
 def test_real_supernode_runs_approved_app_and_refuses_modified_one(federation: dict[str, object]) -> None:
     app, tmp, node = Path(str(federation["app"])), Path(str(federation["tmp"])), Path(str(federation["node"]))
     subprocess.run(["flwr", "build", "--app", str(app)], cwd=tmp, env=federation["env"], check=True,
@@ -157,6 +166,19 @@ def test_real_supernode_runs_approved_app_and_refuses_modified_one(federation: d
     (fab,) = tmp.glob("*.fab")
     content = fab.read_bytes()
     AppAllowList.for_state_dir(node / "state").approve(digest=fab_hash(content), by="e2e", info=inspect_fab(content))
+    log = AuditLog(node / "state" / "audit.jsonl", key_file=node / "audit.key")
+
+    # Point 5 of issue 9: code pre-placed where Flower would load the approved app from.
+    marker = tmp / "PWNED"
+    placed = tmp / "nh" / "apps" / f"coordinator.e2eapp.1.0.0.{fab_hash(content)[:8]}"
+    (placed / "e2eapp").mkdir(parents=True)
+    (placed / "pyproject.toml").write_text(PYPROJECT.replace("e2eapp.client:app", "e2eapp.evil:app"))
+    (placed / "e2eapp" / "__init__.py").write_text("")
+    (placed / "e2eapp" / "evil.py").write_text(EVIL_CLIENT.format(marker=str(marker)))
+    (reply,) = _run(federation)
+    assert reply["code"] == ERR_POLICY and "not the approved bundle" in str(reply["reason"])
+    assert not marker.exists() and not placed.exists()
+    assert log.verify() == [] and "e2eapp/evil.py" in log.entries()[-1]["outcome"]
 
     (reply,) = _run(federation)
     assert reply["code"] is None and reply["metrics"] == {"ran": 1}
@@ -165,7 +187,6 @@ def test_real_supernode_runs_approved_app_and_refuses_modified_one(federation: d
         fh.write("# changed after approval\n")
     (reply,) = _run(federation)
     assert reply["code"] == ERR_POLICY and "rule app_approval" in str(reply["reason"])
-    installed = [p.name for p in (tmp / "nh" / "apps").iterdir()]
-    assert installed == [f"coordinator.e2eapp.1.0.0.{fab_hash(content)[:8]}"]  # the modified app was never unpacked
-    log = AuditLog(node / "state" / "audit.jsonl")
+    assert not (tmp / "nh" / "apps").exists() or not list((tmp / "nh" / "apps").iterdir())  # gate installs privately
     assert log.verify() == [] and log.entries()[-1]["outcome"].startswith("refused: rule app_approval")
+    assert not marker.exists()

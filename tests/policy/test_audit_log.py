@@ -21,9 +21,11 @@ def _content(seed: int) -> RecordDict:
     return RecordDict({"arrays": arrays, "metrics": MetricRecord({"num-examples": 10, "train_loss": 0.5})})
 
 
-@pytest.fixture()
-def log(tmp_path: Path) -> AuditLog:
-    log = AuditLog(tmp_path / "audit.jsonl")
+@pytest.fixture(params=["unkeyed", "keyed"])
+def log(tmp_path: Path, request: pytest.FixtureRequest) -> AuditLog:
+    """The same log, unkeyed (simulation) and keyed by a node key outside the state folder."""
+    key = tmp_path / "audit.key" if request.param == "keyed" else None
+    log = AuditLog(tmp_path / "state" / "audit.jsonl", key_file=key)
     for i in range(4):
         log.append(study="s", round=i + 1, kind="train", content=_content(i), epsilon_before=float(i),
                    epsilon_after=float(i) + 1, policy_version="v1")
@@ -85,8 +87,9 @@ def test_forged_inserted_line_detected(log: AuditLog) -> None:
 
 
 def test_cli_verify_exit_codes(log: AuditLog, capsys: pytest.CaptureFixture[str]) -> None:
-    assert node_main(["audit", "verify", str(log.path)]) == 0
-    assert node_main(["audit", "show", str(log.path)]) == 0
+    key = ["--key", str(log.key_file)] if log.key_file else []
+    assert node_main(["audit", "verify", str(log.path), *key]) == 0
+    assert node_main(["audit", "show", str(log.path), *key]) == 0
     _write(log, _lines(log)[:-1])
-    assert node_main(["audit", "verify", str(log.path)]) == 9
+    assert node_main(["audit", "verify", str(log.path), *key]) == 9
     assert "FAILED" in capsys.readouterr().err

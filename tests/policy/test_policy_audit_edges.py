@@ -167,23 +167,25 @@ def test_missing_log_cli_exit_code(tmp_path: Path) -> None:
     assert node_main(["audit", "verify", str(tmp_path / "nope.jsonl")]) == AuditError.exit_code
 
 
-def _append_many(path: str, worker: int, n: int) -> None:
-    log = AuditLog(path)
+def _append_many(path: str, worker: int, n: int, key: str | None = None) -> None:
+    log = AuditLog(path, key_file=None if key is None else Path(key))
     for i in range(n):
         log.append(study=f"s{worker}", round=i + 1, kind="train", content=None, epsilon_before=None,
                    epsilon_after=None, policy_version="v", outcome="refused: test")
 
 
-def test_concurrent_appends_from_processes_keep_one_chain(tmp_path: Path) -> None:
+@pytest.mark.parametrize("keyed", [False, True], ids=["unkeyed", "keyed"])
+def test_concurrent_appends_from_processes_keep_one_chain(tmp_path: Path, keyed: bool) -> None:
     path = str(tmp_path / "audit.jsonl")
+    key = str(tmp_path / "audit.key") if keyed else None  # keyed: the workers race to create the key, too
     ctx = mp.get_context("fork")
-    procs = [ctx.Process(target=_append_many, args=(path, w, 15)) for w in range(4)]
+    procs = [ctx.Process(target=_append_many, args=(path, w, 15, key)) for w in range(4)]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(30)
+        p.join(60)
     assert all(p.exitcode == 0 for p in procs)
-    log = AuditLog(path)
+    log = AuditLog(path, key_file=None if key is None else Path(key))
     assert log.verify() == []
     assert len(log.entries()) == 60
 

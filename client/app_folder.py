@@ -1,0 +1,199 @@
+"""Where an approved app's files live on the node, and proof that they are exactly the approved bundle.
+
+Flower 1.41 unpacks a FAB into ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<first 8 hex of its
+sha256>``, *skips* unpacking when that folder already exists, then reads the ClientApp reference
+from the folder's own ``pyproject.toml`` and imports it with the folder first on ``sys.path``. So
+whoever could write that folder chose the code, whatever bundle the gate approved.
+
+The node's gate (:mod:`fedrad.client.gate`) therefore never lets Flower use that shared folder:
+
+* every task unpacks the approved bundle's verified bytes into a fresh private folder
+  (:func:`install_private`, ``mkdtemp``: mode 0700, a name nobody can predict) and loads the app
+  from there; the folder is removed when the task ends;
+* the folder is checked file by file against the bundle (full sha256 of every file, no file
+  missing, none extra, no symlinks, no ``__pycache__``; :func:`folder_problems`) after unpacking
+  and again right before the app is imported; any difference refuses the task;
+* Flower's own folder for the app (pre-placed or left by an older fedrad) is never loaded; if it
+  exists it is removed, and if it is not byte for byte the approved bundle the task is refused
+  and the refusal audited (someone wrote code onto the node);
+* folders of revoked apps are removed (``fedrad-node apps revoke`` and at every gate decision;
+  :func:`remove_app_folders`).
+
+On a node with ``apps.installed_code_only`` any code file (:data:`fedrad.client.approval.CODE_SUFFIXES`)
+in an app folder is foreign, even if a bundle listed it.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import hashlib
+import io
+import logging
+import os
+import shutil
+import tempfile
+import zipfile
+from collections.abc import Callable, Iterable
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from .approval import CODE_SUFFIXES, AppNotApproved, fab_hash
+
+log = logging.getLogger(__name__)
+
+#: Flower's folder of installed apps under FLWR_HOME (``flwr.common.constant.APP_DIR``).
+APP_DIR = "apps"
+#: Hex digits of the FAB hash in Flower's folder name (``flwr.common.constant.FAB_HASH_TRUNCATION``).
+HASH_PREFIX = 8
+#: The bundle's manifest folder, which Flower deletes after checking it.
+_INFO_DIR = ".info"
+_PYCACHE = "__pycache__"
+_MAX_LISTED = 8
+
+
+def flower_home() -> Path:
+    """Flower's home folder as Flower resolves it in this process (``$FLWR_HOME`` or ``~/.flwr``)."""
+    from flwr.supercore.utils import get_flwr_home
+
+    return Path(get_flwr_home())
+
+
+def flower_app_folder(*, flwr_home: Path, fab_id: str, fab_version: str, digest: str) -> Path:
+    """The folder Flower would install ``fab_id`` ``fab_version`` into and load it from."""
+    publisher, _, name = fab_id.partition("/")
+    return flwr_home / APP_DIR / f"{publisher}.{name}.{fab_version}.{digest[:HASH_PREFIX]}"
+
+
+def bundle_files(fab_content: bytes) -> dict[str, str]:
+    """Relative path -> sha256 of every file a bundle unpacks to (its ``.info`` manifest excluded)."""
+    out: dict[str, str] = {}
+    try:
+        with zipfile.ZipFile(io.BytesIO(fab_content)) as zf:
+            for member in zf.infolist():
+                if member.is_dir():
+                    continue
+                rel = PurePosixPath(member.filename)
+                if rel.parts and rel.parts[0] == _INFO_DIR:
+                    continue
+                out[str(rel)] = hashlib.sha256(zf.read(member)).hexdigest()
+    except zipfile.BadZipFile as exc:
+        raise AppNotApproved(f"bundle sha256 {fab_hash(fab_content)} is not a readable app bundle ({exc})") from None
+    return out
+
+
+def _is_code(rel: str) -> bool:
+    return rel.lower().endswith(CODE_SUFFIXES) or _PYCACHE in PurePosixPath(rel).parts
+
+
+def folder_problems(folder: Path, *, fab_content: bytes, code_allowed: bool) -> list[str]:
+    """Every way ``folder`` differs from what the bundle unpacks to; empty when identical.
+
+    A symlink (anywhere), a file the bundle lacks, a missing or changed file, a ``__pycache__``
+    (Python would run a cached ``.pyc`` instead of the approved source) are each a problem; with
+    ``code_allowed`` False so is every code file, the bundle's own included.
+    """
+    expected = bundle_files(fab_content)
+    problems: list[str] = []
+    if folder.is_symlink() or not folder.is_dir():
+        return [f"{folder}: not a plain folder"]
+    seen: set[str] = set()
+    for root, dirs, files in os.walk(folder, followlinks=False):
+        for name in sorted(dirs + files):
+            p = Path(root) / name
+            rel = p.relative_to(folder).as_posix()
+            if p.is_symlink():
+                problems.append(f"{rel}: symlink (foreign)")
+            elif name in files:
+                seen.add(rel)
+                if rel not in expected:
+                    problems.append(f"{rel}: not in the approved bundle (foreign{' code' if _is_code(rel) else ''})")
+                elif not code_allowed and _is_code(rel):
+                    problems.append(f"{rel}: code, and this node runs only its installed fedrad")
+                elif _sha256(p) != expected[rel]:
+                    problems.append(f"{rel}: content differs from the approved bundle")
+            elif name == _PYCACHE:
+                problems.append(f"{rel}: compiled code cache (foreign code)")
+        dirs[:] = [d for d in dirs if not (Path(root) / d).is_symlink() and d != _PYCACHE]
+    problems.extend(f"{rel}: missing" for rel in sorted(set(expected) - seen))
+    return problems
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def summarize(problems: list[str]) -> str:
+    """The first few problems on one line (for refusals and the audit log)."""
+    more = len(problems) - _MAX_LISTED
+    return "; ".join(problems[:_MAX_LISTED]) + (f"; ... and {more} more" if more > 0 else "")
+
+
+def remove_folder(path: Path) -> bool:
+    """Remove an app folder (a symlink is unlinked, never followed); True if something was removed
+    (False also when another task removed it first)."""
+    try:
+        if path.is_symlink() or path.is_file():
+            path.unlink()
+            return True
+        if path.is_dir():
+            shutil.rmtree(path)
+            return True
+    except FileNotFoundError:
+        pass
+    return False
+
+
+def install_private(*, fab_content: bytes, installer: Callable[..., Any], code_allowed: bool) -> Path:
+    """Unpack the bundle with Flower's ``installer`` (``install_from_fab``) into a fresh private
+    folder only this process knows; return the app folder after checking it file by file.
+
+    Raises :class:`AppNotApproved` (and removes what was unpacked) when the result is not exactly
+    the bundle. The private folder is removed when the process exits.
+    """
+    home = Path(tempfile.mkdtemp(prefix="fedrad-app-"))  # 0700, unpredictable name, created O_EXCL
+    atexit.register(_discard, home)
+    try:
+        installed = Path(installer(fab_content, install_dir=home, skip_prompt=True))
+    except Exception as exc:  # Flower's own checks (manifest hashes, pyproject) failed: nothing runs
+        _discard(home)
+        raise AppNotApproved(f"the approved bundle could not be unpacked ({type(exc).__name__}: {exc})") from None
+    try:
+        installed.resolve().relative_to(home.resolve())
+    except ValueError:
+        _discard(home)
+        raise AppNotApproved(f"the bundle was unpacked outside the gate's private folder ({installed})") from None
+    problems = folder_problems(installed, fab_content=fab_content, code_allowed=code_allowed)
+    if problems:
+        _discard(home)
+        raise AppNotApproved(f"the unpacked app is not exactly the approved bundle: {summarize(problems)}")
+    return installed
+
+
+def _discard(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        shutil.rmtree(path)
+
+
+def remove_app_folders(*, flwr_home: Path, revoked: Iterable[str], approved: Iterable[str]) -> list[Path]:
+    """Remove Flower's installed folders of revoked apps (a folder whose hash prefix is also an
+    approved app's stays: it might be that app's); return what was removed."""
+    apps = flwr_home / APP_DIR
+    keep = {d[:HASH_PREFIX] for d in approved}
+    gone = {d[:HASH_PREFIX] for d in revoked} - keep
+    if not gone or not apps.is_dir():
+        return []
+    removed = []
+    for p in sorted(apps.iterdir()):
+        if p.name.rsplit(".", 1)[-1] in gone:
+            try:
+                if remove_folder(p):
+                    removed.append(p)
+                    log.info("removed the installed folder of revoked app %s", p.name)
+            except OSError as exc:
+                log.error("could not remove the installed folder of revoked app %s: %s", p.name, exc)
+    return removed
