@@ -92,6 +92,19 @@ def _sanitised(msg: Message, screened: ScreenedReply, kind: str, weight_key: str
     return Message(content=RecordDict(records), metadata=msg.metadata)
 
 
+def _as_model_dtypes(arrays: ArrayRecord, dtypes: dict[str, str]) -> ArrayRecord:
+    """The aggregate in the model's dtypes (server optimisers such as FedAdam compute in float64);
+    the global model sent to hospitals is then always what their replies must match."""
+    out, changed = {}, False
+    for name, arr in arrays.items():
+        value = arr.numpy()
+        want = np.dtype(dtypes.get(name, "float32"))
+        if value.dtype != want:
+            value, changed = value.astype(want), True
+        out[name] = value
+    return ArrayRecord({k: Array(v) for k, v in out.items()}) if changed else arrays
+
+
 class FedradStrategyMixin:
     """Wraps a Flower strategy's aggregation with fedrad's checks and records."""
 
@@ -182,6 +195,7 @@ class FedradStrategyMixin:
                 w.history.event(f"round {rec.round}: the aggregate's array {bad!r} is not finite; global model kept")
                 log.warning("round %d: aggregate array %s not finite; global model kept", rec.round, bad)
                 return None, None
+            arrays = _as_model_dtypes(arrays, w.expected_dtypes)
         rec.aggregated = arrays is not None
         return arrays, metrics
 

@@ -42,6 +42,7 @@ from fedrad.server.screening import (
     weighted_total,
 )
 from fedrad.server.secagg import _Screen
+from fedrad.server.strategies import STRATEGIES
 from fedrad.server.study import _Wiring, make_strategy
 
 SHAPES = {"w": (2, 3), "b": (2,)}
@@ -337,3 +338,24 @@ def test_receipts_are_recorded_per_site_and_round(tmp_path: Path) -> None:
     assert h["receipts"]["train"] == {"audit_head": HEAD, "audit_count": 3}
     assert h["receipts"]["evaluate"] == {"audit_head": "f" * 64, "audit_count": 4}
     assert strat._fedrad.history.last_receipts()["hospital-1"]["audit_count"] == 4
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_drops_poisoned_replies_and_returns_a_finite_float32_model(tmp_path: Path, name: str) -> None:
+    study = parse_study({"federation": {"num_hospitals": 6, "min_hospitals": 1}, "strategy": {"name": name},
+                         "training": {"proximal_mu": 0.1} if name == "fedprox" else {}})
+    strat = make_strategy(study, _wiring(tmp_path))
+    if hasattr(strat, "current_arrays"):  # server optimisers keep the global model from configure_train
+        strat.current_arrays = {"w": np.zeros((2, 3), np.float32), "b": np.zeros(2, np.float32)}
+    honest = [_train(i, i - 1, value=float(i)) for i in range(1, 6)]
+    poisoned = [_train(7, 6, w=np.full((2, 3), np.nan, dtype=np.float32)), _train(8, 7, **{"num-examples": 10**9}),
+                _train(9, 8, b=np.ones(2, dtype=np.int64))]
+
+    out, _ = strat.aggregate_train(1, honest + poisoned)
+
+    assert out is not None
+    for arr in out.values():
+        assert arr.numpy().dtype == np.float32 and np.isfinite(arr.numpy()).all()
+    assert float(np.max(out["w"].numpy())) <= 5.0  # nothing beyond the honest sites' values
+    for hospital in ("hospital-7", "hospital-8", "hospital-9"):
+        _assert_dropped(strat, hospital)
