@@ -186,7 +186,8 @@ class FedradStrategyMixin:
             log.warning("round %d: only %d usable updates (min %d); not aggregating", rec.round, len(valid), w.min_hospitals)
             return None, None
         if weighted_total([float(m.content[METRICS_KEY]["num-examples"]) for m in valid]) is None:
-            w.history.event(f"round {rec.round}: aggregation weights do not sum to a positive number; global model kept")
+            w.history.event(f"round {rec.round}: aggregation weights do not sum to a positive number; "
+                            "global model kept")
             return None, None
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
         if arrays is not None:

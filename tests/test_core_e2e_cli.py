@@ -113,7 +113,8 @@ def test_simulated_federation_learns_within_budget(e2e_run) -> None:
     for r in rounds:
         assert "train_loss" not in r and all("train_loss" not in h for h in r["hospitals"].values())
         pooled = r["pooled_validation"]
-        assert pooled["sites"] == 3 and pooled["num_examples"] == sum(h["val_examples"] for h in r["hospitals"].values())
+        assert pooled["sites"] == 3
+        assert pooled["num_examples"] == sum(h["val_examples"] for h in r["hospitals"].values())
         assert 0 <= pooled["auc"] <= 1 and pooled["loss"] > 0 and 0 < pooled["threshold"] < 1
     # the operating threshold: chosen on the last round's pooled validation, used on the test split, saved
     thr = m["operating_threshold"]

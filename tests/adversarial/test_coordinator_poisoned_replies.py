@@ -140,8 +140,9 @@ def test_bad_num_examples_are_dropped(tmp_path: Path, case, n) -> None:
 
 def test_the_largest_allowed_weight_is_accepted(tmp_path: Path) -> None:
     strat = _strategy(tmp_path)
+    heavy = _train(2, 1, value=2.0, **{"num-examples": MAX_EXAMPLES})
 
-    out, _ = strat.aggregate_train(1, [_train(1, 0, value=1.0), _train(2, 1, value=2.0, **{"num-examples": MAX_EXAMPLES})])
+    out, _ = strat.aggregate_train(1, [_train(1, 0, value=1.0), heavy])
 
     assert strat._fedrad.history.round(1).hospitals["hospital-2"]["status"] == "ok"
     assert np.isfinite(out["w"].numpy()).all() and out["w"].numpy()[0, 0] == pytest.approx(2.0, abs=1e-5)
@@ -218,7 +219,8 @@ def test_real_model_dtypes_and_shapes(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model = build_model("cnn", in_channels=1, num_classes=2, image_size=28, options={"widths": [4, 8], "dense": 8})
     sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
-    strat = _strategy(tmp_path, shapes={k: v.shape for k, v in sd.items()}, dtypes={k: str(v.dtype) for k, v in sd.items()})
+    strat = _strategy(tmp_path, shapes={k: v.shape for k, v in sd.items()},
+                      dtypes={k: str(v.dtype) for k, v in sd.items()})
     first = next(iter(sd))
 
     def reply(node: int, arrays: dict[str, np.ndarray]) -> Message:
