@@ -82,6 +82,7 @@ def _hospitals(history: StudyHistory) -> list[dict[str, Any]]:
         for name, h in history.rounds[n].hospitals.items():
             rec = out.setdefault(name, {"name": name, "rounds_contributed": 0, "rounds_refused": 0, "rounds_failed": 0,
                                         "refusals": [], "train_examples": None, "last_status": "ok"})
+            # train_examples: the hospital's DP-released training-set size (never the true size)
             status = str(h.get("status", "ok"))
             rec["last_status"] = status
             if h.get("num_examples") is not None:  # set only from an accepted train reply
@@ -90,13 +91,8 @@ def _hospitals(history: StudyHistory) -> list[dict[str, Any]]:
             if h.get("val_epsilon") is not None:
                 rec["val_epsilon"] = h["val_epsilon"]
                 rec["val_epsilon_budget"] = h.get("val_epsilon_budget")
-            if status == "ok":
-                pass
-            elif status.startswith("refused"):
-                rec["rounds_refused"] += 1
-                rec["refusals"].append({"round": n, "reason": status})
-            else:
-                rec["rounds_failed"] += 1
+            if status != "ok":
+                rec["rounds_refused" if status.startswith("refused") else "rounds_failed"] += 1
                 rec["refusals"].append({"round": n, "reason": status})
     for name, rec in out.items():
         p = privacy.get(name, {})

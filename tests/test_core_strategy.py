@@ -222,3 +222,34 @@ def test_malformed_confusion_is_rejected_not_a_crash(tmp_path: Path) -> None:
     rec = strat._fedrad.history.round(1)
     assert rec.hospitals["hospital-2"]["status"].startswith("rejected")
     assert rec.pooled["num_examples"] == 20
+
+
+def test_console_shows_pooled_validation_and_test_at_the_threshold(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from fedrad.server.report import RichReporter, final_table, rounds_table
+
+    strat = _strategy(tmp_path)
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    s = 1 / (1 + np.exp(-(rng.normal(size=200) + 3 * y - 1.5)))
+    strat.aggregate_train(1, [_train_reply(1, 0, 1.0)])
+    strat.aggregate_evaluate(1, [_eval_reply(1, 0, y, s)])
+    history = strat._fedrad.history
+    rec = history.round(1)
+    rec.global_test = {"loss": 0.41, "auc": 0.93, "sensitivity": 0.81, "specificity": 0.77}
+    history.final_test = {"auc": 0.93, "sensitivity": 0.81, "specificity": 0.77, "accuracy": 0.79, "num_examples": 9}
+    history.operating_threshold = {"value": rec.pooled["threshold"], "round": 1, "rule": "youden"}
+    console = Console(record=True, width=200)
+
+    reporter = RichReporter(console)
+    reporter.study_started(name="t", first_round=1, total_rounds=1, hospitals=1)
+    reporter.round_finished(rec, history)
+    reporter.study_finished(history)
+    console.print(rounds_table(history))
+    console.print(final_table(history))
+    text = console.export_text()
+
+    assert f"val AUC {rec.pooled['auc']:.3f} loss {rec.pooled['loss']:.3f}" in text
+    assert "hospital-1 eps 1.00" in text
+    assert f"{rec.pooled['threshold']:.4g}" in text and "0.810" in text and "0.770" in text
