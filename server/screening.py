@@ -213,12 +213,19 @@ def screen_train(
     decoded = {name: _decode(name, arrays[name], shape=expected_shapes[name],
                              dtype=np.dtype(dtypes.get(name, "float32")))
                for name in expected_shapes}
-    metrics = content[METRICS_KEY]
+    checked = screen_train_metrics(content[METRICS_KEY])
+    return ScreenedReply(num_examples=checked.num_examples, metrics=checked.metrics, arrays=decoded, receipt=receipt)
+
+
+def screen_train_metrics(metrics: MetricRecord) -> ScreenedReply:
+    """Only the metrics of a train reply (the SecAgg+ path, where the update travels masked and is
+    checked once unmasked); raises :class:`RejectedReply` naming the field."""
+    if not isinstance(metrics, MetricRecord):
+        raise RejectedReply(METRICS_KEY, "must be a MetricRecord")
     if "num-examples" not in metrics:
         raise RejectedReply("num-examples", "is required")
     n = _int_in("num-examples", metrics["num-examples"], 1, MAX_EXAMPLES)
-    return ScreenedReply(num_examples=n, metrics=_scalars(metrics, allowed=TRAIN_FIELDS), arrays=decoded,
-                         receipt=receipt)
+    return ScreenedReply(num_examples=n, metrics=_scalars(metrics, allowed=TRAIN_FIELDS))
 
 
 def screen_evaluate(content: RecordDict, *, num_classes: int) -> ScreenedReply:

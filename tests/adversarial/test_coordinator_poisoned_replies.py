@@ -39,6 +39,7 @@ from fedrad.server.screening import (
     ScreenedReply,
     all_finite,
     screen_receipt,
+    screen_train_metrics,
     weighted_total,
 )
 from fedrad.server.secagg import _Screen
@@ -361,3 +362,13 @@ def test_every_strategy_drops_poisoned_replies_and_returns_a_finite_float32_mode
     assert float(np.max(out["w"].numpy())) <= 5.0  # nothing beyond the honest sites' values
     for hospital in ("hospital-7", "hospital-8", "hospital-9"):
         _assert_dropped(strat, hospital)
+
+
+def test_metrics_only_screen_for_masked_updates() -> None:
+    ok = screen_train_metrics(MetricRecord({"num-examples": 12, "epsilon": 0.5, "train_loss": 0.3}))
+    assert ok.num_examples == 12 and ok.metrics == {"epsilon": 0.5}  # legacy train_loss ignored
+    cases = (({"num-examples": -20}, "num-examples"), ({"num-examples": 5, "epsilon": float("inf")}, "epsilon"),
+             ({"num-examples": 5, "mrn": 7}, "mrn"))
+    for bad, field in cases:
+        with pytest.raises(RejectedReply, match=field):
+            screen_train_metrics(MetricRecord(bad))
