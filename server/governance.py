@@ -5,7 +5,10 @@ Written beside ``metrics.json`` as ``governance.json`` (machine-readable) and ``
 cited), exactly which code ran (sha256 over the installed fedrad package's source files, the
 Flower app bundle hash when deployed, library versions), exactly which settings
 (``StudyConfig.fingerprint()``), exactly which model came out (sha256 over ``model.pt``'s
-state-dict tensors) and how much privacy budget each hospital spent.
+state-dict tensors), how much privacy budget each hospital spent (training and validation
+accounts) and, per hospital, the last receipt it sent: its audit-log head and entry count right
+after it recorded that reply. Kept off the node, the receipt anchors the node's audit log: a later
+rewrite of the log that does not reproduce this head at this count is detectable.
 """
 
 from __future__ import annotations
@@ -73,29 +76,32 @@ def _version(dist: str) -> str | None:
 
 def _hospitals(history: StudyHistory) -> list[dict[str, Any]]:
     privacy = history.privacy()
+    receipts = history.last_receipts()
     out: dict[str, dict[str, Any]] = {}
     for n in sorted(history.rounds):
         for name, h in history.rounds[n].hospitals.items():
             rec = out.setdefault(name, {"name": name, "rounds_contributed": 0, "rounds_refused": 0, "rounds_failed": 0,
                                         "refusals": [], "train_examples": None, "last_status": "ok"})
+            # train_examples: the hospital's DP-released training-set size (never the true size)
             status = str(h.get("status", "ok"))
             rec["last_status"] = status
-            if status == "ok":
-                if h.get("train_loss") is not None:
-                    rec["rounds_contributed"] += 1
-                if h.get("num_examples") is not None:
-                    rec["train_examples"] = h["num_examples"]
-            elif status.startswith("refused"):
-                rec["rounds_refused"] += 1
-                rec["refusals"].append({"round": n, "reason": status})
-            else:
-                rec["rounds_failed"] += 1
+            if h.get("num_examples") is not None:  # set only from an accepted train reply
+                rec["rounds_contributed"] += 1
+                rec["train_examples"] = h["num_examples"]
+            if h.get("val_epsilon") is not None:
+                rec["val_epsilon"] = h["val_epsilon"]
+                rec["val_epsilon_budget"] = h.get("val_epsilon_budget")
+            if status != "ok":
+                rec["rounds_refused" if status.startswith("refused") else "rounds_failed"] += 1
                 rec["refusals"].append({"round": n, "reason": status})
     for name, rec in out.items():
         p = privacy.get(name, {})
         rec["epsilon"] = p.get("epsilon")
         rec["epsilon_budget"] = p.get("budget")
         rec["took_part"] = rec["rounds_contributed"] > 0
+        rec.setdefault("val_epsilon", None)
+        rec.setdefault("val_epsilon_budget", None)
+        rec["last_receipt"] = receipts.get(name)
     return [out[k] for k in sorted(out)]
 
 
@@ -136,6 +142,7 @@ def build_report(
         "model": model_summary(run_dir / "model.pt"),
         "hospitals": _hospitals(history),
         "global_test": history.final_test,
+        "operating_threshold": dict(history.operating_threshold),
         "events": list(history.events),
     }
 
@@ -181,16 +188,29 @@ def render_markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {_cell(h['name'])} | {'yes' if h['took_part'] else 'no'} | {h['rounds_contributed']} | "
                      f"{h['rounds_refused']} | {h['rounds_failed']} | {_cell(h['epsilon'])} | "
                      f"{_cell(h['epsilon_budget'])} | {_cell(h['last_status'])[:80]} |")
+    anchored = [h for h in report["hospitals"] if h.get("last_receipt")]
+    if anchored:
+        lines += ["", "### Audit-log anchors (last receipt per hospital)", "",
+                  "Each hospital's node can prove its audit log unchanged up to this entry: "
+                  "`fedrad-node audit verify` must show this head at this entry count.", "",
+                  "| hospital | audit entries | audit-log head | round | reply |", "|---|---|---|---|---|"]
+        for h in anchored:
+            r = h["last_receipt"]
+            lines.append(f"| {_cell(h['name'])} | {_cell(r.get('audit_count'))} | `{_cell(r.get('audit_head'))}` | "
+                         f"{_cell(r.get('round'))} | {_cell(r.get('kind'))} |")
     refusals = [(h["name"], r) for h in report["hospitals"] for r in h["refusals"]]
     if refusals:
         lines += ["", "### Refusals and failures", ""]
         lines += [f"- {_cell(name)}, round {r['round']}: {_cell(r['reason'])}" for name, r in refusals]
     g = report.get("global_test") or {}
+    thr = report.get("operating_threshold") or {}
+    thr_text = (f"{_cell(thr.get('value'))} (chosen on pooled validation of round {_cell(thr.get('round'))}, "
+                f"{_cell(thr.get('rule'))})" if thr.get("value") is not None else "- (argmax)")
     if g:
         lines += ["", "## Final model on the coordinator's held-out test split", "",
-                  f"AUC {_cell(g.get('auc'))}, accuracy {_cell(g.get('accuracy'))}, sensitivity "
-                  f"{_cell(g.get('sensitivity'))}, specificity {_cell(g.get('specificity'))} "
-                  f"({_cell(g.get('num_examples'))} images)."]
+                  f"AUC {_cell(g.get('auc'))}; at the operating threshold {thr_text}: sensitivity "
+                  f"{_cell(g.get('sensitivity'))}, specificity {_cell(g.get('specificity'))}, accuracy "
+                  f"{_cell(g.get('accuracy'))} ({_cell(g.get('num_examples'))} images)."]
     if report["events"]:
         lines += ["", "## Events", ""] + [f"- {_cell(e)}" for e in report["events"]]
     return "\n".join(lines) + "\n"

@@ -11,11 +11,23 @@ from typing import Any
 import numpy as np
 
 from fedrad.common.durable import atomic_write_json
-from fedrad.common.metrics import pooled_summary
+from fedrad.common.metrics import (
+    at_threshold,
+    loss_from_histograms,
+    macro_auc_from_histograms,
+    num_examples_from_histograms,
+    pool_histograms,
+    summarise_histograms,
+)
 
-#: Per-hospital fields reported for every round (see README "Outputs").
-SITE_FIELDS = ("train_loss", "val_loss", "auc", "accuracy", "sensitivity", "specificity", "f1", "epsilon",
-               "epsilon_budget", "noise_multiplier", "num_examples", "train_seconds")
+#: Per-hospital fields reported for every round (see README "Outputs"). Training figures come from
+#: the hospital's train reply; every validation figure is computed here from its DP histograms
+#: (accuracy at the pooled threshold, None when C > 2). ``val_epsilon`` is the validation account.
+SITE_FIELDS = ("num_examples", "epsilon", "epsilon_budget", "study_epsilon", "study_epsilon_budget",
+               "noise_multiplier", "sample_rate", "steps", "val_examples", "val_loss", "auc", "sensitivity",
+               "specificity", "accuracy", "val_epsilon", "receipts")
+#: Validation figures kept per site and pooled.
+VAL_FIELDS = ("auc", "loss", "sensitivity", "specificity", "accuracy", "f1")
 
 
 def _clean(x: Any) -> Any:
@@ -48,9 +60,9 @@ class RoundRecord:
     def site(self, name: str) -> dict[str, Any]:
         return self.hospitals.setdefault(name, {"status": "ok"})
 
-    def mean_train_loss(self) -> float:
-        vals = [(h["train_loss"], h.get("num_examples") or 1) for h in self.hospitals.values() if h.get("train_loss") is not None]
-        return float(np.average([v for v, _ in vals], weights=[w for _, w in vals])) if vals else math.nan
+    def record_receipt(self, name: str, kind: str, receipt: dict[str, Any]) -> None:
+        """Keep a reply's receipt (the node's audit-log head after recording it) under ``kind``."""
+        self.site(name).setdefault("receipts", {})[kind] = dict(receipt)
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -60,7 +72,6 @@ class RoundRecord:
             "hospitals": self.hospitals,
             "pooled_validation": self.pooled,
             "global_test": self.global_test,
-            "train_loss": self.mean_train_loss(),
         }
 
 
@@ -76,6 +87,8 @@ class StudyHistory:
         self.final_test: dict[str, Any] = {}
         self.status = "running"
         self.events: list[str] = []
+        #: The final model's operating threshold: {"value", "round", "rule"} (set when the study ends).
+        self.operating_threshold: dict[str, Any] = {}
 
     @classmethod
     def resume(cls, path: Path, *, study: dict[str, Any], study_id: str, up_to_round: int) -> "StudyHistory":
@@ -84,6 +97,7 @@ class StudyHistory:
             data = json.loads(path.read_text(encoding="utf-8"))
             hist.initial_test = data.get("initial_test") or {}
             hist.events = list(data.get("events", []))
+            hist.operating_threshold = data.get("operating_threshold") or {}
             for r in data.get("rounds", []):
                 if r["round"] <= up_to_round:
                     hist.rounds[r["round"]] = RoundRecord(
@@ -96,10 +110,43 @@ class StudyHistory:
     def round(self, n: int) -> RoundRecord:
         return self.rounds.setdefault(n, RoundRecord(round=n))
 
-    def pool_validation(self, n: int, confusions: list[np.ndarray], histograms: list[np.ndarray]) -> None:
-        if confusions:
-            s = pooled_summary(confusions, histograms)
-            self.round(n).pooled = {**s.as_dict(), "num_examples": int(sum(int(c.sum()) for c in confusions))}
+    def pool_validation(self, n: int, histograms: dict[str, np.ndarray], *,
+                        target_sensitivity: float | None = None) -> None:
+        """Round ``n``'s validation figures from the sites' (DP) histograms: pooled from their sum,
+        with the operating threshold chosen there; per site at that pooled threshold."""
+        if not histograms:
+            return
+        pooled = summarise_histograms(pool_histograms(list(histograms.values())), target_sensitivity=target_sensitivity)
+        rec = self.round(n)
+        rec.pooled = {**{k: getattr(pooled, k) for k in VAL_FIELDS}, "threshold": pooled.threshold,
+                      "confusion": pooled.confusion, "num_examples": pooled.num_examples, "sites": len(histograms),
+                      "rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity:g}"}
+        for name, hist in histograms.items():
+            rates = at_threshold(hist, pooled.threshold)
+            rec.site(name).update({
+                "val_examples": num_examples_from_histograms(hist), "val_loss": loss_from_histograms(hist),
+                "auc": macro_auc_from_histograms(hist), **{k: rates[k] for k in ("sensitivity", "specificity",
+                                                                                  "accuracy", "f1")}})
+
+    def latest_threshold(self, up_to: int | None = None) -> tuple[int, float] | None:
+        """(round, threshold) of the latest round (<= ``up_to``) whose pooled validation chose one."""
+        for n in sorted(self.rounds, reverse=True):
+            if up_to is not None and n > up_to:
+                continue
+            t = self.rounds[n].pooled.get("threshold")
+            if t is not None:
+                return n, float(t)
+        return None
+
+    def last_receipts(self) -> dict[str, dict[str, Any]]:
+        """Per hospital, its latest receipt (highest audit count), with the round and reply kind."""
+        out: dict[str, dict[str, Any]] = {}
+        for n in sorted(self.rounds):
+            for name, h in self.rounds[n].hospitals.items():
+                for kind, r in (h.get("receipts") or {}).items():
+                    if name not in out or int(r["audit_count"]) >= int(out[name]["audit_count"]):
+                        out[name] = {**r, "round": n, "kind": kind}
+        return out
 
     def privacy(self) -> dict[str, dict[str, Any]]:
         """Latest epsilon per hospital (cumulative, as its ledger reports it)."""
@@ -122,6 +169,7 @@ class StudyHistory:
             "rounds": [self.rounds[n].as_dict() for n in sorted(self.rounds)],
             "global_test": self.final_test,
             "privacy": self.privacy(),
+            "operating_threshold": self.operating_threshold,
             "events": self.events,
         }
 

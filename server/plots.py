@@ -1,4 +1,5 @@
-"""Plots of a study: loss curves per round and privacy spent per hospital (PNG)."""
+"""Plots of a study: loss curves per round, privacy spent per hospital and the global model's
+metrics (PNG)."""
 
 from __future__ import annotations
 
@@ -40,22 +41,23 @@ def _finish(fig: plt.Figure, axes: list[plt.Axes], path: Path) -> Path:
 
 
 def plot_losses(history: StudyHistory, path: Path) -> Path:
-    """Training and validation loss per round (per hospital, thin; federation, bold)."""
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    """Validation loss per round: per hospital (thin) and pooled (bold), both approximated from the
+    hospitals' DP histograms, and the global model's exact loss on the coordinator's test split.
+    Hospitals report no training loss (it would leave unprotected)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
     rounds = sorted(history.rounds)
-    for ax, field, title in ((axes[0], "train_loss", "training loss"), (axes[1], "val_loss", "validation loss")):
-        for name, (xs, ys) in sorted(_series(history, field).items()):
-            ax.plot(xs, ys, marker="o", lw=1, alpha=0.6, label=name)
-        ax.set_title(title)
-        ax.set_xlabel("round")
-        ax.set_ylabel("cross-entropy")
-    axes[0].plot(rounds, [history.rounds[n].mean_train_loss() for n in rounds], "k-", lw=2.5, label="federation (weighted)")
-    test = [(n, history.rounds[n].global_test.get("loss")) for n in rounds]
-    test = [(n, v) for n, v in test if v is not None]
-    if test:
-        axes[1].plot([n for n, _ in test], [v for _, v in test], "k--", lw=2.5, label="global model, test split")
-    fig.suptitle(f"{history.study['federation']['name']}: loss per round")
-    return _finish(fig, list(axes), path)
+    for name, (xs, ys) in sorted(_series(history, "val_loss").items()):
+        ax.plot(xs, ys, marker="o", lw=1, alpha=0.5, label=name)
+    for src, label, style in (("pooled", "pooled validation (from DP histograms)", "k-"),
+                              ("global_test", "global model, test split", "k--")):
+        pts = [(n, getattr(history.rounds[n], src).get("loss")) for n in rounds]
+        pts = [(n, float(v)) for n, v in pts if v is not None and math.isfinite(float(v))]
+        if pts:
+            ax.plot([n for n, _ in pts], [v for _, v in pts], style, lw=2.5, label=label)
+    ax.set_xlabel("round")
+    ax.set_ylabel("cross-entropy")
+    ax.set_title(f"{history.study.get('federation', {}).get('name', 'study')}: loss per round")
+    return _finish(fig, [ax], path)
 
 
 def plot_privacy(history: StudyHistory, path: Path) -> Path:
@@ -78,11 +80,12 @@ def plot_privacy(history: StudyHistory, path: Path) -> Path:
 
 
 def plot_metrics(history: StudyHistory, path: Path) -> Path:
-    """AUC and accuracy of the global model per round (pooled validation and test split)."""
+    """AUC, sensitivity and specificity of the global model per round (pooled validation at its
+    chosen threshold; test split at the same threshold)."""
     fig, ax = plt.subplots(figsize=(6, 4))
     rounds = sorted(history.rounds)
     for src, label, style in (("pooled", "pooled validation", "-"), ("global_test", "test split", "--")):
-        for metric in ("auc", "accuracy"):
+        for metric in ("auc", "sensitivity", "specificity"):
             pts = [(n, getattr(history.rounds[n], src).get(metric)) for n in rounds]
             pts = [(n, v) for n, v in pts if v is not None and math.isfinite(float(v))]
             if pts:

@@ -23,7 +23,8 @@ def _f(x: Any, fmt: str = ".3f") -> str:
 
 
 class RichReporter:
-    """Progress bar over rounds plus one line per round: per-hospital loss and epsilon."""
+    """Progress bar over rounds plus one line per round: per-hospital epsilon (or why it is missing),
+    pooled validation AUC and loss (from the hospitals' DP histograms), test AUC."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -48,9 +49,10 @@ class RichReporter:
             if h.get("status", "ok") != "ok":
                 parts.append(f"{name} [yellow]{h['status'].split(':')[0]}[/]")
             else:
-                parts.append(f"{name} loss {_f(h.get('train_loss'))} eps {_f(h.get('epsilon'), '.2f')}")
-        test = record.global_test
-        tail = f" | test AUC {_f(test.get('auc'))} acc {_f(test.get('accuracy'))}" if test else ""
+                parts.append(f"{name} eps {_f(h.get('epsilon'), '.2f')}")
+        pooled, test = record.pooled, record.global_test
+        tail = f" | val AUC {_f(pooled.get('auc'))} loss {_f(pooled.get('loss'))}" if pooled else ""
+        tail += f" | test AUC {_f(test.get('auc'))} loss {_f(test.get('loss'))}" if test else ""
         self.progress.console.print(f"round {record.round} ({record.seconds:.1f}s): " + "; ".join(parts) + tail)
         self.progress.advance(self.task)
 
@@ -59,19 +61,19 @@ class RichReporter:
 
 
 def rounds_table(history: StudyHistory) -> Table:
+    """Per round: pooled validation (from DP histograms, at its chosen threshold) and the global
+    model on the test split (at the same threshold)."""
     t = Table(title="per round (federation)")
-    for col in ("round", "train loss", "val loss (pooled)", "val AUC (pooled)", "val acc (pooled)", "test loss",
-                "test AUC", "test acc", "sites ok"):
+    for col in ("round", "val loss (pooled)", "val AUC (pooled)", "threshold", "val sens", "val spec", "test loss",
+                "test AUC", "test sens", "test spec", "sites ok"):
         t.add_column(col, justify="right")
     for n in sorted(history.rounds):
         r = history.rounds[n]
-        vals = [h.get("val_loss") for h in r.hospitals.values() if h.get("val_loss") is not None]
-        weights = [h.get("val_examples", 1) for h in r.hospitals.values() if h.get("val_loss") is not None]
-        val_loss = sum(v * w for v, w in zip(vals, weights)) / sum(weights) if vals else None
         ok = sum(1 for h in r.hospitals.values() if h.get("status", "ok") == "ok")
-        t.add_row(str(n), _f(r.mean_train_loss()), _f(val_loss), _f(r.pooled.get("auc")), _f(r.pooled.get("accuracy")),
-                  _f(r.global_test.get("loss")), _f(r.global_test.get("auc")), _f(r.global_test.get("accuracy")),
-                  f"{ok}/{len(r.hospitals)}")
+        p, g = r.pooled, r.global_test
+        t.add_row(str(n), _f(p.get("loss")), _f(p.get("auc")), _f(p.get("threshold"), ".4g"), _f(p.get("sensitivity")),
+                  _f(p.get("specificity")), _f(g.get("loss")), _f(g.get("auc")), _f(g.get("sensitivity")),
+                  _f(g.get("specificity")), f"{ok}/{len(r.hospitals)}")
     return t
 
 
@@ -88,10 +90,12 @@ def privacy_table(history: StudyHistory) -> Table:
 
 
 def final_table(history: StudyHistory) -> Table:
+    """The final model on the test split, at the operating threshold chosen on pooled validation."""
     t = Table(title="global model on the held-out test split")
-    for col in ("AUC", "accuracy", "sensitivity", "specificity", "F1", "images"):
+    for col in ("AUC", "threshold", "sensitivity", "specificity", "accuracy", "F1", "images"):
         t.add_column(col, justify="right")
     g = history.final_test
-    t.add_row(_f(g.get("auc")), _f(g.get("accuracy")), _f(g.get("sensitivity")), _f(g.get("specificity")),
-              _f(g.get("f1")), str(g.get("num_examples", "-")))
+    thr = (history.operating_threshold or {}).get("value", g.get("threshold"))
+    t.add_row(_f(g.get("auc")), _f(thr, ".4g") if thr is not None else "argmax", _f(g.get("sensitivity")),
+              _f(g.get("specificity")), _f(g.get("accuracy")), _f(g.get("f1")), str(g.get("num_examples", "-")))
     return t

@@ -10,13 +10,13 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy import Strategy
 
@@ -26,13 +26,14 @@ from fedrad.common.device import resolve_device
 from fedrad.common.errors import FederationError, ProtocolError
 from fedrad.common.evaluation import evaluate
 from fedrad.common.models import build_model
-from fedrad.common.protocol import ERR_BUDGET, ERR_POLICY, METRICS_KEY, check_reply
+from fedrad.common.protocol import ARRAYS_KEY, ERR_BUDGET, ERR_POLICY, METRICS_KEY, check_reply
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .governance import write_report
 from .history import StudyHistory
 from .plots import write_plots
 from .progress import NullReporter, Reporter
+from .screening import ScreenedReply, all_finite, partition_id, screen_evaluate, screen_train, weighted_total
 from .strategies import strategy_class, strategy_kwargs
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,53 @@ class _Wiring:
     min_hospitals: int
     names: dict[int, str]
     num_classes: int
+    #: array name -> numpy dtype name of the model's tensor (missing: float32).
+    expected_dtypes: dict[str, str] = field(default_factory=dict)
+    #: None: the operating threshold maximises Youden's J on pooled validation.
+    target_sensitivity: float | None = None
+
+
+def _ok_fields(screened: ScreenedReply, kind: str) -> dict[str, Any]:
+    """What the history keeps of an accepted reply (contract fields only, under history names)."""
+    m = dict(screened.metrics)
+    m.pop("partition-id", None)
+    if kind == "train":
+        if "round" in m:
+            m["node_round"] = m.pop("round")
+        return {**m, "num_examples": screened.num_examples}
+    out: dict[str, Any] = {"val_reported_examples": screened.num_examples}
+    if "round" in m:
+        out["node_eval_round"] = m["round"]
+    if "epsilon" in m:
+        out["val_epsilon"] = m["epsilon"]
+    if "epsilon_budget" in m:
+        out["val_epsilon_budget"] = m["epsilon_budget"]
+    return out
+
+
+def _sanitised(msg: Message, screened: ScreenedReply, kind: str, weight_key: str) -> Message:
+    """The reply as the aggregation may see it: the checked arrays and the checked weight only
+    (every reply then has the same record layout, so Flower's consistency check cannot veto a round)."""
+    metrics: dict[str, int | float] = {"num-examples": screened.num_examples}
+    if weight_key != "num-examples" and weight_key in screened.metrics:
+        metrics[weight_key] = screened.metrics[weight_key]
+    records: dict[str, Any] = {METRICS_KEY: MetricRecord(metrics)}  # type: ignore[arg-type]
+    if kind == "train":
+        records[ARRAYS_KEY] = ArrayRecord({k: Array(v) for k, v in screened.arrays.items()})
+    return Message(content=RecordDict(records), metadata=msg.metadata)
+
+
+def _as_model_dtypes(arrays: ArrayRecord, dtypes: dict[str, str]) -> ArrayRecord:
+    """The aggregate in the model's dtypes (server optimisers such as FedAdam compute in float64);
+    the global model sent to hospitals is then always what their replies must match."""
+    out, changed = {}, False
+    for name, arr in arrays.items():
+        value = arr.numpy()
+        want = np.dtype(dtypes.get(name, "float32"))
+        if value.dtype != want:
+            value, changed = value.astype(want), True
+        out[name] = value
+    return ArrayRecord({k: Array(v) for k, v in out.items()}) if changed else arrays
 
 
 class FedradStrategyMixin:
@@ -64,8 +112,10 @@ class FedradStrategyMixin:
 
     def _site_name(self, msg: Message) -> str:
         node = msg.metadata.src_node_id
-        if not msg.has_error() and METRICS_KEY in msg.content and "partition-id" in msg.content[METRICS_KEY]:
-            self._fedrad.names[node] = f"hospital-{int(msg.content[METRICS_KEY]['partition-id']) + 1}"
+        if not msg.has_error() and METRICS_KEY in msg.content:
+            pid = partition_id(msg.content[METRICS_KEY])
+            if pid is not None:
+                self._fedrad.names[node] = f"hospital-{pid + 1}"
         return self._fedrad.names.get(node, f"node-{node}")
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
@@ -73,10 +123,24 @@ class FedradStrategyMixin:
         self._t_round = time.perf_counter()
         return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
 
+    def _screen_one(self, msg: Message, kind: str) -> ScreenedReply:
+        """Protocol allow-lists (``check_reply``), then the coordinator's value checks."""
+        w = self._fedrad
+        check_reply(msg.content, kind=kind, expected_shapes=w.expected_shapes if kind == "train" else None,
+                    num_classes=w.num_classes)
+        if kind == "train":
+            return screen_train(msg.content, expected_shapes=w.expected_shapes, expected_dtypes=w.expected_dtypes)
+        return screen_evaluate(msg.content, num_classes=w.num_classes)
+
     def _screen(self, server_round: int, replies: Iterable[Message], kind: str) -> tuple[list[Message], list[tuple[str, int, str]]]:
+        """Sort ``replies`` into usable ones (returned sanitised, in order) and refusals/failures.
+
+        A rejected reply is recorded in its site's status and in the run's events (hospital and
+        field named) and contributes nothing else."""
         w = self._fedrad
         rec = w.history.round(server_round + w.round_offset)
         valid, refused = [], []
+        weight_key = str(getattr(self, "weighted_by_key", "num-examples"))
         for msg in replies:
             name = self._site_name(msg)
             site = rec.site(name)
@@ -87,20 +151,26 @@ class FedradStrategyMixin:
                 log.warning("round %d %s: %s %s", rec.round, kind, name, site["status"])
                 continue
             try:
-                check_reply(msg.content, kind=kind, expected_shapes=w.expected_shapes if kind == "train" else None,
-                            num_classes=w.num_classes)
+                screened = self._screen_one(msg, kind)
             except ProtocolError as exc:
-                site["status"] = f"rejected: {exc}"
+                site["status"] = f"rejected{'' if kind == 'train' else ' (evaluate)'}: {exc}"
+                w.history.event(f"round {rec.round}: {kind} reply from {name} rejected: {exc}")
                 log.warning("round %d %s: reply from %s rejected: %s", rec.round, kind, name, exc)
                 continue
-            m = msg.content[METRICS_KEY]
-            for key, value in m.items():
-                if key in ("confusion", "histograms", "partition-id"):
-                    continue
-                site["num_examples" if key == "num-examples" and kind == "train" else
-                     "val_examples" if key == "num-examples" else key] = value
-            valid.append(msg)
+            site.update(_ok_fields(screened, kind))
+            if screened.receipt is not None:
+                rec.record_receipt(name, kind, screened.receipt.as_dict())
+            if kind == "evaluate" and screened.histograms is not None:
+                self._histograms[name] = screened.histograms
+            valid.append(_sanitised(msg, screened, kind, weight_key))
         return valid, refused
+
+    @property
+    def _histograms(self) -> dict[str, np.ndarray]:
+        """The current evaluate round's screened histograms by site (filled by :meth:`_screen`)."""
+        if not hasattr(self, "_fedrad_hists"):
+            self._fedrad_hists: dict[str, np.ndarray] = {}
+        return self._fedrad_hists
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         w = self._fedrad
@@ -115,20 +185,33 @@ class FedradStrategyMixin:
                             "global model kept")
             log.warning("round %d: only %d usable updates (min %d); not aggregating", rec.round, len(valid), w.min_hospitals)
             return None, None
+        if weighted_total([float(m.content[METRICS_KEY]["num-examples"]) for m in valid]) is None:
+            w.history.event(f"round {rec.round}: aggregation weights do not sum to a positive number; "
+                            "global model kept")
+            return None, None
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        if arrays is not None:
+            bad = all_finite(arrays)
+            if bad is not None:
+                w.history.event(f"round {rec.round}: the aggregate's array {bad!r} is not finite; global model kept")
+                log.warning("round %d: aggregate array %s not finite; global model kept", rec.round, bad)
+                return None, None
+            arrays = _as_model_dtypes(arrays, w.expected_dtypes)
         rec.aggregated = arrays is not None
         return arrays, metrics
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         w = self._fedrad
-        valid, _ = self._screen(server_round, list(replies), "evaluate")
+        self._histograms.clear()
+        self._screen(server_round, list(replies), "evaluate")
         n = server_round + w.round_offset
-        c = w.num_classes
-        cms = [np.asarray(m.content[METRICS_KEY]["confusion"], dtype=np.int64).reshape(c, c) for m in valid]
-        hists = [np.asarray(m.content[METRICS_KEY]["histograms"], dtype=np.int64).reshape(c, 2, -1) for m in valid]
-        w.history.pool_validation(n, cms, hists)
+        w.history.pool_validation(n, dict(self._histograms), target_sensitivity=w.target_sensitivity)
+        self._histograms.clear()
         pooled = w.history.round(n).pooled
-        return MetricRecord({k: float(v) for k, v in pooled.items() if v is not None and np.isfinite(v)}) if pooled else None
+        if not pooled:
+            return None
+        return MetricRecord({k: float(v) for k, v in pooled.items()
+                             if isinstance(v, (int, float)) and not isinstance(v, bool) and np.isfinite(v)})
 
 
 def make_strategy(study: StudyConfig, wiring: _Wiring) -> Strategy:
@@ -198,6 +281,7 @@ def prepare_study(*, study: StudyConfig, run_dir: Path, reporter: Reporter) -> P
     wiring = _Wiring(
         history=history, reporter=reporter, round_offset=offset, min_hospitals=fed.min_hospitals, names={},
         expected_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()}, num_classes=len(class_names),
+        expected_dtypes={k: str(v.detach().cpu().numpy().dtype) for k, v in model.state_dict().items()},
     )
     return PreparedStudy(model, class_names, test, study_dict, study_id, ckpt_dir, offset, history,
                          resolve_device(study.training.device), wiring)
@@ -228,8 +312,10 @@ def run_study(
         model.load_state_dict(arrays.to_torch_state_dict())
         metrics: dict[str, Any] = {}
         if test is not None:
-            ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size)
-            metrics = {"loss": ev.loss, **ev.summary.as_dict(), "num_examples": ev.num_examples}
+            chosen = history.latest_threshold(up_to=n)  # this round's pooled validation ran just before
+            ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size,
+                          threshold=chosen[1] if chosen else None)
+            metrics = ev.test_metrics()
         if server_round == 0:
             history.initial_test = metrics
             history.save()
@@ -292,14 +378,28 @@ def finish_study(
     extra: dict[str, Any] | None = None,
 ) -> StudyHistory:
     """Everything a finished (or stopped) study leaves behind: final test metrics, ``model.pt``,
-    ``metrics.json``, plots and the governance report."""
+    ``metrics.json``, plots and the governance report.
+
+    The model's operating threshold is the one chosen on pooled validation in the last round that
+    had one (Youden's J unless a target sensitivity is set); it goes into ``metrics.json``
+    (``operating_threshold``), ``model.pt`` (``threshold``) and the final test metrics."""
+    chosen = history.latest_threshold()
+    threshold = chosen[1] if chosen else None
+    history.operating_threshold = {
+        "value": threshold, "round": chosen[0] if chosen else None,
+        "rule": history.rounds[chosen[0]].pooled.get("rule", "youden") if chosen else None,
+        "chosen_on": "pooled validation (DP histograms)" if chosen else "none: no pooled validation with both classes",
+    }
+    if chosen is not None and chosen[0] != max(history.rounds, default=0):
+        history.event(f"operating threshold from round {chosen[0]}: the last round had no usable pooled validation")
     if test is not None:
         ev = evaluate(model, test, device=resolve_device(study.training.device),
-                      batch_size=study.training.eval_batch_size)
-        history.final_test = {"loss": ev.loss, **ev.summary.as_dict(), "num_examples": ev.num_examples}
+                      batch_size=study.training.eval_batch_size, threshold=threshold)
+        history.final_test = ev.test_metrics()
     save_checkpoint(run_dir / "model.pt", state_dict=model.state_dict(), study=study.to_dict(),
                     round=max(history.rounds, default=0), class_names=class_names,
-                    extra={"model": study.model.name, "model_options": dict(study.model.options), **(extra or {})})
+                    extra={"model": study.model.name, "model_options": dict(study.model.options),
+                           "threshold": threshold, **(extra or {})})
     history.save()
     write_plots(history, run_dir)
     write_report(history=history, run_dir=run_dir, study=study, fab_hash=_fab_hash(grid))

@@ -13,7 +13,7 @@ from flwr.app import DEFAULT_TTL, ArrayRecord, Error, Message, MessageType, Meta
 
 from fedrad.common.config import parse_study
 from fedrad.common.errors import StrategyError
-from fedrad.common.metrics import confusion_matrix, pooled_summary, score_histograms
+from fedrad.common.metrics import HIST_BINS, pooled_summary, score_histograms
 from fedrad.common.protocol import ERR_BUDGET, ERR_REFUSED
 from fedrad.server.history import StudyHistory
 from fedrad.server.progress import NullReporter
@@ -42,8 +42,7 @@ def _md(node: int, kind: str = MessageType.TRAIN) -> Metadata:
 
 def _train_reply(node: int, partition: int, value: float, n: int = 10, **extra) -> Message:
     arrays = ArrayRecord({"w": torch.full((2, 3), value), "b": torch.full((2,), value)})
-    metrics = MetricRecord({"num-examples": n, "train_loss": 0.5 + value, "epsilon": 1.0 + partition,
-                            "partition-id": partition, **extra})
+    metrics = MetricRecord({"num-examples": n, "epsilon": 1.0 + partition, "partition-id": partition, **extra})
     return Message(content=RecordDict({"arrays": arrays, "metrics": metrics}), metadata=_md(node))
 
 
@@ -61,13 +60,13 @@ def test_mixin_records_statuses_and_aggregates_only_valid_replies(tmp_path: Path
 
     rec = strat._fedrad.history.round(1)
     assert rec.hospitals["hospital-1"]["status"] == "ok"
-    assert rec.hospitals["hospital-1"]["train_loss"] == 1.5
     assert rec.hospitals["hospital-1"]["num_examples"] == 10
     assert rec.hospitals["hospital-1"]["epsilon"] == 1.0
     assert rec.hospitals["node-12"]["status"].startswith("refused: ")
     assert rec.hospitals["hospital-3"]["status"].startswith("rejected: ")
     assert "patient_id" in rec.hospitals["hospital-3"]["status"]
-    assert "train_loss" not in rec.hospitals["hospital-3"]  # nothing from a rejected reply is kept
+    assert "num_examples" not in rec.hospitals["hospital-3"]  # nothing from a rejected reply is kept
+    assert any("hospital-3" in e and "patient_id" in e for e in strat._fedrad.history.events)
     assert arrays is not None and rec.aggregated
     assert np.array_equal(arrays["w"].numpy(), np.ones((2, 3), dtype=np.float32))  # the 1000s were not averaged in
     assert np.array_equal(arrays["b"].numpy(), np.ones(2, dtype=np.float32))
@@ -131,45 +130,66 @@ def test_round_offset_applies_to_records(tmp_path: Path) -> None:
     assert 4 in strat._fedrad.history.rounds and 1 not in strat._fedrad.history.rounds
 
 
-def _eval_reply(node: int, partition: int, labels: np.ndarray, scores: np.ndarray) -> Message:
+def _eval_reply(node: int, partition: int, labels: np.ndarray, scores: np.ndarray, **extra) -> Message:
     probs = np.stack([1 - scores, scores], 1)
     metrics = MetricRecord({
-        "num-examples": len(labels), "val_loss": 0.3, "auc": 0.9, "partition-id": partition,
-        "confusion": confusion_matrix(labels, probs.argmax(1), 2).reshape(-1).tolist(),
-        "histograms": score_histograms(labels, probs).reshape(-1).tolist(),
+        "num-examples": len(labels), "partition-id": partition,
+        "histograms": score_histograms(labels, probs).reshape(-1).tolist(), **extra,
     })
     return Message(content=RecordDict({"metrics": metrics}), metadata=_md(node, MessageType.EVALUATE))
 
 
-def test_aggregate_evaluate_pools_counts(tmp_path: Path) -> None:
+def test_aggregate_evaluate_pools_histograms(tmp_path: Path) -> None:
     strat = _strategy(tmp_path)
     rng = np.random.default_rng(0)
-    sites = [(rng.integers(0, 2, 50), rng.random(50)) for _ in range(2)]
+    sites = [(rng.integers(0, 2, n), rng.random(n)) for n in (50, 70)]
     bad = Message(content=RecordDict({"metrics": MetricRecord({"num-examples": 3, "partition-id": 2, "mrn": 7})}),
                   metadata=_md(9, MessageType.EVALUATE))
 
-    out = strat.aggregate_evaluate(1, [_eval_reply(1, 0, *sites[0]), _eval_reply(2, 1, *sites[1]), bad])
+    out = strat.aggregate_evaluate(1, [_eval_reply(1, 0, *sites[0], epsilon=0.3, epsilon_budget=1.0),
+                                       _eval_reply(2, 1, *sites[1]), bad])
 
-    expected = pooled_summary(
-        [confusion_matrix(y, (s >= 0.5).astype(int), 2) for y, s in sites],
-        [score_histograms(y, np.stack([1 - s, s], 1)) for y, s in sites],
-    )
+    hists = [score_histograms(y, np.stack([1 - s, s], 1)) for y, s in sites]
+    expected = pooled_summary(hists)
     rec = strat._fedrad.history.round(1)
-    assert rec.pooled["num_examples"] == 100
+    assert rec.pooled["num_examples"] == 120
     assert rec.pooled["auc"] == pytest.approx(expected.auc)
+    assert rec.pooled["loss"] == pytest.approx(expected.loss)
+    assert rec.pooled["threshold"] == pytest.approx(expected.threshold)
     assert out["accuracy"] == pytest.approx(expected.accuracy)
-    assert rec.hospitals["hospital-1"]["val_examples"] == 50
-    assert rec.hospitals["hospital-3"]["status"].startswith("rejected: ")
+    assert out["sensitivity"] == pytest.approx(expected.sensitivity)
+    h1 = rec.hospitals["hospital-1"]
+    assert h1["val_examples"] == 50 and h1["auc"] == pytest.approx(pooled_summary([hists[0]]).auc)
+    assert h1["val_epsilon"] == 0.3 and "epsilon" not in h1  # the validation account, not training's
+    assert rec.hospitals["hospital-3"]["status"].startswith("rejected")
+
+
+def test_legacy_fields_of_an_older_node_are_ignored(tmp_path: Path) -> None:
+    strat = _strategy(tmp_path)
+    rng = np.random.default_rng(4)
+    y, s = rng.integers(0, 2, 40), rng.random(40)
+
+    strat.aggregate_train(1, [_train_reply(1, 0, 1.0, train_loss=0.4, train_seconds=2.0)])
+    strat.aggregate_evaluate(1, [_eval_reply(1, 0, y, s, val_loss=9.0, auc=0.99, accuracy=float("nan"))])
+
+    h = strat._fedrad.history.round(1).hospitals["hospital-1"]
+    assert h["status"] == "ok"
+    assert "train_loss" not in h and "train_seconds" not in h
+    assert h["val_loss"] != 9.0 and h["auc"] != 0.99  # computed from the histograms, not taken from the node
 
 
 def test_history_json_is_strict_json(tmp_path: Path) -> None:
     strat = _strategy(tmp_path)
-    strat.aggregate_train(1, [_train_reply(1, 0, 1.0, epsilon_budget=float("nan"))])
+    strat.aggregate_train(1, [_train_reply(1, 0, 1.0)])
+    one_class = np.zeros(20, dtype=np.int64)  # AUC undefined: NaN in memory
+    strat.aggregate_evaluate(1, [_eval_reply(1, 0, one_class, np.random.default_rng(0).random(20))])
     strat._fedrad.history.save()
 
     data = json.loads((tmp_path / "metrics.json").read_text())  # NaN would not be valid JSON
 
-    assert data["rounds"][0]["hospitals"]["hospital-1"]["epsilon_budget"] is None
+    assert data["rounds"][0]["hospitals"]["hospital-1"]["auc"] is None
+    assert data["rounds"][0]["pooled_validation"]["auc"] is None
+    assert data["rounds"][0]["pooled_validation"]["threshold"] is None
 
 
 def test_strategy_registry_and_options() -> None:
@@ -194,7 +214,7 @@ def test_malformed_confusion_is_rejected_not_a_crash(tmp_path: Path) -> None:
     rng = np.random.default_rng(1)
     good = _eval_reply(1, 0, rng.integers(0, 2, 20), rng.random(20))
     bad = Message(content=RecordDict({"metrics": MetricRecord({
-        "num-examples": 3, "partition-id": 1, "confusion": [1, 0, 2], "histograms": [0] * 400})}),
+        "num-examples": 3, "partition-id": 1, "confusion": [1, 0, 2], "histograms": [0] * (4 * HIST_BINS)})}),
         metadata=_md(2, MessageType.EVALUATE))
 
     strat.aggregate_evaluate(1, [good, bad])
@@ -202,3 +222,34 @@ def test_malformed_confusion_is_rejected_not_a_crash(tmp_path: Path) -> None:
     rec = strat._fedrad.history.round(1)
     assert rec.hospitals["hospital-2"]["status"].startswith("rejected")
     assert rec.pooled["num_examples"] == 20
+
+
+def test_console_shows_pooled_validation_and_test_at_the_threshold(tmp_path: Path) -> None:
+    from rich.console import Console
+
+    from fedrad.server.report import RichReporter, final_table, rounds_table
+
+    strat = _strategy(tmp_path)
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 200)
+    s = 1 / (1 + np.exp(-(rng.normal(size=200) + 3 * y - 1.5)))
+    strat.aggregate_train(1, [_train_reply(1, 0, 1.0)])
+    strat.aggregate_evaluate(1, [_eval_reply(1, 0, y, s)])
+    history = strat._fedrad.history
+    rec = history.round(1)
+    rec.global_test = {"loss": 0.41, "auc": 0.93, "sensitivity": 0.81, "specificity": 0.77}
+    history.final_test = {"auc": 0.93, "sensitivity": 0.81, "specificity": 0.77, "accuracy": 0.79, "num_examples": 9}
+    history.operating_threshold = {"value": rec.pooled["threshold"], "round": 1, "rule": "youden"}
+    console = Console(record=True, width=200)
+
+    reporter = RichReporter(console)
+    reporter.study_started(name="t", first_round=1, total_rounds=1, hospitals=1)
+    reporter.round_finished(rec, history)
+    reporter.study_finished(history)
+    console.print(rounds_table(history))
+    console.print(final_table(history))
+    text = console.export_text()
+
+    assert f"val AUC {rec.pooled['auc']:.3f} loss {rec.pooled['loss']:.3f}" in text
+    assert "hospital-1 eps 1.00" in text
+    assert f"{rec.pooled['threshold']:.4g}" in text and "0.810" in text and "0.770" in text

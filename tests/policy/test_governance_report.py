@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from fedrad.common.config import parse_study
@@ -31,14 +32,17 @@ def _run(tmp_path: Path) -> tuple[Path, StudyHistory, object, torch.nn.Module]:
     hist = StudyHistory(run_dir / "metrics.json", study=study.to_dict(), study_id=study.fingerprint()[:16])
     for n in (1, 2):
         r = hist.round(n)
-        r.hospitals["hospital-1"] = {"status": "ok", "train_loss": 0.5, "epsilon": 2.0 * n, "epsilon_budget": 6.0,
-                                     "num_examples": 100}
-        r.hospitals["hospital-2"] = {"status": "ok", "train_loss": 0.6, "epsilon": 2.5 * n, "epsilon_budget": 6.0,
+        r.hospitals["hospital-1"] = {"status": "ok", "epsilon": 2.0 * n, "epsilon_budget": 6.0,
+                                     "num_examples": 100, "val_epsilon": 0.1 * n, "val_epsilon_budget": 1.0}
+        r.hospitals["hospital-2"] = {"status": "ok", "epsilon": 2.5 * n, "epsilon_budget": 6.0,
                                      "num_examples": 80}
+        r.record_receipt("hospital-1", "train", {"audit_head": f"{2 * n - 1:x}" * 64, "audit_count": 2 * n - 1})
+        r.record_receipt("hospital-1", "evaluate", {"audit_head": f"{2 * n:x}" * 64, "audit_count": 2 * n})
     hist.round(1).hospitals["hospital-3"] = {"status": "refused: PolicyViolation: rule max_rounds: study asks | 2"}
     hist.round(2).hospitals["hospital-3"] = {"status": "failed: timeout"}
     hist.status = "completed"
-    hist.final_test = {"auc": 0.9, "accuracy": 0.8, "num_examples": 64}
+    hist.final_test = {"auc": 0.9, "accuracy": 0.8, "sensitivity": 0.85, "specificity": 0.75, "num_examples": 64}
+    hist.operating_threshold = {"value": 0.42, "round": 2, "rule": "youden"}
     hist.event("round 2: something noteworthy")
     hist.save()
     torch.manual_seed(0)
@@ -67,9 +71,15 @@ def test_report_names_hospitals_hashes_and_epsilon(tmp_path: Path) -> None:
     h3 = hosp["hospital-3"]
     assert not h3["took_part"] and h3["rounds_refused"] == 1 and h3["rounds_failed"] == 1 and h3["epsilon"] is None
     assert "rule max_rounds" in h3["refusals"][0]["reason"]
+    # validation account and audit-log anchors (last receipt per hospital)
+    assert hosp["hospital-1"]["val_epsilon"] == pytest.approx(0.2) and hosp["hospital-2"]["val_epsilon"] is None
+    assert hosp["hospital-1"]["last_receipt"] == {"audit_head": "4" * 64, "audit_count": 4, "round": 2,
+                                                  "kind": "evaluate"}
+    assert hosp["hospital-2"]["last_receipt"] is None
+    assert rep["operating_threshold"]["value"] == 0.42
     md = mpath.read_text()
     for text in ("gov-study", study.fingerprint(), rep["model"]["sha256"], "hospital-3", "rule max_rounds",
-                 "something noteworthy", "ab" * 32):
+                 "something noteworthy", "ab" * 32, "4" * 64, "Audit-log anchors", "operating threshold 0.42"):
         assert text in md
     assert "asks \\| 2" in md  # table cells cannot be broken by a reason's text
 

@@ -1,0 +1,282 @@
+"""The coordinator's value checks of every hospital reply before anything from it is used.
+
+:func:`fedrad.common.protocol.check_reply` decides what a reply may *carry* (allow-lists, names,
+shapes). This module decides whether the values are *usable*: a reply that fails here is left
+out of the aggregation and the pooled validation, and the round goes on with the others
+(issue 9, point 7: NaN/Inf weights gave a NaN global model; float16/int64 arrays passed;
+``num-examples`` of 1e9 let one site dictate the model, -20 crashed the weighted mean).
+
+Rules (train and evaluate replies):
+
+- arrays (train): exactly the model's names; each decodes as a NumPy array of the model's dtype
+  (float32) and shape; every value finite. The aggregation only ever sees the decoded arrays.
+- ``num-examples``: an integer in [1, MAX_EXAMPLES] for train, [0, MAX_EXAMPLES] for evaluate.
+  MAX_EXAMPLES = 10**7 (ten million images: far above any one hospital's training set, small
+  enough that a weighted mean over a handful of sites stays finite and no site's weight can exceed
+  the others' by more than that factor). It bounds a lying site's weight; it cannot make a site
+  honest (robust strategies such as ``fedmedian`` or ``fedtrimmedavg`` limit that further).
+- every metric a finite number; counts (``round``, ``steps``, ``partition-id``) integers in range;
+  privacy figures (epsilon, budgets, noise multiplier, clipping norm, delta, sample rate) >= 0,
+  ``delta`` < 1 and ``sample_rate`` <= 1.
+- ``histograms`` (evaluate): C * 2 * HIST_BINS integers in [0, MAX_EXAMPLES].
+- ``receipt`` (optional ConfigRecord): exactly ``audit-head`` (64 lowercase hex characters) and
+  ``audit-count`` (an integer >= 1).
+
+Fields the current wire contract dropped (``train_loss``, ``val_loss``, ``auc``, ``confusion``...;
+an older node still sends them) are ignored: never checked, never recorded.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from fedrad.common.errors import ProtocolError
+from fedrad.common.metrics import HIST_BINS
+
+ARRAYS_KEY = "arrays"
+METRICS_KEY = "metrics"
+RECEIPT_KEY = "receipt"
+
+#: Largest ``num-examples`` (and histogram count) a reply may state; see the module docstring.
+MAX_EXAMPLES = 10**7
+#: Largest round count, step count and partition id a reply may state.
+MAX_COUNT = 10**9
+
+HEX64 = re.compile(r"[0-9a-f]{64}")
+
+#: Contract metrics of a train reply and of an evaluate reply (besides ``num-examples``).
+TRAIN_FIELDS = frozenset({"num-examples", "round", "steps", "sample_rate", "noise_multiplier", "max_grad_norm",
+                          "delta", "epsilon", "epsilon_budget", "study_epsilon", "study_epsilon_budget",
+                          "partition-id"})
+EVAL_FIELDS = frozenset({"num-examples", "histograms", "round", "epsilon", "epsilon_budget", "partition-id"})
+#: Sent by nodes that predate the current contract; ignored (the allow-list refuses them once merged).
+LEGACY_FIELDS = frozenset({"train_loss", "train_seconds", "val_loss", "auc", "accuracy", "sensitivity",
+                           "specificity", "f1", "confusion"})
+
+_INT_FIELDS = {"round": (1, MAX_COUNT), "steps": (0, MAX_COUNT), "partition-id": (0, MAX_COUNT)}
+_NONNEG_FIELDS = frozenset({"noise_multiplier", "max_grad_norm", "epsilon", "epsilon_budget", "study_epsilon",
+                            "study_epsilon_budget", "sample_rate", "delta"})
+_UPPER = {"sample_rate": (1.0, True), "delta": (1.0, False)}  # (bound, inclusive)
+
+
+class RejectedReply(ProtocolError):
+    """A reply whose values cannot be used; ``field`` names the offending part."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        self.field = field
+        self.problem = problem
+        super().__init__(f"{field}: {problem}")
+
+
+@dataclass(frozen=True)
+class Receipt:
+    """A node's audit-log head right after it recorded the reply."""
+
+    head: str
+    count: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"audit_head": self.head, "audit_count": self.count}
+
+
+@dataclass(frozen=True)
+class ScreenedReply:
+    """What the coordinator may use of a reply: checked values only."""
+
+    num_examples: int
+    metrics: dict[str, int | float]  # contract scalars, legacy fields and num-examples left out
+    arrays: dict[str, np.ndarray] = field(default_factory=dict)  # train
+    histograms: np.ndarray | None = None  # evaluate: int64 (C, 2, HIST_BINS)
+    receipt: Receipt | None = None
+
+
+def _is_int(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (int, np.integer)):
+        return True
+    return isinstance(value, (float, np.floating)) and math.isfinite(value) and float(value).is_integer()
+
+
+def _int_in(name: str, value: Any, lo: int, hi: int) -> int:
+    if not _is_int(value):
+        raise RejectedReply(name, f"must be an integer, got {value!r}")
+    v = int(value)
+    if not lo <= v <= hi:
+        raise RejectedReply(name, f"{v} is outside [{lo}, {hi}]")
+    return v
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise RejectedReply(name, f"must be a number, got {type(value).__name__}")
+    v = float(value)
+    if not math.isfinite(v):
+        raise RejectedReply(name, f"must be finite, got {v}")
+    return v
+
+
+def screen_receipt(record: Any) -> Receipt:
+    """The receipt record: exactly ``audit-head`` (64 lowercase hex) and ``audit-count`` (int >= 1)."""
+    if not isinstance(record, ConfigRecord):
+        raise RejectedReply(RECEIPT_KEY, f"must be a ConfigRecord, got {type(record).__name__}")
+    keys = set(record.keys())
+    if keys != {"audit-head", "audit-count"}:
+        raise RejectedReply(RECEIPT_KEY, f"must hold exactly ['audit-count', 'audit-head'], got {sorted(keys)}")
+    head = record["audit-head"]
+    if not isinstance(head, str) or not HEX64.fullmatch(head):
+        raise RejectedReply(f"{RECEIPT_KEY}.audit-head", "must be 64 lowercase hexadecimal characters")
+    count = record["audit-count"]
+    if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+        raise RejectedReply(f"{RECEIPT_KEY}.audit-count", f"must be an integer >= 1, got {count!r}")
+    return Receipt(head=head, count=int(count))
+
+
+def _records(content: RecordDict, *, kind: str, want: set[str]) -> Receipt | None:
+    names = set(content.keys())
+    receipt = None
+    if RECEIPT_KEY in names:
+        receipt = screen_receipt(content[RECEIPT_KEY])
+        names.discard(RECEIPT_KEY)
+    if names != want:
+        raise RejectedReply("records", f"a {kind} reply holds {sorted(want)} (and optionally "
+                                       f"'{RECEIPT_KEY}'), got {sorted(content.keys())}")
+    if not isinstance(content[METRICS_KEY], MetricRecord):
+        raise RejectedReply(METRICS_KEY, "must be a MetricRecord")
+    return receipt
+
+
+def _scalars(metrics: MetricRecord, *, allowed: frozenset[str]) -> dict[str, int | float]:
+    out: dict[str, int | float] = {}
+    for key, value in metrics.items():
+        if key in ("num-examples", "histograms") or key in LEGACY_FIELDS:
+            continue
+        if key not in allowed:
+            raise RejectedReply(key, "is not a metric of the wire contract")
+        if isinstance(value, list):
+            raise RejectedReply(key, "must be a single number, got a list")
+        if key in _INT_FIELDS:
+            out[key] = _int_in(key, value, *_INT_FIELDS[key])
+            continue
+        v = _number(key, value)
+        if key in _NONNEG_FIELDS and v < 0:
+            raise RejectedReply(key, f"must be >= 0, got {v}")
+        if key in _UPPER:
+            bound, inclusive = _UPPER[key]
+            if v > bound or (v == bound and not inclusive):
+                raise RejectedReply(key, f"must be {'<=' if inclusive else '<'} {bound:g}, got {v}")
+        out[key] = v
+    return out
+
+
+def _decode(name: str, arr: Any, *, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    if not isinstance(arr, Array):
+        raise RejectedReply(f"arrays.{name}", f"must be an Array, got {type(arr).__name__}")
+    try:
+        value = arr.numpy()
+    except Exception as exc:  # noqa: BLE001 - anything undecodable is a rejection, not a crash
+        raise RejectedReply(f"arrays.{name}", f"cannot be decoded ({type(exc).__name__})") from None
+    if not isinstance(value, np.ndarray) or value.dtype != dtype:
+        got = value.dtype if isinstance(value, np.ndarray) else type(value).__name__
+        raise RejectedReply(f"arrays.{name}", f"dtype {got}, the model's is {dtype}")
+    if tuple(value.shape) != tuple(shape):
+        raise RejectedReply(f"arrays.{name}", f"shape {tuple(value.shape)}, the model's is {tuple(shape)}")
+    if not np.all(np.isfinite(value)):
+        bad = int(np.size(value) - np.count_nonzero(np.isfinite(value)))
+        raise RejectedReply(f"arrays.{name}", f"{bad} non-finite values (NaN or Inf)")
+    return value
+
+
+def screen_train(
+    content: RecordDict,
+    *,
+    expected_shapes: Mapping[str, tuple[int, ...]],
+    expected_dtypes: Mapping[str, str] | None = None,
+) -> ScreenedReply:
+    """Check a train reply's values; raises :class:`RejectedReply` naming the field."""
+    receipt = _records(content, kind="train", want={ARRAYS_KEY, METRICS_KEY})
+    arrays = content[ARRAYS_KEY]
+    if not isinstance(arrays, ArrayRecord):
+        raise RejectedReply(ARRAYS_KEY, "must be an ArrayRecord")
+    names = set(arrays.keys())
+    if names != set(expected_shapes):
+        missing, extra = sorted(set(expected_shapes) - names), sorted(names - set(expected_shapes))
+        raise RejectedReply(ARRAYS_KEY, f"names differ from the model (missing {missing}, unexpected {extra})")
+    dtypes = expected_dtypes or {}
+    decoded = {name: _decode(name, arrays[name], shape=expected_shapes[name],
+                             dtype=np.dtype(dtypes.get(name, "float32")))
+               for name in expected_shapes}
+    checked = screen_train_metrics(content[METRICS_KEY])
+    return ScreenedReply(num_examples=checked.num_examples, metrics=checked.metrics, arrays=decoded, receipt=receipt)
+
+
+def screen_train_metrics(metrics: MetricRecord) -> ScreenedReply:
+    """Only the metrics of a train reply (the SecAgg+ path, where the update travels masked and is
+    checked once unmasked); raises :class:`RejectedReply` naming the field."""
+    if not isinstance(metrics, MetricRecord):
+        raise RejectedReply(METRICS_KEY, "must be a MetricRecord")
+    if "num-examples" not in metrics:
+        raise RejectedReply("num-examples", "is required")
+    n = _int_in("num-examples", metrics["num-examples"], 1, MAX_EXAMPLES)
+    return ScreenedReply(num_examples=n, metrics=_scalars(metrics, allowed=TRAIN_FIELDS))
+
+
+def screen_evaluate(content: RecordDict, *, num_classes: int) -> ScreenedReply:
+    """Check an evaluate reply's values; raises :class:`RejectedReply` naming the field."""
+    receipt = _records(content, kind="evaluate", want={METRICS_KEY})
+    metrics = content[METRICS_KEY]
+    if "num-examples" not in metrics:
+        raise RejectedReply("num-examples", "is required")
+    n = _int_in("num-examples", metrics["num-examples"], 0, MAX_EXAMPLES)
+    if "histograms" not in metrics:
+        raise RejectedReply("histograms", "is required")
+    hist = metrics["histograms"]
+    want = num_classes * 2 * HIST_BINS
+    if not isinstance(hist, list):
+        raise RejectedReply("histograms", "must be a list of counts")
+    if len(hist) != want:
+        raise RejectedReply("histograms", f"holds {len(hist)} counts, expected {num_classes}x2x{HIST_BINS} = {want}")
+    counts = np.empty(want, dtype=np.int64)
+    for i, v in enumerate(hist):
+        if not _is_int(v) or not 0 <= int(v) <= MAX_EXAMPLES:
+            raise RejectedReply("histograms", f"count {i} is {v!r}, not an integer in [0, {MAX_EXAMPLES}]")
+        counts[i] = int(v)
+    return ScreenedReply(num_examples=n, metrics=_scalars(metrics, allowed=EVAL_FIELDS),
+                         histograms=counts.reshape(num_classes, 2, HIST_BINS), receipt=receipt)
+
+
+def partition_id(metrics: Any) -> int | None:
+    """A simulated hospital's partition id if the reply states a sane one, else None (never raises)."""
+    try:
+        value = metrics["partition-id"]
+    except (KeyError, TypeError):
+        return None
+    return int(value) if _is_int(value) and 0 <= int(value) <= MAX_COUNT else None
+
+
+def weighted_total(weights: list[float]) -> float | None:
+    """The sum of aggregation weights, or None when a weighted mean over them is undefined
+    (no weights, a non-finite or negative weight, or a sum <= 0): never divide by it then."""
+    if not weights or any(not math.isfinite(w) or w < 0 for w in weights):
+        return None
+    total = float(sum(weights))
+    return total if total > 0 and math.isfinite(total) else None
+
+
+def all_finite(arrays: ArrayRecord) -> str | None:
+    """The name of the first array of ``arrays`` holding a NaN/Inf (or not decodable), else None."""
+    for name, arr in arrays.items():
+        try:
+            value = arr.numpy()
+        except Exception:  # noqa: BLE001
+            return name
+        if not np.all(np.isfinite(value)):
+            return name
+    return None
