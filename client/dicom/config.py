@@ -1,8 +1,12 @@
 """A hospital node's DICOM settings: one frozen, validated object.
 
-Relative ``labels_csv`` and ``cache_dir`` resolve against ``root``. Exactly one label source
-is set: a labels CSV (``labels_csv`` + ``label_key`` + ``label_column``) or a DICOM attribute
-(``label_attribute``, a keyword such as ``"ImageComments"``).
+In a YAML file, relative ``labels_csv`` and ``cache_dir`` resolve against ``root`` (the CLI's
+``--labels`` and ``--cache-dir`` flags resolve against the current directory instead, like every
+command-line path, and are passed on absolute). Exactly one label source is set: a labels CSV
+(``labels_csv`` + ``label_key`` + ``label_column``) or a DICOM attribute (``label_attribute``, a
+keyword such as ``"ImageComments"``; attributes that identify people, studies or times, such as
+Patient*, names, dates, UIDs, IDs, accession numbers, institution or physician names, are
+refused: see :mod:`.phi`).
 
 Preprocessing (see :mod:`fedrad.client.dicom.decode`):
 
@@ -32,7 +36,7 @@ LabelKey = Literal["path", "sop_instance_uid", "study_instance_uid", "patient_id
 FramePolicy = Literal["middle", "first", "last"]
 
 #: Bump when decoding/preprocessing changes in a way that changes cached pixels.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 
 class _Frozen(BaseModel):
@@ -95,10 +99,14 @@ class DicomDataConfig(_Frozen):
         if (self.labels_csv is None) == (self.label_attribute is None):
             raise ValueError("set exactly one of labels_csv or label_attribute")
         if self.label_attribute is not None:
-            from pydicom.datadict import tag_for_keyword
+            from .phi import identifying_reason
 
-            if tag_for_keyword(self.label_attribute) is None:
-                raise ValueError(f"label_attribute: unknown DICOM keyword {self.label_attribute!r}")
+            if (why := identifying_reason(self.label_attribute)) is not None:
+                raise ValueError(
+                    f"label_attribute: {why}; labels become class names that are printed, reported and sent to "
+                    "the coordinator, so identifying attributes are refused (to label by patient, study or "
+                    "instance, use a labels CSV with label_key patient_id, study_instance_uid or sop_instance_uid)"
+                )
         lo, hi = self.clip_percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100 (got {lo}, {hi})")

@@ -69,15 +69,15 @@ def test_cli_convert_index_preview(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["data", "convert", "--out", str(out), "--hospitals", "2", "--max-per-hospital", "24",
                  "--seed", "1"]) == 0
     site = out / "hospital-2"
-    assert main(["data", "index", "--root", str(site), "--labels", "labels.csv", "--no-progress"]) == 0
+    assert main(["data", "index", "--root", str(site), "--labels", str(site / "labels.csv"), "--no-progress"]) == 0
     png = tmp_path / "p.png"
 
-    code = main(["data", "preview", "--root", str(site), "--labels", "labels.csv", "--out", str(png),
+    code = main(["data", "preview", "--root", str(site), "--labels", str(site / "labels.csv"), "--out", str(png),
                  "--per-class", "3", "--no-progress"])
 
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "24 of 24 files usable" in capsys.readouterr().out
+    assert "24 of 26 files usable" in capsys.readouterr().out  # + labels.csv and the cache folder
 
 
 def test_cli_reports_errors_with_their_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
