@@ -244,3 +244,10 @@ def test_truncated_empty_and_random_files_are_reported(tmp_path: Path) -> None:
     assert all(r.image is None and r.reason for r in results.values()), results
     assert results["cut-in-pixels"].reason == DECODE_FAILED
     assert results["noise"].reason == NOT_DICOM
+
+
+def test_an_image_without_pixel_data_is_no_pixel_data() -> None:
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    del ds.PixelData
+
+    assert decode_dataset(ds, Preprocess()).reason == NO_PIXELS

@@ -142,3 +142,15 @@ def test_content_indexed_before_is_not_parsed_again(hospital: Path, monkeypatch:
     assert second.summary()["skipped_by_reason"] == {
         "fedrad cache folder (ignored)": 1, "labels CSV (not an image)": 1, "not a DICOM file": 1,
     }
+
+
+def test_multi_valued_label_attribute_uses_its_first_value(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    root.mkdir()
+    shutil.copyfile(pydicom_file("CT_small.dcm"), root / "ct")  # ImageType ORIGINAL\\PRIMARY\\AXIAL
+    cfg = DicomDataConfig(root=root, label_attribute="ImageType", class_names=("ORIGINAL", "DERIVED"),
+                          cache_dir=tmp_path / "c")
+
+    index = build_index(cfg, progress=False)
+
+    assert [(r.path, r.label) for r in index.records] == [("ct", "ORIGINAL")]

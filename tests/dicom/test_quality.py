@@ -29,10 +29,9 @@ from fedrad.client.dicom.quality import CONSTANT, NEAR_CONSTANT
 SETTINGS = Preprocess(image_size=64, channels=1)
 
 
-def _percentile_reference(ds: pydicom.Dataset, s: Preprocess = SETTINGS) -> np.ndarray:
-    """What the image gives with no window at all (percentile clipping of the rescaled values)."""
-    plain = pydicom.dcmread(pydicom_file("CT_small.dcm"))
-    return decode_dataset(plain, s).image
+def _percentile_reference() -> np.ndarray:
+    """What CT_small gives as stored (no window: percentile clipping of the rescaled values)."""
+    return decode_dataset(pydicom.dcmread(pydicom_file("CT_small.dcm")), SETTINGS).image
 
 
 def test_empty_modality_lut_item_is_ignored_with_a_note() -> None:
@@ -44,7 +43,7 @@ def test_empty_modality_lut_item_is_ignored_with_a_note() -> None:
 
     assert result.reason is None, result
     assert result.notes == (NOTE_MODALITY_LUT,)
-    np.testing.assert_allclose(result.image, _percentile_reference(ds), atol=1e-6)  # rescale used instead
+    np.testing.assert_allclose(result.image, _percentile_reference(), atol=1e-6)  # rescale used instead
 
 
 def test_empty_modality_lut_item_with_a_window_is_not_dropped() -> None:
@@ -63,7 +62,7 @@ def test_stored_window_outside_the_data_falls_back_to_percentiles(center: float)
     result = decode_dataset(ds, SETTINGS)
 
     assert result.reason is None and result.notes == (NOTE_WINDOW_OUTSIDE,)
-    np.testing.assert_allclose(result.image, _percentile_reference(ds), atol=1e-6)
+    np.testing.assert_allclose(result.image, _percentile_reference(), atol=1e-6)
 
 
 def test_window_that_keeps_only_a_sliver_of_the_data_falls_back_too() -> None:
