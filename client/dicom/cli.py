@@ -74,8 +74,9 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--workers", type=int)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
     g.add_argument(
-        "--verbose", "-v", action="store_true",
-        help="log progress, and let pydicom's and the decoders' own messages through to the terminal",
+        "--verbose", "-v", action="store_true", dest="dicom_verbose",
+        help="log progress, and let pydicom's and the decoders' own messages through to the terminal "
+        "(also: fedrad-node -v data ...)",
     )
 
 
@@ -140,7 +141,7 @@ def _fail(exc: FedradError) -> int:
 def _setup_output(args: argparse.Namespace) -> None:
     from .chatter import set_verbose
 
-    verbose = bool(getattr(args, "verbose", False))
+    verbose = bool(getattr(args, "dicom_verbose", False)) or int(getattr(args, "verbose", 0) or 0) > 0
     set_verbose(verbose)
     if verbose:
         logging.getLogger("fedrad").setLevel(logging.INFO)
