@@ -67,6 +67,14 @@ def decode_chunk(
     return out
 
 
+DECODER_CRASHED = "decoder crashed"
+
+
+def _crashed(job: tuple[int, str, Preprocess, str]) -> tuple[int, None, str, str, tuple[str, ...]]:
+    """The result of a file whose decoding killed its worker process (remembered: not retried)."""
+    return (job[0], None, DECODER_CRASHED, "", ())
+
+
 class PixelCache:
     def __init__(self, cache_dir: Path, settings: Preprocess, settings_hash: str) -> None:
         self.settings = settings
@@ -159,7 +167,8 @@ class PixelCache:
         ok = np.zeros(len(todo), dtype=bool)
         jobs = [(i, str(path), self.settings, sha) for i, (sha, path) in enumerate(todo)]
         for chunk in map_chunks(
-            decode_chunk, jobs, workers=workers, description="decoding DICOM", progress=progress, min_parallel=48, uses_torch=True
+            decode_chunk, jobs, workers=workers, description="decoding DICOM", progress=progress, min_parallel=48,
+            uses_torch=True, isolate=_crashed,
         ):
             for row, image, reason, detail, notes in chunk:
                 sha = todo[row][0]

@@ -277,6 +277,13 @@ def read_headers(jobs: Sequence[tuple[str, str, str, str | None]]) -> list[Heade
     return [_read_one(Path(p), rel, salt, attr) for p, rel, salt, attr in jobs]
 
 
+READER_CRASHED = "reader crashed"
+
+
+def _reader_crashed(job: tuple[str, str, str, str | None]) -> Header:
+    return Header(job[1], 0, 0, reason=READER_CRASHED)
+
+
 def _hash_all(paths: Sequence[Path], workers: int) -> list[tuple[str, int, int] | OSError]:
     """Content hashes of ``paths`` (threads: reading and hashing release the GIL)."""
     if len(paths) < 16 or workers <= 1:
@@ -308,7 +315,9 @@ def build_index(
             continue
         todo.append((str(entry.path), entry.rel, salt, cfg.label_attribute))
     log.info("indexing %d files (%d with content indexed before)", len(walked.files), len(walked.files) - len(todo))
-    for chunk in map_chunks(read_headers, todo, workers=cfg.workers, description="indexing DICOM", progress=progress):
+    for chunk in map_chunks(
+        read_headers, todo, workers=cfg.workers, description="indexing DICOM", progress=progress, isolate=_reader_crashed
+    ):
         for h in chunk:
             headers[h.path] = h
     ordered = [headers[e.rel] for e in walked.files]
