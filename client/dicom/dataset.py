@@ -25,7 +25,7 @@ from fedrad.common.errors import DataError
 from .cache import PixelCache
 from .config import DicomDataConfig, SplitConfig
 from .decode import Preprocess
-from .index import DicomIndex, build_index
+from .index import DicomIndex, build_index, write_paths_file
 from .splits import SPLITS, patient_splits
 
 if TYPE_CHECKING:
@@ -64,6 +64,7 @@ def load_dicom_site(cfg: DicomDataConfig, *, progress: bool = True) -> SiteData:
     }
     report = _load_report(index, update.failed, update.decoded, update.reused, parts, good)
     report["used_with_notes"] = dict(Counter(n for r in good for n in update.notes.get(r.sha256, ())))
+    write_paths_file(index, cfg.cache_path, failed=update.failed, notes=update.notes)
     _write_json(cfg.cache_path / LOAD_REPORT, report)
     log.info(
         "DICOM site: %d train / %d val / %d test images; %d unusable after decoding",

@@ -16,8 +16,9 @@ Three files are written into the cache folder:
   it holds no path, identifier or UID in clear.
 * ``index-report.json``: counts only (entries seen, indexed, skipped grouped by reason,
   classes, modalities, photometric interpretations, transfer syntaxes, patients); safe to share.
-* ``paths.phi.csv`` (mode 0600): ``path_hash``, status, reason, detail and the relative
-  **path** of every entry, so the operator can find the files behind a reason. Paths in real
+* ``paths.phi.csv`` (mode 0600): ``path_hash``, status (usable, skipped, or after decoding
+  unusable), reason, detail, notes and the relative **path** of every entry, so the operator can
+  find the files behind a reason. Paths in real
   exports often hold patient names, IDs or UIDs: this file is **PHI-bearing**, for the node's
   operator only; never share it.
 """
@@ -433,12 +434,33 @@ def write_index(index: DicomIndex, cache: Path) -> None:
     }
     _atomic_write(cache / INDEX_FILE, json.dumps(doc, indent=1))
     _atomic_write(cache / REPORT_FILE, json.dumps({"version": INDEX_VERSION, **index.summary()}, indent=1))
+    write_paths_file(index, cache)
+
+
+def write_paths_file(
+    index: DicomIndex,
+    cache: Path,
+    *,
+    failed: dict[str, tuple[str, str]] | None = None,
+    notes: dict[str, tuple[str, ...]] | None = None,
+) -> None:
+    """``paths.phi.csv`` (mode 0600, PHI-bearing): one row per entry with its outcome and its path.
+
+    With ``failed``/``notes`` (by content hash, from decoding) records that could not be used
+    are ``unusable`` with their reason, and usable ones list their notes (``; ``-separated).
+    """
+    failed, notes = failed or {}, notes or {}
     buf = io.StringIO()
     writer = csv.writer(buf)
-    writer.writerow(["path_hash", "status", "reason", "detail", "path"])
-    rows = [(r.path, "usable", "", "") for r in index.records] + [(s.path, "skipped", s.reason, s.detail) for s in index.skipped]
-    for rel, status, reason, detail in sorted(rows):
-        writer.writerow([index.path_hash(rel), status, reason, detail, rel])
+    writer.writerow(["path_hash", "status", "reason", "detail", "notes", "path"])
+    rows = [(s.path, "skipped", s.reason, s.detail, "") for s in index.skipped]
+    for r in index.records:
+        if r.sha256 in failed:
+            rows.append((r.path, "unusable", *failed[r.sha256], ""))
+        else:
+            rows.append((r.path, "usable", "", "", "; ".join(notes.get(r.sha256, ()))))
+    for rel, status, reason, detail, note in sorted(rows):
+        writer.writerow([index.path_hash(rel), status, reason, detail, note, rel])
     _atomic_write(cache / PATHS_FILE, buf.getvalue(), mode=0o600)
 
 

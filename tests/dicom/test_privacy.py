@@ -118,5 +118,5 @@ def test_index_json_holds_no_path_and_the_path_file_is_private(tmp_path: Path) -
     phi = tmp_path / "cache" / PATHS_FILE
     assert stat.S_IMODE(phi.stat().st_mode) == 0o600
     rows = phi.read_text().splitlines()
-    assert rows[0] == "path_hash,status,reason,detail,path"
+    assert rows[0] == "path_hash,status,reason,detail,notes,path"
     assert any(row.endswith(",SMITH^ANN_87654321/notes.txt") and ",not a DICOM file," in row for row in rows)

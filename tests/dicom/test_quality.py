@@ -168,6 +168,10 @@ def test_gate_reasons_reach_the_load_report(tmp_path: Path) -> None:
     assert report["unusable_after_decoding"] == {CONSTANT: 1}
     assert report["used_with_notes"] == {NOTE_MODALITY_LUT: 1, NOTE_WINDOW_OUTSIDE: 1}
     assert len(site.train) + len(site.val) == 4
+    per_file = {row["path"]: row for row in csv.DictReader((cfg.cache_path / "paths.phi.csv").read_text().splitlines())}
+    assert (per_file["flat"]["status"], per_file["flat"]["reason"]) == ("unusable", CONSTANT)
+    assert (per_file["good3"]["status"], per_file["good3"]["notes"]) == ("usable", NOTE_MODALITY_LUT)
+    assert (per_file["good1"]["status"], per_file["good1"]["notes"]) == ("usable", "")
     again = load_dicom_site(cfg, progress=False).extra["report"]  # from the cache: same notes, same reasons
     assert again["decoded_now"] == 0
     assert again["used_with_notes"] == report["used_with_notes"]
