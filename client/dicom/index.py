@@ -75,6 +75,8 @@ IMAGE_WITHOUT_PIXELS = "image object without pixel data (truncated or stripped)"
 DUPLICATE = "duplicate content"
 BAD_LABEL_VALUE = "unusable label attribute value"
 _HASH_CHUNK = 1 << 20
+#: Most classes inferred from the label values when ``class_names`` is not set.
+MAX_INFERRED_CLASSES = 20
 
 
 @dataclass(frozen=True)
@@ -358,6 +360,13 @@ def _join_labels(cfg: DicomDataConfig, headers: list[Header], salt: str) -> Dico
         class_names = table.values
     else:
         class_names = tuple(sorted({h.attribute_label for h in usable if h.attribute_label}))
+    if cfg.class_names is None and len(class_names) > MAX_INFERRED_CLASSES:
+        # Class names are printed and reported: a label source with this many distinct values is more
+        # likely an identifier or free text than a diagnosis, so none of its values is shown.
+        raise DataError(
+            f"{len(class_names)} distinct label values found (more than {MAX_INFERRED_CLASSES}); list the classes "
+            "with --classes / class_names (values not shown: they may identify patients)"
+        )
     records: list[IndexRecord] = []
     skipped: list[Skipped] = []
     seen: dict[str, str] = {}

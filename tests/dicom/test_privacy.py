@@ -120,3 +120,22 @@ def test_index_json_holds_no_path_and_the_path_file_is_private(tmp_path: Path) -
     rows = phi.read_text().splitlines()
     assert rows[0] == "path_hash,status,reason,detail,notes,path"
     assert any(row.endswith(",SMITH^ANN_87654321/notes.txt") and ",not a DICOM file," in row for row in rows)
+
+
+def test_many_distinct_label_values_are_not_printed_as_class_names(
+    hospital: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import csv
+
+    rows = list(csv.DictReader((hospital / "labels.csv").read_text().splitlines()))
+    with open(hospital / "labels.csv", "w", newline="") as fh:  # a free-text column holding identifiers
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        w.writerows([r["path"], f"DOE^PATIENT{k:03d}"] for k, r in enumerate(rows))
+
+    code = cli_main(["data", "index", "--root", str(hospital), "--labels", str(hospital / "labels.csv"),
+                     "--no-progress"])
+
+    out = capsys.readouterr()
+    assert code == 3 and "40 distinct label values" in out.out
+    assert "DOE^PATIENT" not in out.out + out.err
