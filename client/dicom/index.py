@@ -511,7 +511,7 @@ def _atomic_write(path: Path, text: str, *, mode: int = 0o644) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+    with os.fdopen(fd, "w", encoding="utf-8", errors="surrogateescape", newline="") as fh:
         fh.write(text)
     os.replace(tmp, path)
 

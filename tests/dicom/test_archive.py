@@ -176,3 +176,19 @@ def test_old_cache_inside_the_root_is_not_hashed(tmp_path: Path, monkeypatch: py
 
     assert read == ["mr"]
     assert index.summary()["skipped_by_reason"] == {CACHE_FOLDER: 1}
+
+
+def test_file_names_that_are_not_utf8_do_not_abort_the_index(tmp_path: Path) -> None:
+    root = tmp_path / "archive"
+    root.mkdir()
+    raw = os.fsencode(root) + b"/M\xfcller\xff.dcm"  # Latin-1 name from an old export: not valid UTF-8
+    with open(raw, "wb") as fh:
+        fh.write(pydicom_file("MR_small.dcm").read_bytes())
+    _image(root, "ct", "CT_small.dcm")
+    cfg = DicomDataConfig(root=root, label_attribute="Modality", class_names=("MR", "CT"),
+                          cache_dir=tmp_path / "cache", workers=1)
+
+    index = build_index(cfg, progress=False)
+
+    assert len(index.records) == 2
+    assert (tmp_path / "cache" / "paths.phi.csv").read_bytes().count(b"M\xfcller\xff.dcm") == 1
