@@ -275,6 +275,12 @@ def _describe(
     return head
 
 
+def _decoder_since(h: Header) -> bool:
+    """The header was refused for want of a decoder that is installed now (so it is read again)."""
+    return h.reason.startswith("no decoder installed") and unsupported_reason(h.transfer_syntax) is None
+
+
+
 def read_headers(jobs: Sequence[tuple[str, str, str, str | None]]) -> list[Header]:
     """Worker entry point: ``jobs`` are (absolute path, relative path, salt, label attribute)."""
     return [_read_one(Path(p), rel, salt, attr) for p, rel, salt, attr in jobs]
@@ -312,7 +318,7 @@ def build_index(
     hashes = _hash_all([e.path for e in walked.files], min(8, 2 * _cores(cfg.workers))) if previous else []
     for k, entry in enumerate(walked.files):
         got = hashes[k] if hashes else None
-        if isinstance(got, tuple) and got[0] in previous:
+        if isinstance(got, tuple) and got[0] in previous and not _decoder_since(previous[got[0]]):
             sha, size, mtime = got
             headers[entry.rel] = replace(previous[sha], path=entry.rel, size=size, mtime_ns=mtime)
             continue

@@ -154,3 +154,27 @@ def test_multi_valued_label_attribute_uses_its_first_value(tmp_path: Path) -> No
     index = build_index(cfg, progress=False)
 
     assert [(r.path, r.label) for r in index.records] == [("ct", "ORIGINAL")]
+
+
+def test_a_file_refused_for_want_of_a_decoder_is_read_again_once_one_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedrad.client.dicom.index as index_module
+
+    root = tmp_path / "site"
+    root.mkdir()
+    shutil.copyfile(pydicom_file("MR_small_RLE.dcm"), root / "rle")
+    shutil.copyfile(pydicom_file("CT_small.dcm"), root / "ct")
+    cfg = DicomDataConfig(root=root, label_attribute="Modality", class_names=("MR", "CT"),
+                          cache_dir=tmp_path / "c", workers=1)
+    real = index_module.unsupported_reason
+    rle = "1.2.840.10008.1.2.5"
+    monkeypatch.setattr(index_module, "unsupported_reason",
+                        lambda uid: f"no decoder installed for transfer syntax {uid}" if uid == rle else real(uid))
+    before = build_index(cfg, progress=False)
+    monkeypatch.setattr(index_module, "unsupported_reason", real)  # the plugin is installed now
+
+    after = build_index(cfg, progress=False)
+
+    assert [s.reason for s in before.skipped] == [f"no decoder installed for transfer syntax {rle}"]
+    assert sorted(r.path for r in after.records) == ["ct", "rle"]
