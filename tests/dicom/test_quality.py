@@ -46,6 +46,21 @@ def test_empty_modality_lut_item_is_ignored_with_a_note() -> None:
     np.testing.assert_allclose(result.image, _percentile_reference(), atol=1e-6)  # rescale used instead
 
 
+def test_modality_lut_with_empty_data_is_ignored_with_a_note() -> None:
+    from pydicom.dataset import Dataset
+    from pydicom.sequence import Sequence
+
+    ds = build.ct()
+    item = Dataset()
+    item.LUTDescriptor, item.ModalityLUTType, item.LUTData = [256, 0, 16], "HU", []
+    ds.ModalityLUTSequence = Sequence([item])
+
+    result = decode_dataset(ds, SETTINGS)
+
+    assert result.reason is None and result.notes == (NOTE_MODALITY_LUT,)
+    np.testing.assert_allclose(result.image, _percentile_reference(), atol=1e-6)
+
+
 def test_empty_modality_lut_item_with_a_window_is_not_dropped() -> None:
     ds = build.with_window(build.with_empty_modality_lut_item(build.ct()), 40.0, 400.0)
 
