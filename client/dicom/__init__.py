@@ -1,8 +1,11 @@
 """A hospital node's own DICOM archive: index, decode, preprocess, cache, patient-level splits.
 
-Modules (one job each): :mod:`.config` (settings), :mod:`.index` (walk + headers + labels),
-:mod:`.decode` (pixels -> preprocessed image), :mod:`.transfer` (decoder registry),
-:mod:`.cache` (on-disk preprocessed cache), :mod:`.splits` (patient-level splits),
+Modules (one job each): :mod:`.config` (settings), :mod:`.walk` (an archive walk no entry can
+abort), :mod:`.index` (hashes + headers + labels), :mod:`.reader` (headers, truncation),
+:mod:`.sop` (which objects are images), :mod:`.phi` (attributes that may not be labels),
+:mod:`.decode` (pixels -> preprocessed image), :mod:`.quality` (the gate after preprocessing),
+:mod:`.chatter` (pydicom's and the decoders' output kept off the terminal), :mod:`.transfer`
+(decoder registry), :mod:`.cache` (on-disk preprocessed cache), :mod:`.splits` (patient-level splits),
 :mod:`.dataset` (``load_dicom_site``: the entry point), :mod:`.preview` (contact sheet),
 :mod:`.convert` (labelled images -> synthetic hospital DICOM folders), :mod:`.cli`.
 

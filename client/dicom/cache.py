@@ -8,12 +8,14 @@ Layout, inside the node's cache folder::
         pending.npy              (transient) rows decoded by the current build
 
 A row is identified by the content hash of its file, so renaming or moving a file costs
-nothing, an edited file is decoded again, and a changed preprocessing setting starts a new
-store. :meth:`PixelCache.update` decodes only the files whose hash has no row (on all
+nothing, an edited file is decoded again (whatever its size and modification time: the index
+hashes every file, and the decoder hashes the very bytes it decodes and refuses content that
+no longer has the indexed hash), and a changed preprocessing setting starts a new store. :meth:`PixelCache.update` decodes only the files whose hash has no row (on all
 cores); :meth:`PixelCache.arrange` then lays the rows out in the order asked for (each split
 contiguous, so a split is a memmap slice), copying rows that were decoded before.
-Files that failed to decode are remembered (with their reason) and not retried; delete the
-store folder to retry them.
+Files that failed to decode or failed the quality gate are remembered (with their reason) and
+not retried; delete the store folder to retry them. The notes of usable rows (fallbacks taken
+while decoding, see :mod:`.decode`) are remembered too, so reports count them on cache hits.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 from fedrad.common.errors import DataError
 
-from .decode import DecodeResult, Preprocess, decode_file
+from .decode import CHANGED, DecodeResult, Preprocess, decode_file
 from .parallel import map_chunks
 
 log = logging.getLogger(__name__)
@@ -47,18 +49,30 @@ class CacheUpdate:
     reused: int = 0
     #: sha256 -> (reason, detail) of every requested file that cannot be used.
     failed: dict[str, tuple[str, str]] = field(default_factory=dict)
+    #: sha256 -> notes of every requested usable file that has any.
+    notes: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
 
-def decode_chunk(jobs: Sequence[tuple[int, str, Preprocess]]) -> list[tuple[int, np.ndarray | None, str, str]]:
-    """Worker entry point: (row, path, settings) -> (row, image or None, reason, detail)."""
+def decode_chunk(
+    jobs: Sequence[tuple[int, str, Preprocess, str]],
+) -> list[tuple[int, np.ndarray | None, str, str, tuple[str, ...]]]:
+    """Worker entry point: (row, path, settings, sha256) -> (row, image or None, reason, detail, notes)."""
     out = []
-    for row, path, settings in jobs:
+    for row, path, settings, sha in jobs:
         try:
-            res = decode_file(path, settings)
+            res = decode_file(path, settings, expected_sha256=sha)
         except Exception as exc:  # noqa: BLE001 - last line of defence: a bad file must not stop the build
             res = DecodeResult(None, "pixel decoding failed", type(exc).__name__)
-        out.append((row, res.image, res.reason or "", res.detail))
+        out.append((row, res.image, res.reason or "", res.detail, res.notes))
     return out
+
+
+DECODER_CRASHED = "decoder crashed"
+
+
+def _crashed(job: tuple[int, str, Preprocess, str]) -> tuple[int, None, str, str, tuple[str, ...]]:
+    """The result of a file whose decoding killed its worker process (remembered: not retried)."""
+    return (job[0], None, DECODER_CRASHED, "", ())
 
 
 class PixelCache:
@@ -68,18 +82,20 @@ class PixelCache:
         self.shape = (settings.channels, settings.image_size, settings.image_size)
         self.keys: list[str] = []
         self.failed: dict[str, tuple[str, str]] = {}
+        self.notes: dict[str, tuple[str, ...]] = {}
         self._pending_keys: list[str] = []
 
     # -- state ---------------------------------------------------------------------------
     def _load_state(self) -> None:
         path = self.dir / ROWS
-        self.keys, self.failed = [], {}
+        self.keys, self.failed, self.notes = [], {}, {}
         if not path.exists():
             return
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
             keys = list(doc["keys"])
             failed = {k: (str(v[0]), str(v[1])) for k, v in doc.get("failed", {}).items()}
+            notes = {k: tuple(str(n) for n in v) for k, v in doc.get("notes", {}).items()}
             if keys:
                 images = np.load(self.dir / IMAGES, mmap_mode="r")
                 if images.shape != (len(keys), *self.shape) or images.dtype != np.float32:
@@ -89,10 +105,15 @@ class PixelCache:
             for name in (IMAGES, ROWS, PENDING):
                 (self.dir / name).unlink(missing_ok=True)
             return
-        self.keys, self.failed = keys, failed
+        self.keys, self.failed, self.notes = keys, failed, notes
 
     def _save_state(self) -> None:
-        doc = {"shape": list(self.shape), "keys": self.keys, "failed": {k: list(v) for k, v in self.failed.items()}}
+        doc = {
+            "shape": list(self.shape),
+            "keys": self.keys,
+            "failed": {k: list(v) for k, v in self.failed.items()},
+            "notes": {k: list(v) for k, v in self.notes.items()},
+        }
         tmp = self.dir / (ROWS + ".tmp")
         tmp.write_text(json.dumps(doc), encoding="utf-8")
         os.replace(tmp, self.dir / ROWS)
@@ -121,6 +142,8 @@ class PixelCache:
         for sha, path in files:
             if sha in have:
                 stats.reused += 1
+                if sha in self.notes:
+                    stats.notes[sha] = self.notes[sha]
             elif sha in self.failed:
                 stats.failed[sha] = self.failed[sha]
             elif sha not in queued:
@@ -142,18 +165,23 @@ class PixelCache:
             self.dir / PENDING, mode="w+", dtype=np.float32, shape=(len(todo), *self.shape)
         )
         ok = np.zeros(len(todo), dtype=bool)
-        jobs = [(i, str(path), self.settings) for i, (_, path) in enumerate(todo)]
+        jobs = [(i, str(path), self.settings, sha) for i, (sha, path) in enumerate(todo)]
         for chunk in map_chunks(
-            decode_chunk, jobs, workers=workers, description="decoding DICOM", progress=progress, min_parallel=48, uses_torch=True
+            decode_chunk, jobs, workers=workers, description="decoding DICOM", progress=progress, min_parallel=48,
+            uses_torch=True, isolate=_crashed,
         ):
-            for row, image, reason, detail in chunk:
+            for row, image, reason, detail, notes in chunk:
                 sha = todo[row][0]
                 if image is None or image.shape != self.shape:
                     why = reason or "pixel decoding failed"
-                    self.failed[sha] = (why, detail)
+                    if why != CHANGED:  # says nothing about the content with this hash: not remembered
+                        self.failed[sha] = (why, detail)
                     stats.failed[sha] = (why, detail)
                     continue
                 pending[row] = image
+                if notes:
+                    self.notes[sha] = tuple(notes)
+                    stats.notes[sha] = tuple(notes)
                 ok[row] = True
         pending.flush()
         self._pending_keys = [sha if good else "" for (sha, _), good in zip(todo, ok)]

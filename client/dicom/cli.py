@@ -59,7 +59,10 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("DICOM settings (a YAML file, and/or flags that override it)")
     g.add_argument("--config", type=Path, help="YAML with DicomDataConfig fields (optionally under 'dicom:')")
     g.add_argument("--root", type=Path, help="folder of DICOM files")
-    g.add_argument("--labels", type=Path, dest="labels_csv", help="labels CSV (relative to the root)")
+    g.add_argument(
+        "--labels", type=Path, dest="labels_csv",
+        help="labels CSV; a relative path is taken from the current directory (in a YAML config: from the root)",
+    )
     g.add_argument("--label-key", choices=["path", "sop_instance_uid", "study_instance_uid", "patient_id"])
     g.add_argument("--key-column")
     g.add_argument("--label-column")
@@ -67,9 +70,14 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--classes", help="comma-separated class names, in class-index order")
     g.add_argument("--image-size", type=int)
     g.add_argument("--channels", type=int, choices=[1, 3])
-    g.add_argument("--cache-dir", type=Path)
+    g.add_argument("--cache-dir", type=Path, help="index, reports and cache (relative: from the current directory)")
     g.add_argument("--workers", type=int)
     g.add_argument("--no-progress", action="store_true", help="no progress bars")
+    g.add_argument(
+        "--verbose", "-v", action="store_true", dest="dicom_verbose",
+        help="log progress, and let pydicom's and the decoders' own messages through to the terminal "
+        "(also: fedrad-node -v data ...)",
+    )
 
 
 _FLAG_FIELDS = (
@@ -86,6 +94,23 @@ _FLAG_FIELDS = (
 )
 
 
+#: Path flags that, like any command-line path, are relative to the current directory.
+_CWD_PATHS = ("labels_csv", "cache_dir")
+
+
+def _from_cwd(value: Path, name: str, *, root: Any) -> Path:
+    """``value`` made absolute from the current directory; a missing labels CSV is named with a hint."""
+    path = Path(value).expanduser()
+    path = path if path.is_absolute() else Path.cwd() / path
+    if name == "labels_csv" and not path.exists() and root is not None and Path(root).is_dir():
+        hint = ""
+        if root is not None and not Path(value).is_absolute() and (Path(root) / value).is_file():
+            hint = f" (there is one under the root: pass --labels {Path(root) / value})"
+        raise ConfigError("command line", [f"command line: --labels: {path}: file not found{hint}; a relative "
+                                           "--labels is taken from the current directory"])
+    return path
+
+
 def config_from_args(args: argparse.Namespace) -> DicomDataConfig:
     """The YAML (if any) with the flags given on the command line applied on top."""
     data: dict[str, Any] = {}
@@ -96,6 +121,8 @@ def config_from_args(args: argparse.Namespace) -> DicomDataConfig:
     for name in _FLAG_FIELDS:
         value = getattr(args, name, None)
         if value is not None:
+            if name in _CWD_PATHS:
+                value = _from_cwd(value, name, root=getattr(args, "root", None) or data.get("root"))
             data[name] = value
     if args.classes:
         data["class_names"] = tuple(c.strip() for c in args.classes.split(",") if c.strip())
@@ -111,7 +138,17 @@ def _fail(exc: FedradError) -> int:
     return exc.exit_code
 
 
+def _setup_output(args: argparse.Namespace) -> None:
+    from .chatter import set_verbose
+
+    verbose = bool(getattr(args, "dicom_verbose", False)) or int(getattr(args, "verbose", 0) or 0) > 0
+    set_verbose(verbose)
+    if verbose:
+        logging.getLogger("fedrad").setLevel(logging.INFO)
+
+
 def cmd_index(args: argparse.Namespace) -> int:
+    _setup_output(args)
     try:
         cfg = config_from_args(args)
         from .index import build_index
@@ -129,6 +166,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def cmd_preview(args: argparse.Namespace) -> int:
+    _setup_output(args)
     try:
         cfg = config_from_args(args)
         from .dataset import load_dicom_site
@@ -174,6 +212,9 @@ def _print_summary(s: dict[str, Any], cfg: DicomDataConfig) -> None:
         f"[bold]{s['indexed']}[/] of {s['files_seen']} files usable, {s['patients']} patients; "
         f"index and report in {cfg.cache_path}"
     )
+    console.print(
+        f"file-by-file reasons: {cfg.cache_path / 'paths.phi.csv'} (holds file paths: PHI, keep it on this node)"
+    )
     if s["skipped_by_reason"]:
         t = Table(title="skipped files", show_header=True)
         t.add_column("reason")
@@ -193,6 +234,8 @@ def _print_load_report(r: dict[str, Any]) -> None:
     console.print(f"decoded {r['decoded_now']}, reused {r['reused_from_cache']} from the cache")
     for reason, n in r["unusable_after_decoding"].items():
         console.print(f"  unusable after decoding: {reason}: {n}")
+    for note, n in r.get("used_with_notes", {}).items():
+        console.print(f"  used with a note: {note}: {n}")
     t = Table(title="patient-level splits", show_header=True)
     for col in ("split", "images", "patients", "per class"):
         t.add_column(col)

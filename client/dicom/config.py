@@ -1,8 +1,12 @@
 """A hospital node's DICOM settings: one frozen, validated object.
 
-Relative ``labels_csv`` and ``cache_dir`` resolve against ``root``. Exactly one label source
-is set: a labels CSV (``labels_csv`` + ``label_key`` + ``label_column``) or a DICOM attribute
-(``label_attribute``, a keyword such as ``"ImageComments"``).
+In a YAML file, relative ``labels_csv`` and ``cache_dir`` resolve against ``root`` (the CLI's
+``--labels`` and ``--cache-dir`` flags resolve against the current directory instead, like every
+command-line path, and are passed on absolute). Exactly one label source is set: a labels CSV
+(``labels_csv`` + ``label_key`` + ``label_column``) or a DICOM attribute (``label_attribute``, a
+keyword such as ``"ImageComments"``; attributes that identify people, studies or times, such as
+Patient*, names, dates, UIDs, IDs, accession numbers, institution or physician names, are
+refused: see :mod:`.phi`).
 
 Preprocessing (see :mod:`fedrad.client.dicom.decode`):
 
@@ -23,7 +27,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from fedrad.common.config import format_validation_errors
 from fedrad.common.errors import ConfigError
@@ -32,7 +36,7 @@ LabelKey = Literal["path", "sop_instance_uid", "study_instance_uid", "patient_id
 FramePolicy = Literal["middle", "first", "last"]
 
 #: Bump when decoding/preprocessing changes in a way that changes cached pixels.
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 
 class _Frozen(BaseModel):
@@ -90,15 +94,25 @@ class DicomDataConfig(_Frozen):
     #: Worker processes for indexing and decoding. None = all cores.
     workers: int | None = Field(None, ge=1, le=512)
 
+    @field_validator("label_attribute")
+    @classmethod
+    def _not_identifying(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        from .phi import identifying_reason
+
+        if (why := identifying_reason(value)) is not None:
+            raise ValueError(
+                f"{why}; labels become class names that are printed, reported and sent to the coordinator, so "
+                "identifying attributes are refused (to label by patient, study or instance, use a labels CSV "
+                "with label_key patient_id, study_instance_uid or sop_instance_uid)"
+            )
+        return value
+
     @model_validator(mode="after")
     def _check(self) -> "DicomDataConfig":
         if (self.labels_csv is None) == (self.label_attribute is None):
             raise ValueError("set exactly one of labels_csv or label_attribute")
-        if self.label_attribute is not None:
-            from pydicom.datadict import tag_for_keyword
-
-            if tag_for_keyword(self.label_attribute) is None:
-                raise ValueError(f"label_attribute: unknown DICOM keyword {self.label_attribute!r}")
         lo, hi = self.clip_percentiles
         if not 0.0 <= lo < hi <= 100.0:
             raise ValueError(f"clip_percentiles must satisfy 0 <= low < high <= 100 (got {lo}, {hi})")

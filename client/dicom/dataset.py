@@ -2,7 +2,8 @@
 
 ``load_dicom_site(cfg)`` indexes the folder (:mod:`.index`), decodes and preprocesses new or
 changed files into the pixel cache (:mod:`.cache`), drops files that could not be decoded
-(each counted under its reason), splits by patient (:mod:`.splits`) and returns splits whose
+or failed the quality gate (each counted under its reason; images used with a fallback are
+counted under their notes), splits by patient (:mod:`.splits`) and returns splits whose
 images are read-only memmap slices of the cache (train rows, then val, then test).
 A PHI-free ``load-report.json`` (counts only) is written next to the index.
 """
@@ -24,7 +25,7 @@ from fedrad.common.errors import DataError
 from .cache import PixelCache
 from .config import DicomDataConfig, SplitConfig
 from .decode import Preprocess
-from .index import DicomIndex, build_index
+from .index import DicomIndex, build_index, write_paths_file
 from .splits import SPLITS, patient_splits
 
 if TYPE_CHECKING:
@@ -62,6 +63,8 @@ def load_dicom_site(cfg: DicomDataConfig, *, progress: bool = True) -> SiteData:
         for k, name in enumerate(SPLITS)
     }
     report = _load_report(index, update.failed, update.decoded, update.reused, parts, good)
+    report["used_with_notes"] = dict(Counter(n for r in good for n in update.notes.get(r.sha256, ())))
+    write_paths_file(index, cfg.cache_path, failed=update.failed, notes=update.notes)
     _write_json(cfg.cache_path / LOAD_REPORT, report)
     log.info(
         "DICOM site: %d train / %d val / %d test images; %d unusable after decoding",

@@ -26,7 +26,7 @@ def salted_hash(salt: str, value: str) -> str:
     value = value.strip()
     if not value:
         return ""
-    return hashlib.sha256(f"{salt}\x00{value}".encode()).hexdigest()[:16]
+    return hashlib.sha256(f"{salt}\x00{value}".encode("utf-8", "surrogateescape")).hexdigest()[:16]
 
 
 def file_sha256(path: Path) -> str:

@@ -5,6 +5,11 @@ worker processes costs more than it saves there. Workers are forked where the pl
 (starting a fresh interpreter that imports torch costs seconds per worker) and, like torch's own
 DataLoader workers, run with one compute thread each (``torch.set_num_threads(1)``), which
 keeps torch's OpenMP pool out of the forked child.
+
+A worker that dies (a native decoder crashing on a hostile file) breaks the pool; with
+``isolate`` given, the unfinished chunks are then run item by item, each in a fresh worker, and
+an item that kills its worker again gets ``isolate(item)`` (its "crashed" result) instead of
+stopping the run.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ def map_chunks(
     chunk_size: int = 32,
     min_parallel: int = 64,
     uses_torch: bool = False,
+    isolate: Callable[[T], R] | None = None,
 ) -> Iterator[list[R]]:
     """Yield ``fn(chunk)`` for consecutive chunks of ``items`` (in completion order).
 
@@ -84,10 +90,33 @@ def map_chunks(
                     advance(len(chunks[futures[fut]]))
                     yield out
         except BrokenProcessPool:
-            # e.g. a __main__ that worker processes cannot import (stdin, some notebooks)
-            log.warning("worker processes failed to start; continuing in this process")
-            for k, chunk in enumerate(chunks):
-                if k not in done:
-                    out = fn(chunk)
+            rest = [chunk for k, chunk in enumerate(chunks) if k not in done]
+            if isolate is not None and ctx.get_start_method() == "fork":
+                log.warning("a worker process died; finishing %d chunk(s) one file per worker", len(rest))
+                for chunk in rest:
+                    out = [_one_isolated(fn, item, isolate, ctx, initializer) for item in chunk]
                     advance(len(chunk))
                     yield out
+                return
+            # e.g. a __main__ that worker processes cannot import (stdin, some notebooks)
+            log.warning("worker processes failed to start; continuing in this process")
+            for chunk in rest:
+                out = fn(chunk)
+                advance(len(chunk))
+                yield out
+
+
+def _one_isolated(
+    fn: Callable[[Sequence[T]], list[R]],
+    item: T,
+    isolate: Callable[[T], R],
+    ctx: multiprocessing.context.BaseContext,
+    initializer: Callable[[], None] | None,
+) -> R:
+    """``fn([item])[0]`` in a fresh worker process; ``isolate(item)`` if that worker dies."""
+    try:
+        with ProcessPoolExecutor(max_workers=1, mp_context=ctx, initializer=initializer) as pool:
+            return pool.submit(fn, [item]).result()[0]
+    except BrokenProcessPool:
+        log.warning("a file crashed its worker process; it is skipped")
+        return isolate(item)

@@ -3,6 +3,12 @@
 Files without a preamble/``DICM`` prefix (old exports) are read with ``force=True`` and only
 accepted when they look like an image object (an SOP Class UID or a Pixel Data element),
 so that stray non-DICOM files (spreadsheets, READMEs) are recognised as such.
+
+pydicom reads a file cut short inside its header without complaint (the last value is just
+short); :func:`read_header` notices (a value shorter than its declared length, a file meta
+group longer than the file, nothing after the file meta) and says ``truncated``.
+Deflated files (1.2.840.10008.1.2.1.99) are inflated by pydicom, so whether they hold pixel
+data is read from the inflated data set, not from the compressed bytes.
 """
 
 from __future__ import annotations
@@ -10,43 +16,43 @@ from __future__ import annotations
 import io
 import logging
 import struct
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
+from dataclasses import dataclass
 
 import pydicom
 from pydicom.dataset import Dataset
 from pydicom.errors import InvalidDicomError
 
+from .chatter import quiet_pydicom
+
+log = logging.getLogger(__name__)
+
 #: (group, element) of Pixel Data, Float Pixel Data and Double Float Pixel Data.
 _PIXEL_TAGS = {(0x7FE0, 0x0010), (0x7FE0, 0x0008), (0x7FE0, 0x0009)}
+PIXEL_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
 #: Media Storage Directory Storage (a DICOMDIR).
 DICOMDIR_SOP_CLASS = "1.2.840.10008.1.3.10"
+DEFLATED = "1.2.840.10008.1.2.1.99"
+_UNDEFINED = 0xFFFFFFFF
+
+__all__ = ["DICOMDIR_SOP_CLASS", "HeaderRead", "NotDicomError", "quiet_pydicom", "read_full", "read_header"]
 
 
 class NotDicomError(Exception):
     """The bytes are not a DICOM data set."""
 
 
-def _below_error(record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.ERROR
+@dataclass(frozen=True)
+class HeaderRead:
+    ds: Dataset
+    has_pixels: bool
+    #: The file ends inside its header (a value or the file meta is cut short).
+    truncated: bool
+    #: Reading stopped at the end of the file (no pixel data followed).
+    at_eof: bool
 
 
-@contextmanager
-def quiet_pydicom() -> Iterator[None]:
-    """pydicom warns (and logs) about many harmless oddities; what matters is reported as skip reasons."""
-    pydicom_log = logging.getLogger("pydicom")
-    pydicom_log.addFilter(_below_error)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        pydicom_log.removeFilter(_below_error)
-
-
-def read_header(data: bytes) -> tuple[Dataset, bool]:
-    """Parse everything before the pixel data; returns the dataset and whether pixel data follows."""
+def read_header(data: bytes) -> HeaderRead:
+    """Parse everything before the pixel data of the file held in ``data``."""
     bio = io.BytesIO(data)
     with quiet_pydicom():
         try:
@@ -60,24 +66,36 @@ def read_header(data: bytes) -> tuple[Dataset, bool]:
             forced = True
         else:
             forced = False
-    has_pixels = _pixel_tag_at(data, bio.tell(), ds)
+        stop = bio.tell()
+        tsyntax = str(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "") or "")
+        if tsyntax == DEFLATED:
+            full = pydicom.dcmread(io.BytesIO(data))
+            has_pixels = any(k in full for k in PIXEL_KEYWORDS)
+            at_eof = not has_pixels
+        else:
+            has_pixels = _pixel_tag_at(data, stop, ds)
+            at_eof = stop >= len(data)
     if forced and not (has_pixels or "SOPClassUID" in ds):
         raise NotDicomError
-    return ds, has_pixels
+    truncated = not has_pixels and (_meta_cut_short(data, ds) or _last_value_cut_short(ds) or _empty_after_meta(data, ds))
+    return HeaderRead(ds, has_pixels, truncated, at_eof)
 
 
-def read_full(path: str) -> Dataset:
-    """Read a whole file (raises :class:`NotDicomError` for non-DICOM content)."""
+def read_full(source: str | bytes) -> Dataset:
+    """Read a whole file (a path, or its bytes); raises :class:`NotDicomError` for non-DICOM content."""
+    def stream() -> io.BytesIO | str:
+        return io.BytesIO(source) if isinstance(source, bytes) else source
+
     with quiet_pydicom():
         try:
-            return pydicom.dcmread(path)
+            return pydicom.dcmread(stream())
         except InvalidDicomError:
             pass
         try:
-            ds = pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(stream(), force=True)
         except Exception:  # noqa: BLE001
             raise NotDicomError from None
-    if "SOPClassUID" not in ds and not any(k in ds for k in ("PixelData", "FloatPixelData", "DoubleFloatPixelData")):
+    if "SOPClassUID" not in ds and not any(k in ds for k in PIXEL_KEYWORDS):
         raise NotDicomError
     return ds
 
@@ -88,3 +106,44 @@ def _pixel_tag_at(data: bytes, pos: int, ds: Dataset) -> bool:
     little = getattr(ds, "original_encoding", (None, True))[1]
     group, elem = struct.unpack("<HH" if little is not False else ">HH", data[pos : pos + 4])
     return (group, elem) in _PIXEL_TAGS
+
+
+def _has_prefix(data: bytes) -> bool:
+    return len(data) >= 132 and data[128:132] == b"DICM"
+
+
+def _meta_cut_short(data: bytes, ds: Dataset) -> bool:
+    """The file meta group length says the group runs past the end of the file."""
+    if not _has_prefix(data):
+        return False
+    if len(data) < 144:
+        return True
+    meta = getattr(ds, "file_meta", None)
+    length = getattr(meta, "FileMetaInformationGroupLength", None) if meta is not None else None
+    if length is None:
+        return False
+    try:
+        return 144 + int(length) > len(data)
+    except (TypeError, ValueError):
+        return False
+
+
+def _empty_after_meta(data: bytes, ds: Dataset) -> bool:
+    """A DICOM file (``DICM`` prefix) whose data set holds nothing at all."""
+    return _has_prefix(data) and len(ds) == 0
+
+
+def _last_value_cut_short(ds: Dataset) -> bool:
+    """The last element read holds fewer bytes than its declared length."""
+    try:
+        tags = list(ds.keys())
+        if not tags:
+            return False
+        raw = ds.get_item(tags[-1])
+    except Exception:  # noqa: BLE001 - malformed elements: not our question here
+        return False
+    length = getattr(raw, "length", None)
+    value = getattr(raw, "value", None)
+    if length is None or length == _UNDEFINED or not isinstance(value, (bytes, type(None))):
+        return False
+    return len(value or b"") < int(length)

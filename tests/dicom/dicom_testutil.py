@@ -2,13 +2,28 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pydicom.data
 import pytest
 
-#: Real DICOM files shipped beside the repository (shared/data/dicom), when present.
-SHARED_DICOM = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "dicom"
+_REPO = Path(__file__).resolve().parents[2]
+#: Real DICOM files shipped beside the repository (shared/data/dicom), when present:
+#: $FEDRAD_SHARED_DATA/dicom, else <repo>/shared, <repo>/../shared or <repo>/../../shared.
+SHARED_DICOM = next(
+    (
+        p
+        for p in [
+            *([Path(os.environ["FEDRAD_SHARED_DATA"]) / "dicom"] if os.environ.get("FEDRAD_SHARED_DATA") else []),
+            _REPO / "shared" / "data" / "dicom",
+            _REPO.parent / "shared" / "data" / "dicom",
+            _REPO.parent.parent / "shared" / "data" / "dicom",
+        ]
+        if p.is_dir()
+    ),
+    _REPO.parent / "shared" / "data" / "dicom",
+)
 
 
 def pydicom_file(name: str) -> Path:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pydicom
 
 from fedrad.client.dicom import DicomDataConfig, load_dicom_site
+from fedrad.client.dicom.index import build_index
 
 
 def _cfg(root: Path, **kw: object) -> DicomDataConfig:
@@ -37,7 +39,9 @@ def test_a_changed_file_is_the_only_one_decoded_again(hospital: Path) -> None:
     rel = next(line.split(",")[0] for line in (hospital / "labels.csv").read_text().splitlines()[1:])
     ds = pydicom.dcmread(hospital / rel)
     ds.decompress() if ds.file_meta.TransferSyntaxUID.is_compressed else None
-    ds.PixelData = np.zeros((ds.Rows, ds.Columns), dtype="<u2").tobytes()  # all black
+    ramp = np.tile(np.linspace(0, 4095, ds.Columns), (ds.Rows, 1))  # a left-to-right ramp
+    ds.PixelData = np.rint(ramp).astype("<u2").tobytes()
+    ds.RescaleSlope, ds.RescaleIntercept = 1, 0
     ds.WindowCenter, ds.WindowWidth = 2048, 4096
     ds.PhotometricInterpretation = "MONOCHROME2"
     ds.save_as(hospital / rel, enforce_file_format=True)
@@ -47,7 +51,8 @@ def test_a_changed_file_is_the_only_one_decoded_again(hospital: Path) -> None:
     report = _report(cfg)
     assert report["decoded_now"] == 1 and report["reused_from_cache"] == 39
     all_images = np.concatenate([site.train.images, site.val.images, site.test.images])
-    assert int((all_images.reshape(40, -1).max(axis=1) == 0).sum()) == 1
+    is_ramp = [np.all(np.diff(img[0], axis=1) >= 0) and np.ptp(img[0, :, 0]) < 1e-6 for img in all_images]
+    assert sum(is_ramp) == 1
 
 
 def test_a_changed_setting_builds_a_new_store_and_the_old_one_is_kept(hospital: Path) -> None:
@@ -102,3 +107,47 @@ def test_a_damaged_cache_is_rebuilt_not_fatal(hospital: Path) -> None:
 
     assert _report(cfg)["decoded_now"] == 40
     assert len(site.train) + len(site.val) + len(site.test) == 40
+
+
+def test_pixels_changed_with_size_and_mtime_preserved_are_decoded_again(hospital: Path) -> None:
+    """The cache is right by content: an in-place edit that keeps size and mtime is still seen."""
+    cfg = _cfg(hospital)
+    first = load_dicom_site(cfg, progress=False)
+    rel = next(
+        r.path for r in build_index(cfg, progress=False).records
+        if r.transfer_syntax == "1.2.840.10008.1.2.1"  # uncompressed: pixels can be edited in place
+    )
+    path = hospital / rel
+    st = path.stat()
+    ds = pydicom.dcmread(path)
+    data = bytearray(path.read_bytes())
+    offset = len(data) - len(ds.PixelData)  # the pixel data is the last element
+    ramp = np.tile(np.linspace(0, 4095, ds.Columns), (ds.Rows, 1))
+    data[offset:] = np.rint(ramp).astype("<u2").tobytes()
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+
+    second = load_dicom_site(cfg, progress=False)
+
+    assert _report(cfg)["decoded_now"] == 1 and _report(cfg)["reused_from_cache"] == 39
+    before = np.concatenate([first.train.images, first.val.images, first.test.images])
+    after = np.concatenate([second.train.images, second.val.images, second.test.images])
+    changed = [i for i in range(40) if not any(np.array_equal(after[i], b) for b in before)]
+    assert len(changed) == 1
+    img = after[changed[0]][0]
+    assert np.all(np.diff(img, axis=1) >= -1e-6) or np.all(np.diff(img, axis=1) <= 1e-6)  # the ramp (or inverted)
+
+
+def test_decoder_refuses_content_that_changed_after_indexing(hospital: Path) -> None:
+    from fedrad.client.dicom.decode import CHANGED, Preprocess, decode_file
+
+    cfg = _cfg(hospital)
+    record = build_index(cfg, progress=False).records[0]
+    path = hospital / record.path
+    assert decode_file(path, Preprocess(), expected_sha256=record.sha256).reason is None
+    path.write_bytes(path.read_bytes() + b"\x00\x00")
+
+    result = decode_file(path, Preprocess(), expected_sha256=record.sha256)
+
+    assert result.image is None and result.reason == CHANGED

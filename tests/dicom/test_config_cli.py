@@ -69,15 +69,15 @@ def test_cli_convert_index_preview(tmp_path: Path, capsys: pytest.CaptureFixture
     assert main(["data", "convert", "--out", str(out), "--hospitals", "2", "--max-per-hospital", "24",
                  "--seed", "1"]) == 0
     site = out / "hospital-2"
-    assert main(["data", "index", "--root", str(site), "--labels", "labels.csv", "--no-progress"]) == 0
+    assert main(["data", "index", "--root", str(site), "--labels", str(site / "labels.csv"), "--no-progress"]) == 0
     png = tmp_path / "p.png"
 
-    code = main(["data", "preview", "--root", str(site), "--labels", "labels.csv", "--out", str(png),
+    code = main(["data", "preview", "--root", str(site), "--labels", str(site / "labels.csv"), "--out", str(png),
                  "--per-class", "3", "--no-progress"])
 
     assert code == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "24 of 24 files usable" in capsys.readouterr().out
+    assert "24 of 26 files usable" in capsys.readouterr().out  # + labels.csv and the cache folder
 
 
 def test_cli_reports_errors_with_their_exit_code(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -114,3 +114,27 @@ def test_simulated_study_site(converted_root: Path, tmp_path: Path) -> None:
 
     assert len(site.train) + len(site.val) == 40 and site.test is None
     assert site.class_names == ("normal", "pneumonia")
+
+
+def test_cli_labels_path_is_relative_to_the_current_directory(
+    converted_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import shutil
+
+    site = tmp_path / "pacs-export"
+    shutil.copytree(converted_root / "hospital-1", site)
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.move(site / "labels.csv", work / "labels.csv")  # as in the README: labels in the working directory
+    monkeypatch.chdir(work)
+
+    ok = main(["data", "index", "--root", str(site), "--labels", "labels.csv", "--no-progress"])
+
+    assert ok == 0 and "40 of 41 files usable" in capsys.readouterr().out  # + the cache folder
+    shutil.move(work / "labels.csv", site / "labels.csv")
+
+    wrong_place = main(["data", "index", "--root", str(site), "--labels", "labels.csv", "--no-progress"])
+
+    out = capsys.readouterr().out
+    assert wrong_place == 2
+    assert "taken from the current directory" in out and f"pass --labels {site / 'labels.csv'}" in out.replace("\n", "")

@@ -181,14 +181,16 @@ def test_rgb_to_one_channel_is_luma() -> None:
 
 @pytest.mark.parametrize(("policy", "expected_frame"), [("first", 0), ("middle", 7), ("last", 14)])
 def test_frame_policy_picks_one_frame_of_a_multiframe_image(policy: str, expected_frame: int) -> None:
-    path = pydicom_file("rtdose.dcm")  # 15 frames of 10x10
+    path = pydicom_file("rtdose.dcm")  # 15 frames of 10x10 (an RT dose grid: relabelled as a multi-frame image)
     ds = pydicom.dcmread(path)
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7.3"  # Multi-frame Grayscale Word Secondary Capture
+    ds.Modality = "OT"
     assert frame_index(int(ds.NumberOfFrames), policy) == expected_frame
     frame = pixel_array(ds, index=expected_frame)
     values = apply_modality_lut(frame, ds).astype(np.float64)
     ref = (values - values.min()) / (values.max() - values.min())
 
-    result = decode_file(path, Preprocess(image_size=10, frame_policy=policy, clip_percentiles=(0.0, 100.0)))
+    result = decode_dataset(ds, Preprocess(image_size=10, frame_policy=policy, clip_percentiles=(0.0, 100.0)))
 
     np.testing.assert_allclose(result.image[0], ref, atol=1e-6)
 
@@ -209,12 +211,14 @@ def test_pad_to_square_is_centred_then_resized() -> None:
     [
         ("MR_truncated.dcm", DECODE_FAILED),
         ("JPEG2000-embedded-sequence-delimiter.dcm", DECODE_FAILED),
-        ("rtplan.dcm", NO_PIXELS),
-        ("rtplan_truncated.dcm", NO_PIXELS),
+        ("rtplan.dcm", "not an image object (RT Plan Storage)"),
+        ("rtplan_truncated.dcm", "not an image object (RT Plan Storage)"),
         ("README.txt", NOT_DICOM),
         ("crayons.icc", NOT_DICOM),
-        ("test-SR.dcm", NO_PIXELS),
-        ("badVR.dcm", DECODE_FAILED),
+        ("test-SR.dcm", "not an image object (Comprehensive SR Storage)"),
+        ("badVR.dcm", "not an image object (RT Dose Storage)"),
+        ("rtdose.dcm", "not an image object (RT Dose Storage)"),
+        ("liver_1frame.dcm", "not an image object (Segmentation Storage)"),
     ],
 )
 def test_broken_files_give_a_reason_not_an_exception(name: str, reason: str) -> None:
@@ -240,3 +244,10 @@ def test_truncated_empty_and_random_files_are_reported(tmp_path: Path) -> None:
     assert all(r.image is None and r.reason for r in results.values()), results
     assert results["cut-in-pixels"].reason == DECODE_FAILED
     assert results["noise"].reason == NOT_DICOM
+
+
+def test_an_image_without_pixel_data_is_no_pixel_data() -> None:
+    ds = pydicom.dcmread(pydicom_file("CT_small.dcm"))
+    del ds.PixelData
+
+    assert decode_dataset(ds, Preprocess()).reason == NO_PIXELS

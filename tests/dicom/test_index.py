@@ -51,11 +51,12 @@ def test_summary_groups_every_skipped_file_by_reason(tmp_path: Path) -> None:
     assert s["files_seen"] == 11
     assert s["indexed"] == 4
     assert s["skipped_by_reason"] == {
-        "no pixel data": 2,
         "DICOMDIR (ignored)": 1,
         "duplicate content": 1,
         "not a DICOM file": 1,
-        "unknown label": 1,
+        "not an image object (Comprehensive SR Storage)": 1,
+        "not an image object (RT Dose Storage)": 1,
+        "not an image object (RT Plan Storage)": 1,
         "unsupported transfer syntax 1.2.840.10008.1.2.4.100": 1,
     }
     assert sorted(r.path for r in index.records) == ["a/b/c/mr1", "a/mr2.dcm", "ct/1", "mr3.DCM"]
@@ -83,7 +84,9 @@ def test_csv_labels_by_path_report_missing_and_unknown_labels(tmp_path: Path) ->
     index = build_index(cfg, progress=False)
 
     assert [(r.path, r.label_index) for r in index.records] == [("p/1", 1)]
-    assert index.summary()["skipped_by_reason"] == {"no label": 1, "unknown label": 1}
+    assert index.summary()["skipped_by_reason"] == {
+        "fedrad cache folder (ignored)": 1, "labels CSV (not an image)": 1, "no label": 1, "unknown label": 1,
+    }
 
 
 @pytest.mark.parametrize("key", ["sop_instance_uid", "patient_id"])
@@ -121,7 +124,7 @@ def test_missing_label_column_names_the_file(hospital: Path) -> None:
         build_index(cfg, progress=False)
 
 
-def test_unchanged_files_are_not_read_again(hospital: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_content_indexed_before_is_not_parsed_again(hospital: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = DicomDataConfig(root=hospital, labels_csv=Path("labels.csv"), workers=1)
     first = build_index(cfg, progress=False)
     victim = hospital / first.records[0].path
@@ -136,4 +139,42 @@ def test_unchanged_files_are_not_read_again(hospital: Path, monkeypatch: pytest.
 
     assert calls == [1]
     assert len(second.records) == 39
-    assert second.summary()["skipped_by_reason"] == {"not a DICOM file": 1}
+    assert second.summary()["skipped_by_reason"] == {
+        "fedrad cache folder (ignored)": 1, "labels CSV (not an image)": 1, "not a DICOM file": 1,
+    }
+
+
+def test_multi_valued_label_attribute_uses_its_first_value(tmp_path: Path) -> None:
+    root = tmp_path / "site"
+    root.mkdir()
+    shutil.copyfile(pydicom_file("CT_small.dcm"), root / "ct")  # ImageType ORIGINAL\\PRIMARY\\AXIAL
+    cfg = DicomDataConfig(root=root, label_attribute="ImageType", class_names=("ORIGINAL", "DERIVED"),
+                          cache_dir=tmp_path / "c")
+
+    index = build_index(cfg, progress=False)
+
+    assert [(r.path, r.label) for r in index.records] == [("ct", "ORIGINAL")]
+
+
+def test_a_file_refused_for_want_of_a_decoder_is_read_again_once_one_is_installed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import fedrad.client.dicom.index as index_module
+
+    root = tmp_path / "site"
+    root.mkdir()
+    shutil.copyfile(pydicom_file("MR_small_RLE.dcm"), root / "rle")
+    shutil.copyfile(pydicom_file("CT_small.dcm"), root / "ct")
+    cfg = DicomDataConfig(root=root, label_attribute="Modality", class_names=("MR", "CT"),
+                          cache_dir=tmp_path / "c", workers=1)
+    real = index_module.unsupported_reason
+    rle = "1.2.840.10008.1.2.5"
+    monkeypatch.setattr(index_module, "unsupported_reason",
+                        lambda uid: f"no decoder installed for transfer syntax {uid}" if uid == rle else real(uid))
+    before = build_index(cfg, progress=False)
+    monkeypatch.setattr(index_module, "unsupported_reason", real)  # the plugin is installed now
+
+    after = build_index(cfg, progress=False)
+
+    assert [s.reason for s in before.skipped] == [f"no decoder installed for transfer syntax {rle}"]
+    assert sorted(r.path for r in after.records) == ["ct", "rle"]
