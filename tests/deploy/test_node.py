@@ -12,7 +12,8 @@ from fedrad.client.cmd_node import preflight, supernode_command
 from fedrad.client.node import load_site
 from fedrad.client.node_config import load_node_config
 from fedrad.common.errors import ConfigError, FedradError
-from fedrad.server.provision import Provisioner, load_federation
+
+from .conftest import provision_federation
 
 NPZ = Path(__file__).resolve().parents[2] / "fedrad" / "data" / "pneumoniamnist.npz"
 
@@ -21,7 +22,7 @@ NPZ = Path(__file__).resolve().parents[2] / "fedrad" / "data" / "pneumoniamnist.
 def kit(tmp_path: Path) -> Path:
     fed = tmp_path / "federation.yaml"
     fed.write_text("name: t\nsuperlink: {address: 127.0.0.1}\nhospitals: [hospital-a]\n")
-    Provisioner(tmp_path / "prov").provision(load_federation(fed))
+    provision_federation(fed, tmp_path / "prov")
     kit = tmp_path / "prov" / "nodes" / "hospital-a"
     with np.load(NPZ) as d:
         np.savez(kit / "site.npz", **{k: d[k][:100] for k in d.files})
