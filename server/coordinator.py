@@ -137,10 +137,9 @@ class Coordinator:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from fedrad.common.durable import atomic_write_text
+
+    atomic_write_text(path, text, mode=0o600)  # a fresh temporary name each time, never a fixed one
 
 
 def _cert_names(pem: Path) -> tuple[list[str], list[str]]:
