@@ -65,8 +65,8 @@ def preflight(config: Path, *, probe: bool = True, warnings: list[tuple[str, str
     from cryptography import x509
 
     from .node import load_site
-    from .node_keys import check_private_key
     from .node_config import load_node_config
+    from .node_keys import check_private_key
 
     try:
         node = load_node_config(config)

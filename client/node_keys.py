@@ -9,8 +9,6 @@ register``). ``fedrad-node keygen`` writes both here, the private key 0600 throu
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,19 +17,15 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedrad.common.errors import FedradError
-from fedrad.common.keyfiles import write_private, write_public
+from fedrad.common.keyfiles import ssh_fingerprint, write_private, write_public
 
 PRIVATE_NAME = "node-auth.key"
 PUBLIC_NAME = "node-auth.pub"
 
 
 def fingerprint(public_openssh: bytes) -> str:
-    """OpenSSH-style fingerprint (``SHA256:`` + unpadded base64 of the key blob), as ``ssh-keygen -l`` prints."""
-    parts = public_openssh.split()
-    if len(parts) < 2:
-        raise FedradError("not an OpenSSH public key")
-    blob = base64.b64decode(parts[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    """OpenSSH-style fingerprint of a public key line (see :func:`fedrad.common.keyfiles.ssh_fingerprint`)."""
+    return ssh_fingerprint(public_openssh)
 
 
 @dataclass(frozen=True)

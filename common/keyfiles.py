@@ -9,7 +9,9 @@ Used by provisioning on the coordinator (CA and SuperLink keys) and by ``fedrad-
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import os
 import secrets
 import stat
@@ -74,6 +76,15 @@ def write_file(path: Path, data: bytes, *, mode: int, exclusive: bool = False) -
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def ssh_fingerprint(public_openssh: bytes) -> str:
+    """OpenSSH-style fingerprint of an OpenSSH public key line (``SHA256:`` + unpadded base64), as
+    ``ssh-keygen -l`` prints it: what hospital and coordinator compare by phone."""
+    parts = public_openssh.split()
+    if len(parts) < 2:
+        raise FedradError("not an OpenSSH public key")
+    return "SHA256:" + base64.b64encode(hashlib.sha256(base64.b64decode(parts[1])).digest()).decode().rstrip("=")
 
 
 def write_private(path: Path, data: bytes, *, exclusive: bool = False) -> None:

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from fedrad.common.config import load_yaml_model
 from fedrad.common.durable import atomic_write_json
 from fedrad.common.errors import FedradError
-from fedrad.common.keyfiles import write_private, write_public
+from fedrad.common.keyfiles import ssh_fingerprint, write_private, write_public
 
 log = logging.getLogger(__name__)
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
@@ -145,10 +145,7 @@ def read_public_key(path: Path) -> bytes:
 
 def key_fingerprint(public_openssh: bytes) -> str:
     """OpenSSH-style fingerprint, the one ``fedrad-node keygen`` prints (to compare by phone)."""
-    import base64
-
-    blob = base64.b64decode(public_openssh.split()[1])
-    return "SHA256:" + base64.b64encode(hashlib.sha256(blob).digest()).decode().rstrip("=")
+    return ssh_fingerprint(public_openssh)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:

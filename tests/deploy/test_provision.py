@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -222,3 +224,10 @@ def test_provisioning_through_a_symlinked_key_is_refused(tmp_path: Path) -> None
     with pytest.raises(FedradError, match="symbolic link"):
         Provisioner(tmp_path / "prov").provision(load_federation(cfg))
     assert (tmp_path / "elsewhere").read_text() == ""
+
+
+@pytest.mark.skipif(shutil.which("ssh-keygen") is None, reason="ssh-keygen not installed")
+def test_keygen_fingerprint_is_the_one_ssh_keygen_prints(tmp_path: Path) -> None:
+    pub = hospital_keygen(tmp_path, "hospital-a")
+    out = subprocess.run(["ssh-keygen", "-lf", str(pub)], capture_output=True, text=True, timeout=30, check=True)
+    assert out.stdout.split()[1] == fingerprint(pub.read_bytes())
