@@ -69,3 +69,13 @@ def test_node_yaml_errors_name_file_and_field(tmp_path: Path) -> None:
         load_node_config(p)
     text = "\n".join(err.value.problems)
     assert str(p) in text and "data.source" in text and "policy.max_rounds" in text and "extra" in text
+
+
+def test_check_prints_the_key_fingerprint_and_what_to_send(kit: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedrad.client.node_keys import fingerprint
+
+    node_main(["check", "--config", str(kit)])
+
+    out = capsys.readouterr().out
+    assert fingerprint((kit.parent / "node-auth.pub").read_bytes()) in out
+    assert "never the private key" in out
