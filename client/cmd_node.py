@@ -8,7 +8,6 @@ import os
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import time
@@ -24,6 +23,15 @@ if TYPE_CHECKING:
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    k = sub.add_parser(
+        "keygen", help="make this node's authentication key pair (private key stays here; send the .pub)",
+        description="Writes DIR/node-auth.key (EC P-384, OpenSSH format, mode 0600; never overwritten) and "
+        "DIR/node-auth.pub, and prints the public key and its fingerprint. Send ONLY node-auth.pub to the "
+        "coordinator; confirm the fingerprint with them by another channel (phone).")
+    k.add_argument("--out", type=Path, required=True, help="folder for node-auth.key and node-auth.pub "
+                   "(normally the folder holding node.yaml)")
+    k.add_argument("--comment", default="", help="comment appended to the public key (e.g. the hospital's name)")
+    k.set_defaults(handler=run_keygen)
     c = sub.add_parser("check", help="preflight: report everything that would stop this node, each with its fix")
     c.add_argument("--config", type=Path, required=True, help="node.yaml")
     c.set_defaults(handler=run_check)
@@ -55,10 +63,10 @@ def preflight(config: Path, *, probe: bool = True, warnings: list[tuple[str, str
     appended to ``warnings`` (when given), not to the problems.
     """
     from cryptography import x509
-    from cryptography.hazmat.primitives import serialization
 
     from .node import load_site
     from .node_config import load_node_config
+    from .node_keys import check_private_key
 
     try:
         node = load_node_config(config)
@@ -77,16 +85,8 @@ def preflight(config: Path, *, probe: bool = True, warnings: list[tuple[str, str
                                      "ask the coordinator for a new node kit"))
             except ValueError:
                 problems.append((f"{node.root_certificates} is not a PEM certificate", "use ca.pem from the node kit"))
-    key = node.auth_private_key
-    if key is None or not key.exists():
-        problems.append((f"node authentication key {key} missing", "set auth_private_key to node-auth.key from the node kit"))
-    else:
-        if stat.S_IMODE(key.stat().st_mode) & 0o077:
-            problems.append((f"{key} is readable by other users", f"chmod 600 {key}"))
-        try:
-            serialization.load_ssh_private_key(key.read_bytes(), password=None)  # the format flower-supernode reads
-        except ValueError:
-            problems.append((f"{key} is not an OpenSSH private key", "use node-auth.key from the node kit"))
+    if not node.insecure:
+        problems += check_private_key(node.auth_private_key, expected_public=node.auth_public_key)
     try:
         node.state_dir.mkdir(parents=True, exist_ok=True)
         if not os.access(node.state_dir, os.W_OK):
@@ -120,12 +120,45 @@ def run_check(args: argparse.Namespace) -> int:
                           "\n  (the node would start anyway and keep retrying)")
     device = f"GPU ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else "CPU (no CUDA GPU visible)"
     console.print(f"compute: {device}")
+    _print_public_key(args.config)
     if not problems:
         console.print(f"[green]{args.config}: ready[/]")
         return 0
     for problem, fix in problems:
         err_console.print(f"[red]problem:[/] {problem}\n  [bold]fix:[/] {fix}")
     return 1
+
+
+def run_keygen(args: argparse.Namespace) -> int:
+    from .node_keys import generate
+
+    pair = generate(args.out, comment=args.comment)
+    console.print(f"private key: {pair.private_path} (mode 0600: keep it on this machine, never send it)",
+                  markup=False, soft_wrap=True)
+    console.print(f"public key:  {pair.public_path}", markup=False, soft_wrap=True)
+    console.print(pair.public_openssh.decode("ascii"), markup=False, soft_wrap=True)
+    console.print(f"fingerprint: {pair.fingerprint}", markup=False)
+    console.print("send ONLY the public key file to the coordinator and read them the fingerprint by phone; they "
+                  "run `fedrad provision ... add-node <name> --public-key node-auth.pub`", markup=False, soft_wrap=True)
+    return 0
+
+
+def _print_public_key(config: Path) -> None:
+    """Tell the operator which public key to send, when the node's private key is readable."""
+    from .node_config import load_node_config
+    from .node_keys import fingerprint, public_of
+
+    try:
+        node = load_node_config(config)
+        if node.insecure or node.auth_private_key is None:
+            return
+        mine = public_of(node.auth_private_key)
+    except (FedradError, OSError, ValueError, TypeError):
+        return
+    sent = f" ({node.auth_public_key})" if node.auth_public_key is not None else ""
+    console.print(f"node key: fingerprint {fingerprint(mine)}; the coordinator registers its public key{sent} "
+                  "(send that file, never the private key, and confirm the fingerprint by phone)",
+                  markup=False, soft_wrap=True)
 
 
 def supernode_command(config: Path, *, insecure: bool) -> list[str]:

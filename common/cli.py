@@ -85,12 +85,13 @@ def run_cli(prog: str, description: str, package: ModuleType, argv: Sequence[str
     try:
         return int(args.handler(args) or 0)
     except ConfigError as exc:
-        err_console.print(f"[bold red]configuration error[/] in {exc.source}:")
+        # soft_wrap: messages name files and values; never break them at the terminal width
+        err_console.print(f"[bold red]configuration error[/] in {exc.source}:", soft_wrap=True)
         for p in exc.problems:
-            err_console.print(f"  - {p}", markup=False)
+            err_console.print(f"  - {p}", markup=False, soft_wrap=True)
         return exc.exit_code
     except FedradError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", markup=True)
+        err_console.print(f"[bold red]error:[/] {exc}", markup=True, soft_wrap=True)
         return exc.exit_code
     except KeyboardInterrupt:
         err_console.print("interrupted")

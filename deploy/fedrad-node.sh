@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Launch a fedrad hospital node: check the environment, run the preflight, then become the
 # Flower SuperNode (exec, so systemd / docker signals reach it directly).
+# The node's key pair is made on this machine, once: `fedrad-node keygen --out DIR` (DIR holds
+# node.yaml); send only DIR/node-auth.pub to the coordinator. The preflight refuses to start if
+# the private key is missing, readable by others, or not the one whose public key was registered.
 #
 # Usage: fedrad-node.sh [path/to/node.yaml]
 #   default: $FEDRAD_NODE_CONFIG, else node.yaml beside this script.

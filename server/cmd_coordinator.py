@@ -1,4 +1,5 @@
-"""``fedrad coordinator start|register``: run the federation's SuperLink (TLS, node authentication)."""
+"""``fedrad coordinator start|register``: run the federation's SuperLink (TLS, node authentication),
+bound to loopback, behind the Fleet gateway that alone faces the hospitals."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from fedrad.common.cli import console, err_console, stop_process
+from fedrad.common.durable import atomic_write_json
 
 if TYPE_CHECKING:
     from fedrad.server.coordinator import Coordinator
@@ -38,12 +40,19 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     csub = c.add_subparsers(dest="coordinator_action", metavar="ACTION", required=True)
     s = csub.add_parser(
         "start", help="start the SuperLink in the foreground and register the provisioned hospital keys",
-        description="Starts flower-superlink with the provisioned TLS certificate, SuperNode authentication, a "
-        "database under <prov>/coordinator/state/ and run-time dependency installation disabled; registers every "
-        "provisioned, non-revoked hospital key; stops the SuperLink on SIGTERM/Ctrl-C.")
+        description="Starts flower-superlink on 127.0.0.1:<control port> only (its port also serves Flower's "
+        "unauthenticated Control API) with the provisioned TLS certificate, SuperNode authentication, a database "
+        "under <prov>/coordinator/state/ and run-time dependency installation disabled; starts the Fleet gateway on "
+        "--host:--port, which forwards hospitals' Fleet API calls and nothing else; registers every provisioned, "
+        "non-revoked hospital key; stops both on SIGTERM/Ctrl-C. Reach the Control API from elsewhere through an "
+        "SSH tunnel to the control port (see the operator guide).")
     add_prov_argument(s)
-    s.add_argument("--host", default="0.0.0.0", help="address to bind (default 0.0.0.0; tests: 127.0.0.1)")
-    s.add_argument("--port", type=int, help="port (default: the provisioned superlink.port)")
+    s.add_argument("--host", default="0.0.0.0",
+                   help="address the Fleet gateway binds for hospitals (default 0.0.0.0; tests: 127.0.0.1)")
+    s.add_argument("--port", type=int, help="public Fleet port (default: the provisioned superlink.port)")
+    s.add_argument("--control-port", type=int,
+                   help="loopback port of the SuperLink / Control API (default: the provisioned "
+                   "superlink.control_port, else --port + 1)")
     s.add_argument("--insecure", action="store_true",
                    help="plaintext, no node authentication (testing only; hospitals must also pass --insecure)")
     s.add_argument("--poll-interval", type=float, default=0.2,
@@ -74,49 +83,73 @@ def run_start(args: argparse.Namespace) -> int:
     co.check_provisioned()
     state = json.loads((co.prov / "federation-state.json").read_text(encoding="utf-8"))
     port = args.port or int(str(state["superlink"]).rsplit(":", 1)[1])
+    control_port = args.control_port or cdn.control_port_of(co, port)
+    if control_port == port:
+        raise FederationError(f"--control-port must differ from the public port {port}")
     co.state_dir.mkdir(parents=True, exist_ok=True)
     co.state_dir.chmod(0o700)
-    address = cdn.local_address(co, port)
-    if args.host not in ("0.0.0.0", "::", "127.0.0.1", "localhost"):
-        address = f"{args.host}:{port}"
+    address = cdn.local_address(co, control_port)  # the loopback SuperLink: what the flwr CLI talks to
+    public = f"{'127.0.0.1' if args.host in ('0.0.0.0', '::') else args.host}:{port}"
     old = _running_pid(co)
     if old is not None:
         raise FederationError(f"a coordinator from {co.prov} already runs (PID {old}); `fedrad coordinator` "
                               "stops with SIGTERM (systemctl stop fedrad-coordinator)")
     cdn.write_flwr_config(co, address=address, insecure=args.insecure)
     cdn.write_app(co)
-    cmd = cdn.superlink_command(co, host=args.host, port=port, insecure=args.insecure)
     env = {**os.environ, **cdn.QUIET_ENV}
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(args.poll_interval))
-    proc = subprocess.Popen(cmd, env=env)  # same process group: one SIGTERM to the unit stops both
+    ca = None if args.insecure else co.ca
+    # same process group: one SIGTERM to the unit stops them all
+    link = subprocess.Popen(cdn.superlink_command(co, port=control_port, insecure=args.insecure), env=env)
+    gateway: subprocess.Popen[bytes] | None = None
 
     def _stop(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGTERM, _stop)
     try:
-        cdn.wait_until_listening(address, ca=None if args.insecure else co.ca, insecure=args.insecure,
-                                 timeout=60, alive=proc)
+        cdn.wait_until_listening(address, ca=ca, insecure=args.insecure, timeout=60, alive=link)
+        gateway = subprocess.Popen(cdn.gateway_command(co, host=args.host, port=port, control_port=control_port,
+                                                       insecure=args.insecure), env=env)
+        cdn.wait_until_listening(public, ca=ca, insecure=args.insecure, timeout=60, alive=gateway)
         reg = {} if args.insecure else cdn.register_nodes(co)
-        info = {"pid": os.getpid(), "superlink_pid": proc.pid, "address": address, "host": args.host, "port": port,
-                "insecure": args.insecure, "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-        (co.info_path).write_text(json.dumps(info, indent=1), encoding="utf-8")
+        info = {"pid": os.getpid(), "superlink_pid": link.pid, "gateway_pid": gateway.pid, "address": address,
+                "host": args.host, "port": port, "control_port": control_port, "insecure": args.insecure,
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        atomic_write_json(co.info_path, info, mode=0o600)
         mode = ("[bold red]PLAINTEXT, no node authentication[/] (testing only)" if args.insecure
                 else "TLS, SuperNode authentication on")
-        console.print(f"coordinator listening on {args.host}:{port} ({mode}); hospitals connect to "
-                      f"{state['superlink']}")
+        console.print(f"coordinator listening on {args.host}:{port} for hospitals' Fleet API only ({mode}); "
+                      f"hospitals connect to {state['superlink']}")
+        console.print(f"Control API (fedrad run/status/stop) on {address} only; from another machine use "
+                      f"`ssh -N -L {control_port}:127.0.0.1:{control_port} <this host>`", markup=False, soft_wrap=True)
         if not args.insecure:
             console.print(f"registered hospitals: {', '.join(f'{n} (node {i})' for n, i in sorted(reg.items())) or 'none'}")
+            pending = _pending(co)
+            if pending:
+                console.print(f"waiting for public keys (not registered): {', '.join(pending)}", markup=False)
         console.print(f"state: {co.state_dir}; submit studies with `fedrad run --prov {co.prov} --config study.yaml`",
                       soft_wrap=True)
-        rc = proc.wait()
-        err_console.print(f"the SuperLink exited with code {rc} (log: {co.state_dir / 'superlink.log'})")
-        return rc or 1
+        while True:
+            for name, proc in (("SuperLink", link), ("Fleet gateway", gateway)):
+                rc = proc.poll()
+                if rc is not None:
+                    err_console.print(f"the {name} exited with code {rc} (log: {co.state_dir / 'superlink.log'})")
+                    return rc or 1
+            time.sleep(0.5)
     except KeyboardInterrupt:
         return 0
     finally:
-        stop_process(proc, grace_s=15)
+        if gateway is not None:
+            stop_process(gateway, grace_s=5)
+        stop_process(link, grace_s=15)
         co.info_path.unlink(missing_ok=True)
+
+
+def _pending(co: Coordinator) -> list[str]:
+    from fedrad.server.provision import Provisioner
+
+    return Provisioner(co.prov).pending()
 
 
 def _running_pid(co: Coordinator) -> int | None:

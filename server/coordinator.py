@@ -11,7 +11,11 @@ One provisioning folder (see :mod:`fedrad.server.provision`) drives everything::
 
 The SuperLink runs with TLS (the provisioned certificate), SuperNode authentication (only the
 registered hospital keys may join), a database on disk and run-time dependency installation
-disabled. ``flwr`` (the Flower CLI) is used for the Control API; its JSON answers are parsed here
+disabled. It listens on loopback only (``127.0.0.1:<control port>``): Flower 1.41 serves its
+Fleet, Control and ServerAppIo APIs on that one port, and the open-source Control API
+authenticates nobody. Hospitals reach it through :mod:`fedrad.server.fleet_gateway` on the public
+address, which forwards Fleet API calls only; ``fedrad run``/``status``/``stop`` (the ``flwr``
+CLI) talk to the loopback port, so they work on the coordinator itself or through an SSH tunnel. ``flwr`` (the Flower CLI) is used for the Control API; its JSON answers are parsed here
 and its failures turned into :class:`~fedrad.common.errors.FedradError` with a fix.
 """
 
@@ -133,10 +137,9 @@ class Coordinator:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    from fedrad.common.durable import atomic_write_text
+
+    atomic_write_text(path, text, mode=0o600)  # a fresh temporary name each time, never a fixed one
 
 
 def _cert_names(pem: Path) -> tuple[list[str], list[str]]:
@@ -159,8 +162,19 @@ def local_address(co: Coordinator, port: int) -> str:
     return f"{str(state['superlink']).rsplit(':', 1)[0]}:{port}"
 
 
-def superlink_command(co: Coordinator, *, host: str, port: int, insecure: bool) -> list[str]:
-    """The ``flower-superlink`` command line: TLS + node authentication unless ``insecure``."""
+#: The only address the SuperLink itself (and with it the Control API) ever binds.
+LOOPBACK = "127.0.0.1"
+
+
+def superlink_command(co: Coordinator, *, host: str = LOOPBACK, port: int, insecure: bool) -> list[str]:
+    """The ``flower-superlink`` command line: TLS + node authentication unless ``insecure``.
+
+    ``host`` must be a loopback address: the SuperLink's port carries the unauthenticated Control
+    API, so only :func:`gateway_command` faces the network.
+    """
+    if host not in (LOOPBACK, "localhost", "::1"):
+        raise FedradError(f"the SuperLink binds loopback only (asked for {host}): its port also serves the Control "
+                          "API, which Flower does not authenticate; hospitals connect through the Fleet gateway")
     cmd = ["flower-superlink", "--host", host, "--port", str(port),
            "--database", str(co.state_dir / "superlink.db"),
            "--log-file", str(co.state_dir / "superlink.log"), "--log-rotation-interval-hours", "24",
@@ -171,6 +185,25 @@ def superlink_command(co: Coordinator, *, host: str, port: int, insecure: bool) 
         cmd += ["--ssl-ca-certfile", str(co.ca), "--ssl-certfile", str(co.coord / "superlink.pem"),
                 "--ssl-keyfile", str(co.coord / "superlink.key"), "--enable-supernode-auth"]
     return cmd
+
+
+def gateway_command(co: Coordinator, *, host: str, port: int, control_port: int, insecure: bool) -> list[str]:
+    """The Fleet gateway on the public ``host:port``, forwarding Fleet calls to the loopback SuperLink."""
+    import sys
+
+    listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    cmd = [sys.executable, "-m", "fedrad.server.fleet_gateway", "--listen", listen,
+           "--upstream", f"{LOOPBACK}:{control_port}"]
+    if insecure:
+        return [*cmd, "--insecure"]
+    return [*cmd, "--certfile", str(co.coord / "superlink.pem"), "--keyfile", str(co.coord / "superlink.key"),
+            "--ca", str(co.ca)]
+
+
+def control_port_of(co: Coordinator, public_port: int) -> int:
+    """The SuperLink's loopback port: provisioned ``superlink.control_port``, else the public port + 1."""
+    state = json.loads((co.prov / "federation-state.json").read_text(encoding="utf-8"))
+    return int(state.get("control_port") or public_port + 1)
 
 
 def write_flwr_config(co: Coordinator, *, address: str, insecure: bool) -> None:

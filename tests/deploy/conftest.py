@@ -1,4 +1,6 @@
-"""Helpers for deployment tests: free loopback ports, and processes that are always stopped by PID."""
+"""Helpers for deployment tests: free loopback ports, processes that are always stopped by PID, and
+provisioning the way a real federation does it (each hospital makes its own key; the coordinator
+receives public keys only)."""
 
 from __future__ import annotations
 
@@ -118,3 +120,32 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.5, what: str = "c
             return
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def hospital_keygen(root: Path, name: str) -> Path:
+    """Hospital ``name`` makes its key pair on "its machine" (``root/hospital-keys/NAME``); returns the PUBLIC key."""
+    from fedrad.client.node_keys import generate
+
+    return generate(root / "hospital-keys" / name, comment=name).public_path
+
+
+def install_hospital_key(root: Path, kit: Path, name: str) -> None:
+    """The hospital puts its own private key beside the kit's node.yaml (as its operator would)."""
+    from fedrad.common.keyfiles import write_private
+
+    write_private(kit / "node-auth.key", (root / "hospital-keys" / name / "node-auth.key").read_bytes())
+
+
+def provision_federation(fed_yaml: Path, out: Path, *, keys_root: Path | None = None) -> list[str]:
+    """Provision ``fed_yaml`` into ``out`` with the real key flow: every hospital runs keygen on its side,
+    the coordinator provisions with the PUBLIC keys only, then each hospital installs its private key in
+    its kit (``out/nodes/NAME/node-auth.key``). Returns the hospitals issued."""
+    from fedrad.server.provision import Provisioner, load_federation
+
+    cfg = load_federation(fed_yaml)
+    root = keys_root or out.parent
+    public = {n: hospital_keygen(root, n) for n in cfg.names}
+    issued = Provisioner(out).provision(cfg, public_keys=public)
+    for n in cfg.names:
+        install_hospital_key(root, out / "nodes" / n, n)
+    return issued

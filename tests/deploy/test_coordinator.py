@@ -25,13 +25,15 @@ from fedrad.server import coordinator as cdn
 from fedrad.server.cli import main as fedrad_main
 from fedrad.server.provision import Provisioner, load_federation
 
+from .conftest import provision_federation
+
 FED = "name: t\nsuperlink: {address: coordinator.example.org, port: 8443}\nhospitals: [hospital-a, hospital-b]\n"
 
 
 @pytest.fixture()
 def prov(tmp_path: Path) -> Path:
     (tmp_path / "federation.yaml").write_text(FED)
-    Provisioner(tmp_path / "prov").provision(load_federation(tmp_path / "federation.yaml"))
+    provision_federation(tmp_path / "federation.yaml", tmp_path / "prov")
     return tmp_path / "prov"
 
 

@@ -73,9 +73,10 @@ def test_compose_has_a_coordinator_and_three_hospitals() -> None:
     for name in ("hospital-a", "hospital-b", "hospital-c"):
         svc = services[name]
         assert svc["build"]["dockerfile"] == "deploy/Dockerfile.node"
-        assert f"./fed/nodes/{name}:/etc/fedrad:ro" in svc["volumes"]
-        assert not any("coordinator" in v and "/fed:" in v for v in svc["volumes"])  # no CA key in a node
-    assert "8000:8000" in services["coordinator"]["ports"]
+        assert f"./sites/{name}:/etc/fedrad:ro" in svc["volumes"]  # its own folder: kit + its own key
+        assert not any(v.startswith("./fed") for v in svc["volumes"])  # nothing of the coordinator's
+    assert services["coordinator"]["ports"] == ["8000:8000"]  # the Fleet gateway only, never the control port
+    assert not any(v.startswith("./sites") for v in services["coordinator"]["volumes"])  # no hospital key
 
 
 @pytest.mark.parametrize("dockerfile", ["Dockerfile.node", "Dockerfile.coordinator"])
@@ -92,11 +93,33 @@ def test_coordinator_container_runs_the_coordinator_command() -> None:
     assert 'ENTRYPOINT ["fedrad", "coordinator", "start"' in text and "--insecure" not in text
 
 
-def test_prepare_demo_points_nodes_at_container_paths(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(DEPLOY / "prepare-demo.py"), "--out", str(tmp_path / "fed")],
-                          capture_output=True, text=True, check=False)
+def test_prepare_demo_keeps_hospital_keys_out_of_the_coordinators_folder(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, str(DEPLOY / "prepare-demo.py"), "--out", str(tmp_path / "fed"),
+                           "--sites", str(tmp_path / "sites")], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
-    node = yaml.safe_load((tmp_path / "fed" / "nodes" / "hospital-b" / "node.yaml").read_text())
+    site = tmp_path / "sites" / "hospital-b"
+    node = yaml.safe_load((site / "node.yaml").read_text())
     assert node["data"]["path"] == "/data/site.npz" and node["state_dir"] == "/var/lib/fedrad"
     assert node["superlink"] == "coordinator:8000"
-    assert (tmp_path / "fed" / "data" / "hospital-b" / "site.npz").exists()
+    assert (site / "data" / "site.npz").exists() and (site / "ca.pem").exists()
+    assert (site / "node-auth.key").stat().st_mode & 0o777 == 0o600
+    # the coordinator's folder holds the hospitals' public keys, never a private one
+    assert not any(b"PRIVATE KEY" in f.read_bytes() for f in (tmp_path / "fed").rglob("*")
+                   if f.is_file() and f.parent.name != "coordinator")
+    assert not list((tmp_path / "fed").rglob("node-auth.key"))
+    registered = (tmp_path / "fed" / "coordinator" / "supernodes" / "hospital-b.pub").read_bytes()
+    assert registered.split()[:2] == (site / "node-auth.pub").read_bytes().split()[:2]
+    # re-running keeps every hospital's key
+    key = (site / "node-auth.key").read_bytes()
+    again = subprocess.run([sys.executable, str(DEPLOY / "prepare-demo.py"), "--out", str(tmp_path / "fed"),
+                            "--sites", str(tmp_path / "sites")], capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stderr
+    assert (site / "node-auth.key").read_bytes() == key
+
+
+def test_node_kit_carries_the_launch_script(tmp_path: Path) -> None:
+    from fedrad.server.provision import Provisioner, load_federation
+
+    (tmp_path / "f.yaml").write_text("name: k\nsuperlink: {address: 127.0.0.1}\nhospitals: [a]\n")
+    Provisioner(tmp_path / "p").provision(load_federation(tmp_path / "f.yaml"))
+    assert (tmp_path / "p" / "nodes" / "a" / "fedrad-node.sh").read_bytes() == (DEPLOY / "fedrad-node.sh").read_bytes()

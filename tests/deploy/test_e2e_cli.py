@@ -1,5 +1,7 @@
-"""Loopback deployment through fedrad's own commands: ``fedrad coordinator start`` (TLS, node
-authentication), three ``fedrad-node start`` hospitals, ``fedrad run``; then what must be refused.
+"""Loopback deployment through fedrad's own commands: each hospital makes its own key
+(``fedrad-node keygen``), the coordinator provisions with the public keys only, ``fedrad coordinator
+start`` (TLS, node authentication, SuperLink on loopback behind the Fleet gateway), three
+``fedrad-node start`` hospitals, ``fedrad run``; then what must be refused.
 
 Every process runs in its own process group and is stopped by PID (fixture ``procs``), whatever
 happens. Servers bind 127.0.0.1 only, on free ports. Marked slow (a few minutes on 2 cores).
@@ -22,7 +24,7 @@ import pytest
 import yaml
 from fedrad.server.provision import Provisioner, load_federation
 
-from .conftest import Procs, free_port, wait_for
+from .conftest import Procs, free_port, install_hospital_key, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -69,12 +71,22 @@ class Federation:
     def __init__(self, root: Path, procs: Procs) -> None:
         self.root, self.procs = root, procs
         self.port = free_port()
+        self.control_port = free_port()
+        # the key ceremony: every hospital makes its key pair on its side and hands over the public key
+        for name in HOSPITALS:
+            self.keygen(name)
         fed = root / "federation.yaml"
-        fed.write_text(yaml.safe_dump({"name": "loop", "hospitals": list(HOSPITALS),
-                                       "superlink": {"address": "127.0.0.1", "port": self.port}}))
+        fed.write_text(yaml.safe_dump({
+            "name": "loop",
+            "hospitals": [{"name": n, "public_key": f"hospital-keys/{n}/node-auth.pub"} for n in HOSPITALS],
+            "superlink": {"address": "127.0.0.1", "port": self.port, "control_port": self.control_port}}))
         self.fed_yaml = fed
         self.prov = root / "prov"
-        Provisioner(self.prov).provision(load_federation(fed))
+        out = self.fedrad("provision", "--config", str(fed), "--out", str(self.prov), timeout=120)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert not list(self.prov.rglob("node-auth.key"))  # the coordinator never saw a private key
+        for name in HOSPITALS:  # each hospital puts its own key beside its kit's node.yaml
+            install_hospital_key(root, self.prov / "nodes" / name, name)
         with np.load(NPZ) as d:
             self.arrays = {k: d[k] for k in d.files}
         self.node_yaml = {n: _kit(self.prov, n, i, self.arrays) for i, n in enumerate(HOSPITALS)}
@@ -87,6 +99,12 @@ class Federation:
         for path in self.node_yaml.values():
             ok = _node("apps", "approve", "--config", str(path), "--hash", self.app_hash, "--by", "e2e")
             assert ok.returncode == 0, ok.stderr
+
+    def keygen(self, name: str) -> Path:
+        """``fedrad-node keygen`` on hospital ``name``'s side; returns its PUBLIC key file."""
+        out = _node("keygen", "--out", str(self.root / "hospital-keys" / name), "--comment", name)
+        assert out.returncode == 0 and "SHA256:" in out.stdout, out.stdout + out.stderr
+        return self.root / "hospital-keys" / name / "node-auth.pub"
 
     def fedrad(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         return subprocess.run([FEDRAD, *args], capture_output=True, text=True, timeout=timeout, check=False,
@@ -208,8 +226,9 @@ def test_tls_federation_runs_a_dp_study_and_survives_a_node_killed_mid_round(fed
 
 def test_what_must_be_refused(federation: Federation, tmp_path: Path) -> None:
     f = federation
-    # an unregistered key: issued after the coordinator registered the others, so the SuperLink refuses it
-    Provisioner(f.prov).add_node(load_federation(f.fed_yaml), "hospital-x")
+    # an unregistered key: added after the coordinator registered the others, so the SuperLink refuses it
+    Provisioner(f.prov).add_node(load_federation(f.fed_yaml), "hospital-x", public_key=f.keygen("hospital-x"))
+    install_hospital_key(f.root, f.prov / "nodes" / "hospital-x", "hospital-x")
     x_yaml = _kit(f.prov, "hospital-x", 3, f.arrays, rejoin_timeout_s=0)
     x = f.start_node("hospital-x", config=x_yaml)
     assert x.wait(timeout=120) != 0
@@ -239,6 +258,31 @@ def test_what_must_be_refused(federation: Federation, tmp_path: Path) -> None:
     out = _node("start", "--config", str(plain / "node.yaml"), "--insecure")
     assert out.returncode != 0 and "requires TLS" in out.stderr, out.stderr
     assert all(status != "online" for status in f.nodes().values())  # nothing above ever joined
+
+    # a stranger on the public (Fleet) port cannot list or submit runs; the operator's CLI still can
+    import http.client
+    import ssl
+
+    ca = ssl.create_default_context(cafile=str(f.prov / "coordinator" / "ca.pem"))
+    for path in ("/v1/control/list-runs", "/v1/control/start-run", "/v1/control/list-nodes"):
+        conn = http.client.HTTPSConnection("127.0.0.1", f.port, context=ca, timeout=30)
+        conn.request("POST", path, body=b"", headers={"content-type": "application/protobuf"})
+        assert conn.getresponse().status == 404, path
+        conn.close()
+    stranger = tmp_path / "stranger-flwr"
+    stranger.mkdir()
+    (stranger / "config.toml").write_text(
+        f'[superlink]\ndefault = "x"\n\n[superlink.x]\naddress = "127.0.0.1:{f.port}"\n'
+        f'root-certificates = "{f.prov / "coordinator" / "ca.pem"}"\n')
+    for args in (["ls", "x"], ["run", str(f.prov / "coordinator" / "state" / "app"), "x"]):
+        out = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], capture_output=True, text=True,
+                             timeout=120, check=False, env={**os.environ, **ENV, "FLWR_HOME": str(stranger)})
+        answer = json.loads(out.stdout[out.stdout.index("{"):]) if "{" in out.stdout else {}
+        assert out.returncode != 0 or not answer.get("success"), out.stdout
+    assert f.fedrad("status", "--json").returncode == 0  # the Control API on loopback still serves the operator
+    listening = [ln.split() for ln in Path("/proc/net/tcp").read_text().splitlines()[1:]]
+    control = [row for row in listening if row[3] == "0A" and int(row[1].split(":")[1], 16) == f.control_port]
+    assert control and all(row[1].split(":")[0] == "0100007F" for row in control)  # 127.0.0.1 only
 
 
 def test_plaintext_only_with_insecure_on_both_sides(tmp_path: Path, procs: Procs) -> None:

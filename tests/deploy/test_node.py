@@ -12,7 +12,8 @@ from fedrad.client.cmd_node import preflight, supernode_command
 from fedrad.client.node import load_site
 from fedrad.client.node_config import load_node_config
 from fedrad.common.errors import ConfigError, FedradError
-from fedrad.server.provision import Provisioner, load_federation
+
+from .conftest import provision_federation
 
 NPZ = Path(__file__).resolve().parents[2] / "fedrad" / "data" / "pneumoniamnist.npz"
 
@@ -21,7 +22,7 @@ NPZ = Path(__file__).resolve().parents[2] / "fedrad" / "data" / "pneumoniamnist.
 def kit(tmp_path: Path) -> Path:
     fed = tmp_path / "federation.yaml"
     fed.write_text("name: t\nsuperlink: {address: 127.0.0.1}\nhospitals: [hospital-a]\n")
-    Provisioner(tmp_path / "prov").provision(load_federation(fed))
+    provision_federation(fed, tmp_path / "prov")
     kit = tmp_path / "prov" / "nodes" / "hospital-a"
     with np.load(NPZ) as d:
         np.savez(kit / "site.npz", **{k: d[k][:100] for k in d.files})
@@ -68,3 +69,13 @@ def test_node_yaml_errors_name_file_and_field(tmp_path: Path) -> None:
         load_node_config(p)
     text = "\n".join(err.value.problems)
     assert str(p) in text and "data.source" in text and "policy.max_rounds" in text and "extra" in text
+
+
+def test_check_prints_the_key_fingerprint_and_what_to_send(kit: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from fedrad.client.node_keys import fingerprint
+
+    node_main(["check", "--config", str(kit)])
+
+    out = capsys.readouterr().out
+    assert fingerprint((kit.parent / "node-auth.pub").read_bytes()) in out
+    assert "never the private key" in out

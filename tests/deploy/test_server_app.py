@@ -15,7 +15,8 @@ from fedrad.client.cmd_node import supernode_command
 from fedrad.common.errors import ConfigError
 from fedrad.server.app import STUDY_KEY, LogReporter, app, resolve_run
 from fedrad.server.progress import Reporter
-from fedrad.server.provision import Provisioner, load_federation
+
+from .conftest import provision_federation
 
 NPZ = Path(__file__).resolve().parents[2] / "fedrad" / "data" / "pneumoniamnist.npz"
 
@@ -44,7 +45,7 @@ def test_run_config_resolves_study_and_default_run_folder(tmp_path: Path) -> Non
 def kit(tmp_path: Path) -> Path:
     fed = tmp_path / "federation.yaml"
     fed.write_text("name: t\nsuperlink: {address: coordinator.hospital-net.example.org}\nhospitals: [hospital-with-a-long-name]\n")
-    Provisioner(tmp_path / "a-rather-long-provisioning-folder-name").provision(load_federation(fed))
+    provision_federation(fed, tmp_path / "a-rather-long-provisioning-folder-name")
     kit = tmp_path / "a-rather-long-provisioning-folder-name" / "nodes" / "hospital-with-a-long-name"
     with np.load(NPZ) as d:
         np.savez(kit / "site.npz", **{k: d[k][:50] for k in d.files})
