@@ -108,7 +108,7 @@ from fedrad.common.evaluation import evaluate
 from fedrad.common.protocol import ARRAYS_KEY, CONFIG_KEY, ERR_PROTOCOL, METRICS_KEY, check_reply
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from .deploy_grid import DelegatingGrid
+from .deploy_grid import DelegatingGrid, attribute_superlink_errors
 from .history import StudyHistory
 from .progress import NullReporter, Reporter
 from .study import REFUSALS, FedradStrategyMixin, StudyStopped, _Wiring, finish_study, prepare_study
@@ -366,6 +366,9 @@ class _RecordingGrid(DelegatingGrid):
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        # ids are set on the requests when pushed; a SuperLink-made error is filed under its hospital
+        replies = attribute_superlink_errors(
+            replies, {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id})
         answered = set()
         for i, msg in enumerate(replies):
             node = msg.metadata.src_node_id
