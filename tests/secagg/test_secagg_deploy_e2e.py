@@ -51,6 +51,7 @@ def _study(path: Path) -> Path:
 
 @pytest.fixture()
 def federation(tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch) -> Iterator[e2e.Federation]:  # noqa: F811
+    monkeypatch.setenv("PATH", f"{e2e.BIN}{os.pathsep}{os.environ.get('PATH', '')}")  # flwr, as the CLIs need it
     monkeypatch.setattr(e2e, "HOSPITALS", HOSPITALS)
     monkeypatch.setattr(e2e, "POLICY", {**e2e.POLICY, "require_secure_aggregation": True, "min_hospitals": 3})
     f = e2e.Federation(tmp_path, procs)
