@@ -50,8 +50,12 @@ unmask request that lists a hospital both as alive and as dropped, lists themsel
 or names fewer than 3 alive hospitals.
 
 What SecAgg+ does *not* hide from the coordinator: which hospitals took part or dropped out, each
-hospital's example count and its allow-listed scalar train metrics (epsilon, loss, ...), and the
-per-site evaluation counts (evaluation is not aggregated securely). What to know about Flower
+hospital's (DP-released) example count, which is also its weight, its allow-listed train metrics
+(epsilon, steps, ...) and audit receipt, and the per-site DP-released evaluation histograms
+(evaluation is not aggregated securely). Deployment (``fedrad run``, :mod:`fedrad.server.app`)
+runs this same function over the SuperLink; the run folder gets ``secure-aggregation.json``: per
+round who was sampled, summed and dropped, and per summed hospital only a summary of its masked
+vector (how uniform it looks), never a vector. What to know about Flower
 1.41's implementation: masks are drawn by ``numpy.random.RandomState`` from the 32-byte seeds
 folded to 32 bits (``secaggplus_utils.pseudo_rand_gen``), so each mask has 32 bits of entropy;
 and the protocol is the semi-honest one: there is no consistency round and no PKI for the
