@@ -86,6 +86,7 @@ def min_threshold(num_shares: int) -> int:
     hospital unmask an individual update; so ``t >= (num_shares + 3) // 2``, and ``t >= 3``."""
     return max(MIN_SURVIVORS, (int(num_shares) + 3) // 2)
 
+
 app = ClientApp()
 
 
@@ -299,8 +300,14 @@ def secagg_fit(msg: Message, context: Context) -> Message:
 
 def _secagg_round(msg: Message, context: Context) -> Message:
     """One SecAgg+ stage: Flower's mod (keys, shares, masking), fedrad's DP training inside it."""
-    return refusals_as_errors(
-        msg, context, lambda m, c: _checked(m, c, lambda m2, c2: guard(m2, c2, lambda m3, c3: secaggplus_mod(m3, c3, secagg_fit))))
+    def masked(m: Message, c: Context) -> Message:  # Flower's mod, fedrad's DP training inside it
+        return secaggplus_mod(m, c, secagg_fit)
+
+    def guarded(m: Message, c: Context) -> Message:  # the hospital's own checks first
+        return guard(m, c, masked)
+
+    # outermost: refusals become Error replies; then nothing beyond the contract leaves
+    return refusals_as_errors(msg, context, lambda m, c: _checked(m, c, guarded))
 
 
 @app.train()
