@@ -1,11 +1,13 @@
 """The coordinator's Flower ServerApp for deployment (SuperLink + real hospital SuperNodes).
 
 The SuperLink starts this app (``fedrad.server.app:app``) for each run ``fedrad run`` submits (a
-code-free Flower app naming this ServerApp and ``fedrad.client.app:app``; see
-:func:`fedrad.server.coordinator.write_app`). The run configuration names the study YAML *on the
-coordinator* and the run folder; the study body is the same :func:`fedrad.server.study.run_study`
-the simulation uses. Hospitals find their own data, ledger and budget through their node.yaml;
-nothing here can move them.
+code-free Flower app naming this ServerApp and ``fedrad.client.secagg_app:app``, which answers
+plain studies with the plain app; see :func:`fedrad.server.coordinator.write_app`). The run
+configuration names the study YAML *on the coordinator* and the run folder; the study body is the
+same the simulation uses: :func:`fedrad.server.study.run_study`, or
+:func:`fedrad.server.secagg.run_secagg_study` for a study with ``secure_aggregation.enabled``
+(SecAgg+ over the SuperLink: the hospitals' updates arrive masked). Hospitals find their own data,
+ledger and budget through their node.yaml; nothing here can move them.
 
 Run-config keys:
 
@@ -34,6 +36,7 @@ from fedrad.common.errors import ConfigError, FederationError
 
 from .deploy_grid import FastPollGrid
 from .history import RoundRecord, StudyHistory
+from .secagg import run_secagg_study
 from .study import run_study
 
 log = logging.getLogger(__name__)
@@ -86,9 +89,10 @@ def main(grid: Grid, context: Context) -> None:
     poll = float(context.run_config.get(POLL_KEY, 0.25) or 0.0)  # type: ignore[arg-type]
     if poll > 0:
         grid = FastPollGrid(grid, interval=poll)
-    if study.secure_aggregation.enabled:  # `fedrad run` refuses these first; hospitals would refuse every round
-        raise FederationError("secure aggregation runs in simulation only in this release (`fedrad simulate`)")
-    history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter())
+    if study.secure_aggregation.enabled:
+        history = run_secagg_study(grid, study=study, run_dir=run_dir, context=context, reporter=LogReporter())
+    else:
+        history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter())
     for event in history.events:
         log.info("note: %s", event)
     if history.status != "completed":

@@ -62,25 +62,31 @@ def run_run(args: argparse.Namespace) -> int:
     co = cdn.Coordinator(prov_dir(args.prov))
     study_file = args.config.resolve()
     study = load_study(study_file)  # every config problem surfaces here, before anything is submitted
-    if study.secure_aggregation.enabled:  # the deployment ServerApp runs plain FedAvg-family studies only
-        raise FederationError("secure aggregation runs in simulation only in this release (`fedrad simulate`); "
-                              "deployed hospitals would refuse every round of this study (its updates would "
-                              "leave unmasked). Set secure_aggregation.enabled: false or simulate it.")
-    info = _running(co)
     fed = study.federation
+    least = fed.min_hospitals
+    if study.secure_aggregation.enabled:  # SecAgg+ in deployment: its settings are checked before submitting
+        from fedrad.common.errors import ConfigError
+        from fedrad.server.secagg import MIN_SURVIVORS, SecAggSettings
+
+        try:
+            SecAggSettings.from_study(study).check(study)
+        except ConfigError as exc:
+            raise ConfigError(str(study_file), [f"{study_file}: {p}" for p in exc.problems]) from None
+        least = max(least, MIN_SURVIVORS)  # a masked sum of fewer hospitals is never unmasked
+    info = _running(co)
     if not info.get("insecure"):
         registered = len(co.registry())
-        if registered < fed.min_hospitals:
-            raise FederationError(f"the study needs {fed.min_hospitals} hospitals but only {registered} are "
+        if registered < least:
+            raise FederationError(f"the study needs {least} hospitals but only {registered} are "
                                   f"registered; provision more (fedrad provision add-node) and `fedrad coordinator register`")
     try:
         online = cdn.wait_for_hospitals(co, needed=fed.num_hospitals, timeout=args.wait)
     except FederationError as exc:
         online = [n for n in cdn.list_nodes(co) if n.status == "online"]
-        if len(online) < fed.min_hospitals:
+        if len(online) < least:
             raise
         err_console.print(f"[yellow]warning:[/] {exc}; starting with the {len(online)} online "
-                          f"(min_hospitals={fed.min_hospitals})")
+                          f"(at least {least} needed)")
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = (args.out or Path(study.output.dir) / f"{fed.name}-{stamp}").resolve()
     run_id = cdn.submit(co, study_file=study_file, run_dir=run_dir, poll_interval=args.poll_interval)
@@ -146,7 +152,9 @@ def _round_line(rec: dict[str, Any], names: dict[str, str]) -> str:
             parts.append(f"{name} [yellow]{st.split(':')[0]}[/]")
         else:
             eps = h.get("epsilon")
-            parts.append(f"{name} loss {h.get('train_loss', float('nan')):.3f}" + (f" eps {eps:.2f}" if eps else ""))
+            what = "masked" if h.get("secure_aggregation") == "masked update" else (
+                f"loss {h['train_loss']:.3f}" if isinstance(h.get("train_loss"), (int, float)) else "ok")
+            parts.append(f"{name} {what}" + (f" eps {eps:.2f}" if eps else ""))
     test = rec.get("global_test") or {}
     tail = f" | test AUC {test['auc']:.3f}" if isinstance(test.get("auc"), (int, float)) else ""
     return f"round {rec.get('round')} ({float(rec.get('seconds') or 0):.1f}s): " + "; ".join(parts) + tail

@@ -4,14 +4,22 @@ Flower 1.41's ``HttpGrid.send_and_receive`` pushes the messages and then checks 
 3 s, so a round's end is noticed up to 3 s late, twice per round (train, evaluate). This wrapper
 does the same push/pull through the wrapped Grid's own ``push_messages``/``pull_messages`` with
 a shorter pause; everything else is delegated unchanged.
+
+It also names the hospital behind an error reply the SuperLink makes up itself (e.g. "Node
+Unavailable" once a killed hospital's heartbeat lapsed): Flower sends those with the SuperLink's
+own node id (``src_node_id`` 1), so per-hospital records would file the failure under ``node-1``
+and the hospital itself as silent. :func:`attribute_superlink_errors` files such a reply under
+the node the request went to.
 """
 
 from __future__ import annotations
 
+import copy
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 from flwr.app import Message, RecordDict
+from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
 
 try:  # Flower's Run type moved between releases; only used in annotations here
@@ -50,6 +58,20 @@ class DelegatingGrid(Grid):
         return self._inner.send_and_receive(messages, timeout=timeout)
 
 
+def attribute_superlink_errors(replies: Iterable[Message], destinations: Mapping[str, int]) -> list[Message]:
+    """``replies`` with every error reply the SuperLink made up (sender: the SuperLink) re-sent as
+    from the node its request went to (``destinations``: request message id -> node id)."""
+    out = []
+    for msg in replies:
+        dst = destinations.get(msg.metadata.reply_to_message_id)
+        if msg.has_error() and msg.metadata.src_node_id == SUPERLINK_NODE_ID and dst is not None:
+            meta = copy.copy(msg.metadata)
+            meta.__dict__["_src_node_id"] = dst  # Metadata has no setter; Flower sets its own ids this way
+            msg = Message(error=msg.error, metadata=meta)
+        out.append(msg)
+    return out
+
+
 class FastPollGrid(DelegatingGrid):
     """Delegates to ``inner``; ``send_and_receive`` polls every ``interval`` seconds."""
 
@@ -58,7 +80,10 @@ class FastPollGrid(DelegatingGrid):
         self._interval = max(0.01, float(interval))
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        pending = set(self._inner.push_messages(messages))
+        messages = list(messages)
+        ids = list(self._inner.push_messages(messages))
+        destinations = {mid: m.metadata.dst_node_id for mid, m in zip(ids, messages) if mid}
+        pending = {mid for mid in ids if mid}
         deadline = None if timeout is None else time.monotonic() + timeout
         replies: list[Message] = []
         while pending:
@@ -68,4 +93,4 @@ class FastPollGrid(DelegatingGrid):
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break
             time.sleep(self._interval)
-        return replies
+        return attribute_superlink_errors(replies, destinations)

@@ -24,28 +24,53 @@ Data flow of one round (``k`` sampled hospitals, ``t`` = reconstruction threshol
    collude with it.
 
 Numerical error (quantization; see :func:`aggregation_error_bound`): with ``c`` =
-``clipping_range``, ``Q`` = ``quantization_range``, ``w`` = ``max_weight``, survivors ``i`` with
-``n_i`` examples and ``q_i = round(n_i * Q / w)``, every coordinate of the aggregate differs from
-the exact example-weighted mean of the survivors' updates by less than ``3 * c * k / sum_i q_i``
-(about ``3 * c * k * w / (Q * sum_i n_i)``), provided no coordinate is clipped, i.e.
-``|x_i| <= c * w / n_i`` for every coordinate (true whenever ``|x_i| <= c`` and
-``n_i <= w``). Hospitals log a warning when they clip.
+``clipping_range``, ``Q`` = ``quantization_range``, ``w`` = ``max_weight``, ``k`` survivors ``i``
+with ``n_i`` examples and integer weights ``q_i = round(n_i * Q / w)``, hospital ``i`` sends
+``quantize(clip(q_i / Q * x_i, -c, c))``. Every coordinate of the aggregate differs from the exact
+example-weighted mean of the survivors' updates by less than ``(2 * c + X) * k / sum_i q_i``, where
+``X`` bounds ``|x_i|`` over every coordinate of every survivor and nothing is clipped
+(``q_i / Q * |x_i| <= c``): stochastic rounding adds ``< 2c/Q`` per hospital, and rounding the
+weights to integers moves the weighted mean by ``<= X * k / sum_i q_i``. The documented form
+``3 * c * k / sum_i q_i`` (about ``3 * c * k * w / (Q * sum_i n_i)``) therefore holds when
+``|x_i| <= c`` for every coordinate and ``n_i <= w`` (then ``q_i <= Q`` and nothing is clipped).
+Merely "not clipped" (``|x_i| <= c * w / n_i``) is *not* enough: a small hospital may then send
+coordinates far above ``c`` and the weight rounding alone exceeds ``3 c k / sum q_i`` (see
+``tests/secagg/test_secagg_units.py``). Hospitals log a warning when they clip.
+
+Threshold and survivors (see :func:`min_threshold`): each hospital's two secrets (private-mask
+seed, pairwise key) are shared ``t`` of ``n`` among its ``n`` neighbours (itself included). In the
+unmask stage each neighbour reveals, per hospital, the seed share (told "alive") or the key share
+(told "dropped"). A coordinator that lies about dropouts and colludes with one hospital gets that
+hospital's share of both secrets plus one kind from each of the ``n - 1`` others, so it can
+unmask an individual's update iff ``2 (t - 1) <= n - 1``. fedrad therefore requires
+``t >= (n + 3) // 2`` (and ``t >= 3``), and never unmasks a sum of fewer than 3 hospitals (with 2,
+either one learns the other's update from the aggregate). Hospitals enforce the same floor
+themselves (:mod:`fedrad.client.secagg_app`): they refuse a setup with a lower threshold and an
+unmask request that lists a hospital both as alive and as dropped, lists themselves as dropped,
+or names fewer than 3 alive hospitals.
 
 What SecAgg+ does *not* hide from the coordinator: which hospitals took part or dropped out, each
-hospital's example count and its allow-listed scalar train metrics (epsilon, loss, ...), and the
-per-site evaluation counts (evaluation is not aggregated securely). What to know about Flower
+hospital's (DP-released) example count, which is also its weight, its allow-listed train metrics
+(epsilon, steps, ...) and audit receipt, and the per-site DP-released evaluation histograms
+(evaluation is not aggregated securely). Deployment (``fedrad run``, :mod:`fedrad.server.app`)
+runs this same function over the SuperLink; the run folder gets ``secure-aggregation.json``: per
+round who was sampled, summed and dropped, and per summed hospital only a summary of its masked
+vector (how uniform it looks), never a vector. What to know about Flower
 1.41's implementation: masks are drawn by ``numpy.random.RandomState`` from the 32-byte seeds
 folded to 32 bits (``secaggplus_utils.pseudo_rand_gen``), so each mask has 32 bits of entropy;
-and the protocol is the semi-honest one (no consistency round), which is why the threshold must
-be a strict majority here (a coordinator lying about dropouts then cannot collect both kinds of
-shares of one hospital). Each hospital's DP-SGD stays as it is: secure aggregation is defence in
+and the protocol is the semi-honest one: there is no consistency round and no PKI for the
+SecAgg+ keys, so a coordinator that substitutes public keys in the key-sharing stage can read the
+shares; against a *malicious* coordinator SecAgg+ is defence in depth only, and the guarantee is
+each hospital's DP-SGD. Each hospital's DP-SGD stays as it is: secure aggregation is defence in
 depth, not a reason to train with less noise.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -54,7 +79,7 @@ from typing import Any, cast
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.common import (
     EvaluateIns,
@@ -67,6 +92,7 @@ from flwr.common import (
     parameters_to_ndarrays,
 )
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key
+from flwr.compat.common import recorddict_compat as compat
 from flwr.server.client_manager import ClientManager, SimpleClientManager
 from flwr.server.client_proxy import ClientProxy
 from flwr.server.compat.app_utils import start_update_client_manager_thread
@@ -78,15 +104,15 @@ from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECOR
 from flwr.server.workflow.constant import Key as WorkflowKey
 from flwr.server.workflow.secure_aggregation.secaggplus_workflow import WorkflowState
 from flwr.serverapp import Grid, ServerApp
-from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from fedrad.common.config import StudyConfig
+from fedrad.common.durable import atomic_write_text
 from fedrad.common.errors import ConfigError, FederationError, ProtocolError
 from fedrad.common.evaluation import evaluate
-from fedrad.common.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, check_reply
+from fedrad.common.protocol import ARRAYS_KEY, CONFIG_KEY, ERR_PROTOCOL, METRICS_KEY, check_reply
 
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
-from .deploy_grid import DelegatingGrid
+from .deploy_grid import DelegatingGrid, attribute_superlink_errors
 from .history import StudyHistory
 from .progress import NullReporter, Reporter
 from .study import REFUSALS, FedradStrategyMixin, StudyStopped, _Wiring, finish_study, prepare_study
@@ -100,6 +126,20 @@ ARRAY_NAMES_KEY = "array-names"
 #: Strategies whose aggregation is a weighted mean of the updates: the only ones SecAgg can run
 #: (the coordinator never holds an individual update, so median/trimmed mean/Krum are impossible).
 SECAGG_STRATEGIES = frozenset({"fedavg", "fedprox"})
+#: Fewest masked updates the coordinator ever unmasks the sum of (with 2, each learns the other's).
+MIN_SURVIVORS = 3
+
+
+def min_threshold(num_shares: int) -> int:
+    """Smallest reconstruction threshold for secrets shared among ``num_shares`` neighbours.
+
+    A coordinator colluding with one hospital and lying about dropouts collects that hospital's
+    share of both secrets of a victim plus one kind of share from each of the ``num_shares - 1``
+    others; it unmasks the victim's individual update iff ``2 * (t - 1) <= num_shares - 1``. So
+    ``t >= (num_shares + 3) // 2``, and never below :data:`MIN_SURVIVORS`. Must equal
+    :func:`fedrad.client.secagg_app.min_threshold` (hospitals enforce it too).
+    """
+    return max(MIN_SURVIVORS, (int(num_shares) + 3) // 2)
 
 
 # ---------------------------------------------------------------------------------------- settings
@@ -109,7 +149,8 @@ class SecAggSettings:
 
     ``num_shares``: neighbours each hospital shares its secrets with (itself included); None =
     every hospital sampled in the round (the complete graph, SecAgg). ``reconstruction_threshold``:
-    shares needed to reconstruct a secret; None = a strict majority of ``num_shares``. A round
+    shares needed to reconstruct a secret; None = :func:`min_threshold` of ``num_shares`` (a lower
+    one is refused; a higher one tolerates fewer dropouts). A round
     survives up to ``num_shares - reconstruction_threshold`` dropouts among a hospital's
     neighbours. ``clipping_range``: bound on ``|r_i * x_i|`` for each coordinate of a weighted
     update (larger = fewer clipped coordinates, coarser quantization). ``quantization_range``:
@@ -148,9 +189,10 @@ class SecAggSettings:
             problems.append(f"secure_aggregation.num_shares: must be in 3..{n} (got {self.num_shares})")
         shares = self.num_shares or n
         t = self.reconstruction_threshold
-        if t is not None and not shares // 2 < t <= shares:
-            problems.append(f"secure_aggregation.reconstruction_threshold: must be a strict majority of "
-                            f"num_shares={shares}, i.e. in {shares // 2 + 1}..{shares} (got {t})")
+        if t is not None and not min_threshold(shares) <= t <= shares:
+            problems.append(f"secure_aggregation.reconstruction_threshold: with num_shares={shares} it must be in "
+                            f"{min_threshold(shares)}..{shares} (got {t}); a lower one lets the coordinator and one "
+                            "colluding hospital unmask an individual hospital's update")
         if not self.clipping_range > 0:
             problems.append(f"secure_aggregation.clipping_range: must be > 0 (got {self.clipping_range})")
         if not isinstance(self.quantization_range, int) or self.quantization_range < 2:
@@ -176,24 +218,35 @@ class SecAggSettings:
         shares = min(self.num_shares or sampled, sampled)
         if shares < sampled and shares % 2 == 0:
             shares += 1  # SecAgg+ neighbourhoods are symmetric: an odd count (Flower does the same)
-        t = self.reconstruction_threshold or shares // 2 + 1
-        return shares, min(max(t, shares // 2 + 1), shares)
+        floor = min_threshold(shares)
+        if floor > shares:  # pragma: no cover - min_threshold(n) <= n for n >= 3
+            raise FederationError(f"no safe reconstruction threshold for {shares} shares")
+        t = self.reconstruction_threshold or floor
+        return shares, min(max(t, floor), shares)
 
 
 def aggregation_error_bound(num_examples: Iterable[int], *, clipping_range: float, quantization_range: int,
-                            max_weight: float) -> float:
+                            max_weight: float, max_abs_update: float | None = None) -> float:
     """Largest per-coordinate difference between the SecAgg+ aggregate and the exact weighted mean.
 
-    For survivors with ``num_examples`` and no clipped coordinate (``|x| <= c * w / n`` per
-    coordinate): stochastic rounding adds < 1 level (``2c/Q`` in value) per hospital to the sum,
-    and rounding the weights to ``q_i = round(n_i Q / w)`` moves the weighted mean by less than
-    ``k * c / sum q_i``; together < ``3 c k / sum q_i``.
+    Survivor ``i`` (``n_i`` examples, update ``x_i``) gets the integer weight
+    ``q_i = round(n_i Q / w)`` and sends ``quantize(clip(q_i / Q * x_i, -c, c))``. Provided nothing
+    is clipped (``q_i / Q * |x_i| <= c``) and ``|x_i| <= X`` on every coordinate of every survivor
+    (``X`` = ``max_abs_update``): stochastic rounding adds < 1 level (``2c/Q`` in value) per
+    hospital to the sum, i.e. ``< 2 c k / sum q_i`` after the division by ``sum q_i / Q``; and
+    rounding the weights to integers (``|q_i - n_i Q / w| <= 1/2``) moves the weighted mean by at
+    most ``X * k / sum q_i``. Together: ``< (2c + X) k / sum q_i``.
+
+    ``max_abs_update=None`` means ``X = c``: the bound ``3 c k / sum q_i``, valid when every
+    coordinate of every update satisfies ``|x_i| <= c`` and ``n_i <= w`` (which also rules out
+    clipping). Being unclipped alone (``|x_i| <= c w / n_i``) does not make ``3 c k / sum q_i`` hold.
     """
     ns = [int(n) for n in num_examples]
     q = sum(round(n * quantization_range / max_weight) for n in ns)
     if not ns or q <= 0:
         return float("inf")
-    return 3.0 * clipping_range * len(ns) / q
+    x = clipping_range if max_abs_update is None else float(max_abs_update)
+    return (2.0 * clipping_range + x) * len(ns) / q
 
 
 # ------------------------------------------------------------------------------ what the server sees
@@ -219,55 +272,153 @@ class SecAggRound:
     halted: str = ""
     #: node id -> site name as far as known.
     names: dict[int, str] = field(default_factory=dict)
+    #: node id -> the audit-log receipt ({"audit-head", "audit-count"}) beside its masked vector.
+    receipts: dict[int, dict[str, Any]] = field(default_factory=dict)
+    #: node id -> summary of the masked vector received (how random it looks; kept for every round).
+    masked_stats: dict[int, dict[str, float]] = field(default_factory=dict)
 
 
 #: Called after every round with what the coordinator saw; tests use it, production leaves it None.
 RoundObserver = Callable[[SecAggRound], None]
 
 
-class _RecordingGrid(DelegatingGrid):
-    """Passes everything to ``inner``; notes each reply of one SecAgg+ stage in ``record``."""
+#: Records a masked-vector reply may hold: Flower's legacy FitRes records (the parameters record
+#: emptied by ``secaggplus_mod``), the SecAgg+ record and the node's audit receipt.
+FITRES_RECORDS = frozenset({"fitres.metrics", "fitres.num_examples", "fitres.parameters", "fitres.status"})
+RECEIPT_KEY = "receipt"
+MASKED_REPLY_RECORDS = FITRES_RECORDS | {RECORD_KEY_CONFIGS, RECEIPT_KEY}
 
-    def __init__(self, inner: Grid, record: SecAggRound, stage: str, keep_masked: bool) -> None:
+
+def check_masked_reply(content: RecordDict, *, shapes: list[tuple[int, ...]], modulus: int) -> list[np.ndarray]:
+    """The masked vectors of a collect-masked-vectors reply; :class:`ProtocolError` unless the
+    reply is exactly what the contract allows (masked integers of the model's shapes, the train
+    metrics of the allow-list, the receipt)."""
+    extra = sorted(set(content.keys()) - MASKED_REPLY_RECORDS)
+    missing = sorted((FITRES_RECORDS | {RECORD_KEY_CONFIGS}) - set(content.keys()))
+    if extra or missing:
+        raise ProtocolError(f"masked reply: unexpected records {extra}, missing {missing}")
+    configs = content.config_records[RECORD_KEY_CONFIGS]
+    raw = configs.get(Key.MASKED_PARAMETERS)
+    if set(configs.keys()) != {Key.MASKED_PARAMETERS} or not isinstance(raw, list) \
+            or not all(isinstance(b, bytes) for b in raw):
+        raise ProtocolError(f"masked reply: {RECORD_KEY_CONFIGS!r} must hold only the masked vectors")
+    want = [(1,), *shapes]  # the weight q_i first (factor_combine), then the model's arrays
+    try:
+        vectors = [bytes_to_ndarray(cast(bytes, b)) for b in raw]
+    except Exception as exc:  # noqa: BLE001 - any undecodable payload is a protocol violation
+        raise ProtocolError(f"masked reply: undecodable masked vector ({type(exc).__name__})") from None
+    if [tuple(v.shape) for v in vectors] != want:
+        raise ProtocolError("masked reply: masked vectors do not have the model's shapes")
+    for v in vectors:
+        if v.dtype.kind not in "iu" or (v.size and (int(v.min()) < 0 or int(v.max()) >= modulus)):
+            raise ProtocolError("masked reply: masked vectors must be integers in [0, modulus_range)")
+    if len(content.array_records["fitres.parameters"]) != 0:
+        raise ProtocolError("masked reply: carries unmasked arrays")
+    try:
+        fitres = compat.recorddict_to_fitres(content, keep_input=True)
+        metrics = MetricRecord(dict(fitres.metrics))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ProtocolError(f"masked reply: malformed train record ({exc})") from None
+    if metrics.get("num-examples") != fitres.num_examples:
+        raise ProtocolError("masked reply: num_examples differs from its metric 'num-examples'")
+    if RECEIPT_KEY in content:
+        check_receipt(content[RECEIPT_KEY])
+    # the update itself travels masked (it is checked when unmasked); here the rest of the reply
+    check_reply(RecordDict({ARRAYS_KEY: ArrayRecord(), METRICS_KEY: metrics}), kind="train", expected_shapes={})
+    return vectors
+
+
+def check_receipt(record: object) -> dict[str, Any]:
+    """The receipt (contract: ConfigRecord {"audit-head": 64 lowercase hex, "audit-count": int >= 1})."""
+    if not isinstance(record, ConfigRecord) or set(record.keys()) != {"audit-head", "audit-count"}:
+        raise ProtocolError("receipt must be a ConfigRecord holding exactly 'audit-head' and 'audit-count'")
+    head, count = record["audit-head"], record["audit-count"]
+    if not isinstance(head, str) or len(head) != 64 or any(ch not in "0123456789abcdef" for ch in head):
+        raise ProtocolError("receipt: 'audit-head' must be 64 lowercase hex characters")
+    if type(count) is not int or count < 1:
+        raise ProtocolError("receipt: 'audit-count' must be an integer >= 1")
+    return {"audit-head": head, "audit-count": count}
+
+
+def masked_stats(vectors: list[np.ndarray], *, quantization_range: int, modulus: int) -> dict[str, float]:
+    """How random a masked vector looks (the weight entry left out): an unmasked quantized update
+    lies in ``[0, Q]``, a masked one spreads uniformly over ``[0, modulus)``."""
+    flat = np.concatenate([np.ravel(v) for v in vectors[1:]]).astype(np.float64) if len(vectors) > 1 else np.zeros(0)
+    if not flat.size:
+        return {"values": 0.0}
+    return {"values": float(flat.size), "share_above_quantization_range": float(np.mean(flat > quantization_range)),
+            "mean_over_modulus": float(np.mean(flat) / modulus)}
+
+
+class _RecordingGrid(DelegatingGrid):
+    """Passes everything to ``inner``; notes each reply of one SecAgg+ stage in ``record``.
+
+    In the masked-vector stage every reply is checked (:func:`check_masked_reply`) before Flower's
+    workflow sees it: a malformed one becomes an error reply, i.e. a dropout (its pairwise masks
+    are then removed with the other hospitals' shares; its private mask never is).
+    """
+
+    def __init__(self, inner: Grid, record: SecAggRound, stage: str, keep_masked: bool,
+                 shapes: list[tuple[int, ...]], settings: SecAggSettings) -> None:
         super().__init__(inner)
         self._record = record
         self._stage = stage
         self._keep_masked = keep_masked
+        self._shapes = shapes
+        self._settings = settings
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
         replies = list(self._inner.send_and_receive(messages, timeout=timeout))
+        # ids are set on the requests when pushed; a SuperLink-made error is filed under its hospital
+        replies = attribute_superlink_errors(
+            replies, {m.metadata.message_id: m.metadata.dst_node_id for m in messages if m.metadata.message_id})
         answered = set()
-        for msg in replies:
+        for i, msg in enumerate(replies):
             node = msg.metadata.src_node_id
             answered.add(node)
+            if not msg.has_error() and self._stage == "collect_masked_vectors":
+                msg = replies[i] = self._screen_masked(msg)
             if msg.has_error():
                 self._record.failures.setdefault(
                     node, (self._stage, int(msg.error.code), msg.error.reason or f"error code {msg.error.code}"))
-            elif self._stage == "collect_masked_vectors":
-                self._note_masked(node, msg.content)
         for msg in messages:
             node = msg.metadata.dst_node_id
             if node not in answered:
                 self._record.failures.setdefault(node, (self._stage, -1, f"no reply within {timeout} s"))
         return replies
 
-    def _note_masked(self, node: int, content: RecordDict) -> None:
-        if self._keep_masked and RECORD_KEY_CONFIGS in content.config_records:
-            masked = content.config_records[RECORD_KEY_CONFIGS].get(Key.MASKED_PARAMETERS)
-            if isinstance(masked, list):
-                self._record.masked[node] = [bytes_to_ndarray(cast(bytes, b)) for b in masked]
+    def _screen_masked(self, msg: Message) -> Message:
+        node = msg.metadata.src_node_id
+        try:
+            vectors = check_masked_reply(msg.content, shapes=self._shapes, modulus=self._settings.modulus_range)
+        except ProtocolError as exc:
+            log.warning("round %d: masked reply of node %d dropped: %s", self._record.round, node, exc)
+            # the same reply (sender, ids), its content replaced by an error: a dropout for the workflow
+            return Message(error=Error(code=ERR_PROTOCOL, reason=f"rejected by the coordinator: {exc}"),
+                           metadata=copy.copy(msg.metadata))
+        if RECEIPT_KEY in msg.content:
+            self._record.receipts[node] = check_receipt(msg.content[RECEIPT_KEY])
+        self._record.masked_stats[node] = masked_stats(vectors, quantization_range=self._settings.quantization_range,
+                                                       modulus=self._settings.modulus_range)
+        if self._keep_masked:
+            self._record.masked[node] = vectors
+        return msg
 
 
 class FedradSecAggPlusWorkflow(SecAggPlusWorkflow):
     """Flower's SecAgg+ workflow, with each stage's replies noted and a floor on survivors.
 
     Unmasking reveals the sum of the survivors' updates; it is refused (the round keeps the
-    global model) when fewer than ``min_survivors`` hospitals sent a masked vector.
+    global model) when fewer than ``min_survivors`` (never below :data:`MIN_SURVIVORS`) hospitals
+    sent a masked vector. ``shapes``: the model's array shapes, in order (masked replies are
+    checked against them).
     """
 
     def __init__(self, settings: SecAggSettings, *, min_survivors: int, timeout: float | None,
-                 keep_masked: bool = False) -> None:
+                 shapes: list[tuple[int, ...]], keep_masked: bool = False) -> None:
+        if min_survivors < MIN_SURVIVORS:
+            raise ValueError(f"min_survivors must be >= {MIN_SURVIVORS} (got {min_survivors})")
         super().__init__(
             num_shares=3, reconstruction_threshold=2,  # placeholders; set per round by begin_round
             max_weight=settings.max_weight, clipping_range=settings.clipping_range,
@@ -276,11 +427,17 @@ class FedradSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.settings = settings
         self.min_survivors = min_survivors
         self.keep_masked = keep_masked
+        self.shapes = list(shapes)
         self.record = SecAggRound(round=0)
 
     def begin_round(self, server_round: int) -> SecAggRound:
         self.record = SecAggRound(round=server_round)
         return self.record
+
+    def skip_round(self, reason: str) -> None:
+        """Called by the strategy when the round cannot start (too few hospitals online)."""
+        self.record.halted = f"not started: {reason}"
+        log.warning("round %d: %s", self.record.round, self.record.halted)
 
     def set_sample_size(self, sampled: int) -> None:
         """Called by the strategy once it has sampled: fixes this round's share count and threshold."""
@@ -288,7 +445,7 @@ class FedradSecAggPlusWorkflow(SecAggPlusWorkflow):
         self.record.num_shares, self.record.threshold = int(self.num_shares), int(self.reconstruction_threshold)
 
     def _grid(self, grid: Grid, stage: str) -> Grid:
-        return _RecordingGrid(grid, self.record, stage, self.keep_masked)
+        return _RecordingGrid(grid, self.record, stage, self.keep_masked, self.shapes, self.settings)
 
     def setup_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
         ok = super().setup_stage(self._grid(grid, "setup"), context, state)
@@ -313,9 +470,10 @@ class FedradSecAggPlusWorkflow(SecAggPlusWorkflow):
         return ok
 
     def unmask_stage(self, grid: Grid, context: LegacyContext, state: WorkflowState) -> bool:
-        if len(state.active_node_ids) < self.min_survivors:
-            self.record.halted = (f"only {len(state.active_node_ids)} masked updates (< {self.min_survivors}); "
-                                  "not unmasked")
+        floor = max(self.min_survivors, MIN_SURVIVORS, int(state.threshold))
+        if len(state.active_node_ids) < floor:
+            self.record.halted = (f"only {len(state.active_node_ids)} masked updates (< {floor}: min_hospitals, "
+                                  f"the reconstruction threshold and the floor of {MIN_SURVIVORS}); not unmasked")
             log.warning("round %d: %s", self.record.round, self.record.halted)
             return False
         ok = super().unmask_stage(self._grid(grid, "unmask"), context, state)
@@ -332,10 +490,11 @@ class _SecAggStrategy(LegacyStrategy):
     """
 
     def __init__(self, *, study: StudyConfig, base_config: dict[str, Scalar],
-                 on_sampled: Callable[[int], None]) -> None:
+                 on_sampled: Callable[[int], None], on_skipped: Callable[[str], None]) -> None:
         self.study = study
         self.base_config = base_config
         self.on_sampled = on_sampled
+        self.on_skipped = on_skipped
         self.aggregate: list[np.ndarray] | None = None
 
     def __repr__(self) -> str:
@@ -347,10 +506,16 @@ class _SecAggStrategy(LegacyStrategy):
     def configure_fit(self, server_round: int, parameters: Parameters,
                       client_manager: ClientManager) -> list[tuple[ClientProxy, FitIns]]:
         fed = self.study.federation
-        available = client_manager.num_available()
-        size = min(max(int(available * fed.fraction_train), fed.min_hospitals, 3), max(available, 3))
-        clients = client_manager.sample(num_clients=size, min_num_clients=size)
         self.aggregate = None
+        available = client_manager.num_available()
+        size = max(int(available * fed.fraction_train), fed.min_hospitals, MIN_SURVIVORS)
+        # Bounded wait (Flower's own sample() would wait a day): a round short of hospitals is skipped.
+        if not client_manager.wait_for(size, timeout=int(max(1.0, min(fed.round_timeout_s, 600.0)))):
+            self.on_skipped(f"{client_manager.num_available()} hospitals online, the round needs {size} "
+                            f"(min_hospitals={fed.min_hospitals}; secure aggregation never sums fewer than "
+                            f"{MIN_SURVIVORS})")
+            return []
+        clients = client_manager.sample(num_clients=size, min_num_clients=size)
         if not clients:
             return []
         self.on_sampled(len(clients))
@@ -399,9 +564,12 @@ def _record_train_round(rec: SecAggRound, *, wiring: _Wiring, n: int) -> list[tu
         site = hist.site(name(node))
         site["secure_aggregation"] = "masked update" if node in rec.survivors else "not aggregated"
         try:
-            # the update itself travels masked (checked when unmasked): only its metrics are checked here
+            # already checked on receipt (check_masked_reply, which dropped bad replies); checked again
+            # here because what reaches the history must meet the contract whatever the path
             check_reply(RecordDict({ARRAYS_KEY: ArrayRecord(), METRICS_KEY: MetricRecord(metrics)}),  # type: ignore[arg-type]
                         kind="train", expected_shapes={})
+            if node in rec.receipts:
+                check_receipt(ConfigRecord(rec.receipts[node]))  # type: ignore[arg-type]
         except ProtocolError as exc:
             # The update is already inside the sum: it cannot be taken out, only flagged.
             site["status"] = f"metrics rejected: {exc}"
@@ -411,6 +579,8 @@ def _record_train_round(rec: SecAggRound, *, wiring: _Wiring, n: int) -> list[tu
             if key != "partition-id":
                 site["num_examples" if key == "num-examples" else key] = value
         site.setdefault("num_examples", num)
+        if node in rec.receipts:
+            site[RECEIPT_KEY] = dict(rec.receipts[node])
     problems = []
     for node, (stage, code, reason) in rec.failures.items():
         if node in rec.reports:
@@ -421,6 +591,29 @@ def _record_train_round(rec: SecAggRound, *, wiring: _Wiring, n: int) -> list[tu
         problems.append((name(node), code, reason))
         log.warning("round %d: %s %s at stage %s: %s", n, name(node), kind, stage, reason)
     return problems
+
+
+def _write_round_record(path: Path, rec: SecAggRound, *, n: int) -> None:
+    """Append round ``n`` to the run folder's ``secure-aggregation.json``: what the coordinator saw
+    of each hospital (a summary of its masked vector, never a vector) and what it unmasked."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        doc = {"rounds": []}
+    doc["rounds"] = [r for r in doc.get("rounds", []) if r.get("round") != n]
+    doc["rounds"].append({
+        "round": n,
+        "sampled": [rec.names.get(nd, f"node-{nd}") for nd in rec.sampled],
+        "num_shares": rec.num_shares, "threshold": rec.threshold,
+        "summed": [rec.names.get(nd, f"node-{nd}") for nd in rec.survivors],
+        "dropped": {rec.names.get(nd, f"node-{nd}"): f"{stage}: {reason}"
+                    for nd, (stage, _code, reason) in rec.failures.items() if nd not in rec.survivors},
+        "masked_vectors": {rec.names.get(nd, f"node-{nd}"): stats for nd, stats in rec.masked_stats.items()},
+        "unmasked": "the weighted mean of the summed hospitals' updates" if rec.aggregate is not None else "nothing",
+        "error_bound": rec.error_bound, "halted": rec.halted,
+    })
+    doc["rounds"].sort(key=lambda r: int(r["round"]))
+    atomic_write_text(path, json.dumps(doc, indent=1, sort_keys=True))
 
 
 def _merge_node_names(n: int, wiring: _Wiring) -> None:
@@ -458,7 +651,11 @@ def _federated_evaluate(grid: Grid, *, study: StudyConfig, model: torch.nn.Modul
         return
     all_nodes = list(grid.get_node_ids())
     size = max(int(len(all_nodes) * fed.fraction_evaluate), fed.min_hospitals)
-    node_ids, _ = sample_nodes(grid, fed.min_hospitals, size)
+    if len(all_nodes) < size:  # Flower's sample_nodes would wait for them without end
+        screen._fedrad.history.event(f"round {server_round + screen._fedrad.round_offset}: federated evaluation "
+                                     f"skipped ({len(all_nodes)} hospitals online, {size} needed)")
+        return
+    node_ids = random.sample(all_nodes, size)
     content = RecordDict({ARRAYS_KEY: ArrayRecord(model.state_dict()),
                           CONFIG_KEY: ConfigRecord({**config, "server-round": server_round})})
     msgs = [Message(content=content, message_type=MessageType.EVALUATE, dst_node_id=nid, group_id=str(server_round))
@@ -516,15 +713,20 @@ def run_secagg_study(
         history.save()
         reporter.round_finished(rec, history)
 
-    workflow = FedradSecAggPlusWorkflow(settings, min_survivors=max(fed.min_hospitals, 2),
-                                        timeout=fed.round_timeout_s, keep_masked=observer is not None)
-    strategy = _SecAggStrategy(study=study, base_config=config, on_sampled=workflow.set_sample_size)
+    workflow = FedradSecAggPlusWorkflow(settings, min_survivors=max(fed.min_hospitals, MIN_SURVIVORS),
+                                        timeout=fed.round_timeout_s, keep_masked=observer is not None,
+                                        shapes=[tuple(v.shape) for v in model.state_dict().values()])
+    strategy = _SecAggStrategy(study=study, base_config=config, on_sampled=workflow.set_sample_size,
+                               on_skipped=workflow.skip_round)
     legacy = LegacyContext(context, config=ServerConfig(num_rounds=fed.rounds - offset, round_timeout=fed.round_timeout_s),
                            strategy=strategy, client_manager=SimpleClientManager())
     reporter.study_started(name=fed.name, first_round=offset + 1, total_rounds=fed.rounds, hospitals=fed.num_hospitals)
     central_evaluate(offset, time.perf_counter())
+    shares, threshold = settings.shares_for(max(fed.num_hospitals, MIN_SURVIVORS))
     history.event(f"secure aggregation (SecAgg+): clipping_range={settings.clipping_range:g}, "
-                  f"quantization_range={settings.quantization_range}, max_weight={settings.max_weight:g}")
+                  f"quantization_range={settings.quantization_range}, max_weight={settings.max_weight:g}; "
+                  f"with all {fed.num_hospitals} hospitals sampled: {shares} shares, threshold {threshold}, "
+                  f"{shares - threshold} dropout(s) tolerated; never fewer than {MIN_SURVIVORS} updates unmasked")
     thread, f_stop, c_done = start_update_client_manager_thread(grid, legacy.client_manager)
     try:
         c_done.wait()
@@ -556,6 +758,7 @@ def run_secagg_study(
                 reason = rec.halted or why_not
                 history.event(f"round {n}: no secure aggregate ({reason}); global model kept")
                 log.warning("round %d: no secure aggregate (%s); global model kept", n, reason)
+            _write_round_record(run_dir / "secure-aggregation.json", rec, n=n)
             if observer is not None:
                 observer(rec)
             if not rec.reports and problems and all(code in REFUSALS for _, code, _ in problems):
