@@ -125,15 +125,6 @@ def test_cli_without_a_running_coordinator_says_how_to_start_it(prov: Path, caps
 
 
 
-def test_run_refuses_a_secure_aggregation_study_before_submitting(prov: Path, tmp_path: Path,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    study = tmp_path / "study.yaml"
-    study.write_text("secure_aggregation: {enabled: true}\n")
-    assert fedrad_main(["run", "--prov", str(prov), "--config", str(study)]) == FederationError.exit_code
-    err = capsys.readouterr().err
-    assert "simulation only" in err and "coordinator start" not in err  # refused before looking for a coordinator
-
-
 # -- TLS probe ------------------------------------------------------------------------------
 def _cert(ca_key: ec.EllipticCurvePrivateKey, ca: x509.Certificate, *, names: list[str], days: float
           ) -> tuple[bytes, bytes]:
