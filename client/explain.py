@@ -4,7 +4,13 @@ Two methods, torch only (Captum and MONAI would be new dependencies for ~60 line
 
 * :func:`grad_cam`: Grad-CAM (Selvaraju et al., 2017) on the last convolutional block
   (:func:`target_layer`): the block's activations weighted by the spatially averaged gradient of
-  the target class's logit, summed over channels, ReLU, upsampled (bilinear) to the image size.
+  the target class's score, summed over channels, ReLU, upsampled (bilinear) to the image size.
+  The score is the target's logit minus the mean logit (its evidence *against the other
+  classes*; for two classes, half the log-odds): with the raw logit, a quarter of a briefly
+  trained binary model's maps came out all zero (every channel weighted negatively).
+  A map can still be all zero: no region of the last block raises the class's score (typical of
+  a "normal" decision, whose evidence is the absence of findings). Such maps are returned as
+  zeros and marked on the contact sheet ("no positive evidence"), never rescaled into noise.
 * :func:`integrated_gradients`: integrated gradients (Sundararajan et al., 2017), midpoint Riemann
   sum over ``steps`` points; attributions satisfy completeness (they sum to
   logit(x) - logit(baseline), up to the quadrature error). The baseline is the image blurred
@@ -84,15 +90,18 @@ def grad_cam(model: nn.Module, images: np.ndarray | torch.Tensor, *, target: Seq
         with torch.enable_grad():
             logits = model(x)
             act = saved[-1]
-            score = logits.gather(1, t[:, None]).sum()
+            score = (logits.gather(1, t[:, None])[:, 0] - logits.mean(1)).sum()
             (grad,) = torch.autograd.grad(score, act)
     finally:
         handle.remove()
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * act).sum(dim=1, keepdim=True))
     cam = F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
-    peak = cam.flatten(1).max(1).values.clamp_min(1e-12)[:, None, None]
-    return (cam / peak).detach().numpy().astype(np.float32)
+    peak = cam.flatten(1).max(1).values
+    empty = int((peak <= 0).sum())
+    if empty:
+        log.info("Grad-CAM: %d of %d maps show no positive evidence at the last convolutional block", empty, len(x))
+    return (cam / peak.clamp_min(1e-12)[:, None, None]).detach().numpy().astype(np.float32)
 
 
 def blur(images: np.ndarray | torch.Tensor, *, sigma: float | None = None) -> torch.Tensor:
@@ -186,7 +195,8 @@ def write_contact_sheets(out_dir: Path, images: np.ndarray, maps: dict[str, np.n
             for c, (name, m) in enumerate(maps.items(), start=1):
                 axes[r][c].imshow(grey, cmap="gray", vmin=0, vmax=1)
                 axes[r][c].imshow(m[i], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-                axes[r][c].set_title(titles.get(name, name), fontsize=7)
+                empty = name == "gradcam" and float(np.max(m[i])) <= 0.0
+                axes[r][c].set_title(titles.get(name, name) + ("\n(no positive evidence)" if empty else ""), fontsize=7)
             for ax in axes[r]:
                 ax.set_xticks([])
                 ax.set_yticks([])

@@ -27,12 +27,12 @@ class Trained:
     test: ImageSplit
 
 
-def train_briefly(steps: int = 120, seed: int = 0) -> Trained:
+def train_briefly(steps: int = 120, seed: int = 0, lr: float = 1e-3) -> Trained:
     """A small CNN trained (no DP, Adam) for ``steps`` minibatches of real PneumoniaMNIST images."""
     splits = load_npz(bundled_path("data", "pneumoniamnist.npz"))
     torch.manual_seed(seed)
     model = build_model(MODEL["name"], in_channels=1, num_classes=2, image_size=28, options=MODEL["options"])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
     rng = np.random.default_rng(seed)
     train = splits["train"]
     model.train()
