@@ -106,11 +106,15 @@ def model_card(
         raise ModelError(f"model card: threshold must be in [0, 1] (got {threshold})")
     if (preprocess_settings is None) != (preprocess_hash is None):
         raise ModelError("model card: give both preprocess_settings and preprocess_hash, or neither")
+    if len(names) > 2:
+        thr, source = None, "argmax (more than two classes)"
+    elif threshold is None:
+        thr, source = DEFAULT_THRESHOLD, THRESHOLD_DEFAULT_SOURCE
+    else:
+        thr, source = float(threshold), threshold_source
     card = _card_from_study(study_dict, names)
     card = ModelCard(
-        **{**card.__dict__, "threshold": None if len(names) > 2 or threshold is None else float(threshold),
-           "threshold_source": threshold_source if threshold is not None and len(names) == 2 else
-           ("argmax (more than two classes)" if len(names) > 2 else THRESHOLD_DEFAULT_SOURCE),
+        **{**card.__dict__, "threshold": thr, "threshold_source": source,
            "weights_sha256": state_dict_sha256(state_dict) if state_dict is not None else None,
            "preprocess": dict(preprocess_settings) if preprocess_settings is not None else None,
            "preprocess_hash": preprocess_hash, "study_id": study_id, "legacy": False},

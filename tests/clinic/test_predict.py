@@ -186,3 +186,11 @@ def test_predict_on_an_npz_split_matches_evaluate(trained: Trained, tmp_path: Pa
     got = json.loads((tmp_path / "p" / "metrics.json").read_text())
     assert got["auc"] == pytest.approx(ev.summary.auc) and got["confusion"] == ev.confusion.tolist()
     assert _rows(tmp_path / "p" / "predictions.csv")[0]["image_id"] == "test:0"
+
+
+def test_a_card_without_a_chosen_threshold_says_so() -> None:
+    card = read_model_card({"state_dict": {}, "model_card": model_card(study_dict=study_dict(), class_names=CLASSES,
+                                                                        threshold=None)})
+    assert card.threshold == 0.5 and "default" in card.threshold_source
+    three = model_card(study_dict=study_dict(), class_names=["a", "b", "c"], threshold=0.4)
+    assert three["threshold"] is None and "argmax" in three["threshold_source"]

@@ -163,3 +163,34 @@ def test_report_renders_in_a_headless_browser(run_dir: Path, tmp_path: Path) -> 
 
     pixels = mpimg.imread(shot)
     assert pixels.shape[0] >= 1000 and float(pixels[..., :3].std()) > 0.05
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_quick_start_simulate_then_report_then_predict_on_converted_dicom(tmp_path: Path) -> None:
+    """The README's quick start, shrunk: a simulated study, its report, then the model at a hospital."""
+    from fedrad import bundled_path
+    from fedrad.client.cmd_predict import main as node_main
+    from fedrad.client.dicom.convert import convert_npz_to_dicom
+    from fedrad.server.cli import main as coordinator_main
+
+    study = {"federation": {"name": "quick", "num_hospitals": 2, "rounds": 1, "min_hospitals": 1, "seed": 2},
+             "model": MODEL, "data": {"class_names": CLASSES, "max_train_per_hospital": 128,
+                                      "max_val_per_hospital": 32, "max_test": 64},
+             "training": {"batch_size": 32, "device": "cpu", "num_threads": 1}}
+    cfg = tmp_path / "study.yaml"
+    cfg.write_text(yaml.safe_dump(study), encoding="utf-8")
+    run = tmp_path / "run"
+    assert coordinator_main(["simulate", "--config", str(cfg), "--out", str(run)]) in (0, 1)
+
+    assert main([str(run)]) == 0
+    doc = _parse(run / "report.html")
+    assert set(doc.ids) == SECTION_IDS
+    part = (run / "report.md").read_text(encoding="utf-8").split("## What the coordinator saw", 1)[1]
+    assert "the hospital's audit log" in part
+
+    convert_npz_to_dicom(bundled_path("data", "pneumoniamnist.npz"), tmp_path / "sites", num_hospitals=1,
+                         max_images_per_hospital=40)
+    assert node_main(["predict", "--model", str(run / "model.pt"), "--root", str(tmp_path / "sites" / "hospital-1"),
+                      "--labels", "labels.csv", "--out", str(tmp_path / "pred"), "--workers", "1"]) == 0
+    assert (tmp_path / "pred" / "metrics.json").is_file() and (tmp_path / "pred" / "roc.png").is_file()
