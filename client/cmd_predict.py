@@ -105,7 +105,7 @@ def run_predict_cmd(args: argparse.Namespace) -> int:
 
 
 def run_explain_cmd(args: argparse.Namespace) -> int:
-    from .explain import METHODS, Explained, explain_images, write_contact_sheets
+    from .explain import METHODS, PER_PAGE, Explained, explain_images, write_contact_sheets
     from .predict import check_compatible, decide
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
@@ -140,7 +140,7 @@ def run_explain_cmd(args: argparse.Namespace) -> int:
         w.writerow(["image_id", "explained_class", "probability", "true_label", "sheet"])
         for n, it in enumerate(items):
             w.writerow([it.image_id, card.class_names[it.target], f"{it.probability:.6f}",
-                        "" if it.true_label is None else card.class_names[it.true_label], pages[n // 8].name])
+                        "" if it.true_label is None else card.class_names[it.true_label], pages[n // PER_PAGE].name])
     console.print(f"explained {len(items)} images ({', '.join(methods)}); sheets (this machine only): "
                   + ", ".join(str(p) for p in pages))
     return 0

@@ -31,10 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from fedrad.common.datasets import load_npz
+from fedrad.common.datasets import ImageSplit, load_npz
 from fedrad.common.errors import DataError, ModelError
 from fedrad.common.evaluation import predict_proba
-from fedrad.common.datasets import ImageSplit
 from fedrad.common.metrics import auc_from_scores, confusion_matrix, summarise
 from fedrad.common.model_card import ModelCard, check_weights, read_model_card
 from fedrad.common.models import build_model
