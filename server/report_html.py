@@ -40,6 +40,8 @@ NR = "not recorded"
 #: Metric names a hospital sends after evaluation (everything else it reports comes with training).
 EVAL_NAMES = frozenset({"val_examples", "val_loss", "auc", "accuracy", "sensitivity", "specificity", "f1",
                         "confusion", "histograms", "val_epsilon", "val_epsilon_budget"})
+#: What the coordinator records about a reply, not a statistic the hospital sent.
+NOT_SENT = frozenset({"status", "receipt", "audit-head", "audit-count", "audit_head", "audit_count"})
 LR_FIGURES = ("learning-rate.png", "lr.png", "lr-sweep.png", "sweep.png")
 
 
@@ -367,9 +369,14 @@ def study_section(run: RunFolder) -> Section:
         ["fedrad package (sha256)", fmt(_get(gov, "software", "fedrad_package_sha256"))],
         ["app bundle (sha256)", fmt(_get(gov, "software", "app_bundle_sha256") or "none (simulation)" if gov else None)],
         ["final model weights (sha256)", fmt(_get(gov, "model", "sha256"))],
+        ["operating threshold", fmt(run.metrics.get("threshold", _get(run.metrics, "global_test", "threshold")))],
         ["Flower / torch / Opacus", " / ".join(fmt(_get(gov, "software", k)) for k in
                                              ("flwr_version", "torch_version", "opacus_version"))],
     ]
+    for key in ("model_pt", "best_round", "best_model", "final_model", "model"):  # which model model.pt is
+        if run.metrics.get(key) is not None:
+            value = run.metrics[key]
+            rows.append([key.replace("_", " "), fmt(value if not isinstance(value, (dict, list)) else json.dumps(value))])
     s.blocks.append(Table(["", ""], rows))
     return s
 
@@ -399,20 +406,21 @@ def privacy_section(run: RunFolder) -> Section:
         last: dict[str, Any] = {}
         for r in run.rounds:
             h = (r.get("hospitals") or {}).get(name) or {}
-            for k in ("epsilon", "epsilon_budget", "study_epsilon", "study_epsilon_budget", "delta", "noise_multiplier"):
+            for k in ("epsilon", "epsilon_budget", "study_epsilon", "study_epsilon_budget", "val_epsilon", "delta",
+                      "noise_multiplier"):
                 if h.get(k) is not None:
                     last[k] = h[k]
         priv = (run.metrics.get("privacy") or {}).get(name) or {}
         eps = last.get("epsilon", priv.get("epsilon"))
         budget = last.get("epsilon_budget", priv.get("budget"))
         rows.append([name, fmt(eps), fmt(budget), fmt(last.get("study_epsilon")), fmt(last.get("study_epsilon_budget")),
-                     fmt(last.get("delta"), 7), fmt(last.get("noise_multiplier"))])
+                     fmt(last.get("val_epsilon")), fmt(last.get("delta"), 7), fmt(last.get("noise_multiplier"))])
         fig_rows.append((name, eps, budget, last.get("study_epsilon"), last.get("study_epsilon_budget")))
     s.blocks.append("Epsilon is cumulative, as each hospital's own privacy ledger reports it: the dataset's "
                     "lifetime account against its lifetime budget, and this study's own account against the "
                     "study's budget.")
     s.blocks.append(Table(["hospital", "lifetime epsilon", "lifetime budget", "study epsilon", "study budget",
-                           "delta", "last noise multiplier"], rows))
+                           "validation epsilon", "delta", "last noise multiplier"], rows))
     if (f := privacy_figure(fig_rows)) is not None:
         s.blocks.append(f)
     return s
@@ -494,14 +502,36 @@ def coordinator_saw_section(run: RunFolder) -> Section:
         for r in run.rounds:
             h = (r.get("hospitals") or {}).get(name) or {}
             for k in h:
-                if k != "status":
+                if k not in NOT_SENT:
                     seen["evaluate" if k in EVAL_NAMES else "train"].add(k)
         for kind, keys in seen.items():
             if keys:
                 rows.append([name, kind, NR, "model weights" if kind == "train" else "none", ", ".join(sorted(keys)),
                              NR, "the coordinator's records (metrics.json)"])
     s.blocks.append(Table(["hospital", "reply", "messages", "arrays", "statistics", "bytes sent", "source"], rows))
+    receipts = [[name, head, count] for name in run.hospitals() for head, count in [_last_receipt(run, name)] if head]
+    if receipts:
+        s.blocks.append("Each reply carried the hospital's audit-log head (a receipt anchoring its audit log off "
+                        "the node); the last one per hospital:")
+        s.blocks.append(Table(["hospital", "audit head", "audit entries"], receipts))
     return s
+
+
+def _last_receipt(run: RunFolder, name: str) -> tuple[str, str]:
+    """The last audit-log receipt the coordinator recorded for ``name`` (governance, else metrics.json)."""
+    for h in run.governance.get("hospitals") or []:
+        if isinstance(h, dict) and h.get("name") == name:
+            for key in ("last_receipt", "receipt"):
+                r = h.get(key)
+                if isinstance(r, dict) and (r.get("audit-head") or r.get("audit_head")):
+                    return str(r.get("audit-head") or r.get("audit_head")), fmt(r.get("audit-count", r.get("audit_count")))
+    for r in reversed(run.rounds):
+        h = (r.get("hospitals") or {}).get(name) or {}
+        rec = h.get("receipt") if isinstance(h.get("receipt"), dict) else h
+        head = rec.get("audit-head") or rec.get("audit_head")
+        if head:
+            return str(head), fmt(rec.get("audit-count", rec.get("audit_count")))
+    return "", ""
 
 
 def events_section(run: RunFolder) -> Section:

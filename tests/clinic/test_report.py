@@ -79,8 +79,9 @@ def run_dir(trained: Trained, tmp_path_factory: pytest.TempPathFactory) -> Path:
         for k, name in enumerate(("hospital-1", "hospital-2")):
             site = rec.site(name)
             site.update({"num_examples": 300 + 10 * k, "epsilon": 1.5 * n, "epsilon_budget": 8.0, "delta": 1e-5,
-                         "noise_multiplier": 1.1, "steps": 5, "val_examples": 60, "epsilon_budget_val": None})
-            site.pop("epsilon_budget_val")
+                         "study_epsilon": 1.25 * n, "study_epsilon_budget": 4.0, "val_epsilon": 0.5 * n,
+                         "noise_multiplier": 1.1, "steps": 5, "val_examples": 60,
+                         "receipt": {"audit-head": f"{n}{k}" * 32, "audit-count": 2 * n}})
         rec.pooled = {"auc": 0.8 + 0.05 * n, "sensitivity": 0.9, "specificity": 0.5 + 0.1 * n, "num_examples": 120}
         rec.global_test = {"loss": 0.7 - 0.1 * n, "auc": 0.85, "sensitivity": 0.9, "specificity": 0.6}
         rec.aggregated = True
@@ -127,6 +128,15 @@ def test_what_the_coordinator_saw_lists_each_hospitals_statistics(run_dir: Path)
     part = md.split("## What the coordinator saw", 1)[1].split("## Events", 1)[0]
     assert "| hospital-1 | train |" in part and "| hospital-2 | evaluate |" in part
     assert "noise_multiplier" in part and "val_examples" in part
+    assert "receipt" not in part.split("| hospital | reply |", 1)[1].split("\n\n", 1)[0]  # not a statistic
+    assert "| hospital-2 | " + "21" * 32 + " | 4 |" in part  # the last receipt per hospital
+
+
+def test_privacy_shows_both_budgets_and_the_validation_account(run_dir: Path) -> None:
+    build_report(run_dir)
+    md = (run_dir / "report.md").read_text(encoding="utf-8")
+    part = md.split("## Privacy", 1)[1].split("## Loss", 1)[0]
+    assert "| hospital-1 | 3.000 | 8.000 | 2.500 | 4.000 | 1.000 |" in part
 
 
 def test_a_sparse_metrics_file_reads_not_recorded_everywhere(tmp_path: Path) -> None:
