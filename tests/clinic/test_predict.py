@@ -194,3 +194,18 @@ def test_a_card_without_a_chosen_threshold_says_so() -> None:
     assert card.threshold == 0.5 and "default" in card.threshold_source
     three = model_card(study_dict=study_dict(), class_names=["a", "b", "c"], threshold=0.4)
     assert three["threshold"] is None and "argmax" in three["threshold_source"]
+
+
+def test_explain_takes_the_hashed_ids_of_predictions_csv(trained: Trained, hospital: Path, tmp_path: Path) -> None:
+    model_pt = save_model(tmp_path / "model.pt", trained.model)
+    assert main(["predict", "--model", str(model_pt), "--root", str(hospital), "--labels", "labels.csv",
+                 "--out", str(tmp_path / "p"), "--workers", "1"]) == 0
+    ids = [r["image_id"] for r in _rows(tmp_path / "p" / "predictions.csv")][:3]
+
+    rc = main(["explain", "--model", str(model_pt), "--root", str(hospital), "--labels", "labels.csv",
+               "--ids", ",".join(ids), "--methods", "gradcam", "--out", str(tmp_path / "ex"), "--workers", "1"])
+
+    assert rc == 0
+    rows = _rows(tmp_path / "ex" / "explained.csv")
+    assert [r["image_id"] for r in rows] == ids and all(r["true_label"] in CLASSES for r in rows)
+    assert (tmp_path / "ex" / "explain-01.png").stat().st_size > 5000
