@@ -47,11 +47,9 @@ def _flat(model: nn.Module) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
 
 
-@pytest.mark.parametrize("n", [1, 7, 63, 64, 65, 127, 500, 1000, 1023, 4097, 5952])
-@pytest.mark.parametrize("b", [1, 16, 64, 100])
+@pytest.mark.parametrize(("n", "b"), [(1, 1), (7, 16), (63, 64), (64, 64), (65, 64), (127, 16), (1000, 64),
+                                      (1023, 100), (4097, 128), (5952, 64), (5952, 100), (9999, 333)])
 def test_the_plan_reserves_exactly_the_steps_the_loop_takes(tmp_path: Path, n: int, b: int) -> None:
-    if n * math.ceil(n / b) > 200_000:  # keep the loop cheap; the plan itself is checked for every pair below
-        b = max(b, n // 8)
     ledger = PrivacyLedger.open(tmp_path / "l.json", budget_epsilon=1e6, delta=1e-5, dataset_id="d")
     training = TrainingConfig(batch_size=b, lr=0.01, momentum=0.0, device="cpu")
     privacy = PrivacyConfig(noise_multiplier=1.0, max_grad_norm=1.0, grad_sample_mode="hooks")
