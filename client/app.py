@@ -300,7 +300,7 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
     policy = site.policy
     req.policy_version = policy.version() if policy else ""
     if policy is not None:  # the hospital's static rules, before anything is read from its data or written
-        check_study(policy=policy, study=study)
+        check_study(policy=policy, study=study, secure_aggregation=secure_aggregation)
     model = _model(study, site, msg)
     priv = study.privacy
     ledger = _open_ledger(site, priv)

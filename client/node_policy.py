@@ -65,12 +65,14 @@ def _study_epsilon(ledger: PrivacyLedger, study_id: str, plan: RoundPlan, accoun
     return epsilon_for(history=hist, delta=delta or ledger.delta, accountant=ledger.accountant)
 
 
-def check_study(*, policy: NodePolicy, study: StudyConfig) -> None:
+def check_study(*, policy: NodePolicy, study: StudyConfig, secure_aggregation: bool | None = None) -> None:
     """The rules a study must meet before the node does anything for it (train **or** evaluate).
 
     Raises :class:`PolicyViolation`; needs no ledger or plan (those are checked by :func:`check_request`).
+    ``secure_aggregation``: whether the reply leaves masked (default: what the study says).
     """
-    _check_static(policy, study, secure_aggregation=study.secure_aggregation.enabled)
+    _check_static(policy, study, secure_aggregation=study.secure_aggregation.enabled if secure_aggregation is None
+                  else secure_aggregation)
     priv = study.privacy
     if priv.enabled:
         _check_dp_settings(policy, study)
