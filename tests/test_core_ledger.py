@@ -335,3 +335,25 @@ def test_open_rejects_bad_arguments(tmp_path: Path, kw: dict) -> None:
     with pytest.raises(PrivacyError):
         _open(tmp_path / "l.json", **kw)
     assert not (tmp_path / "l.json").exists()
+
+
+def test_ledger_show_reports_accounts_studies_and_released_size(tmp_path: Path, capsys) -> None:
+    from fedrad.client.cli import main as node_main
+    from fedrad.client.ledger import StudyTurn
+
+    path = tmp_path / "ledger.json"
+    led = _open(path)
+    led.release_size(value=99, noise_multiplier=8.0)
+    led.reserve(**WORK, study="k" * 64, round=1,
+                turn=StudyTurn(key="k" * 64, name="demo", kind="train", planned_rounds=3, planned_evaluations=4,
+                               expect_done=0))
+    led.reserve(noise_multiplier=2.0, sample_rate=1.0, steps=1, study="k" * 64, round=1, account="val")
+
+    rc = node_main(["ledger", "show", str(path), "--json"])
+
+    out = json.loads(capsys.readouterr().out)
+    assert rc == 0
+    assert out["released_size"] == 99 and out["epsilon"] > 0 and out["epsilon_val"] > 0
+    assert out["studies"][0]["train_rounds"] == 1 and out["studies"][0]["planned_rounds"] == 3
+    assert node_main(["ledger", "show", str(path)]) == 0
+    assert "demo" in capsys.readouterr().out
