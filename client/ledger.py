@@ -105,7 +105,9 @@ class PrivacyLedger:
         """Open (or create) the ledger at ``path`` for a site with the given budget.
 
         ``delta`` and ``accountant``: the node's own settings, at which every epsilon is evaluated
-        (a change is recorded and logged; the stored history is delta-free, so this is sound).
+        (a change is logged and recorded with the next reservation; the stored history is
+        delta-free, so this is sound). Opening an existing ledger writes nothing (a version-1
+        ledger excepted: it is migrated), so a request refused afterwards leaves the file as it was.
         """
         if not budget_epsilon > 0:
             raise PrivacyError(f"budget_epsilon must be > 0, got {budget_epsilon!r}")
@@ -122,14 +124,12 @@ class PrivacyLedger:
                         f"{p}: ledger was opened with dataset_id={data.get('dataset_id')!r} but this work asks for "
                         f"{dataset_id!r}; a ledger accounts for one dataset"
                     )
-                changed = migrated
                 for key, want in (("budget_epsilon", budget_epsilon), ("delta", delta), ("accountant", accountant)):
-                    if data.get(key) != want:
+                    if data.get(key) != want:  # in force for this handle; written with its next reservation
                         log.warning("ledger %s: %s changed from %s to %s by the node's configuration",
                                     p.name, key, data.get(key), want)
                         data[key] = want
-                        changed = True
-                if changed:
+                if migrated:  # never lose what a version-1 ledger holds
                     atomic_write_json(p, data)
             else:
                 data = {

@@ -202,10 +202,11 @@ def test_delta_and_accountant_follow_the_node_and_re_evaluate_the_same_history(t
     _open(path).reserve(**WORK, study="s", round=1)
 
     led = _open(path, **change)
+    led.reserve(**WORK, study="s", round=2)
 
     args = {"delta": DELTA, "accountant": "rdp", **change}
-    assert led.history == [(1.0, 0.1, 20)]
-    assert led.spent() == pytest.approx(epsilon_for(history=[(1.0, 0.1, 20)], **args), rel=1e-9)
+    assert led.history == [(1.0, 0.1, 20)] * 2
+    assert led.spent() == pytest.approx(epsilon_for(history=[(1.0, 0.1, 20)] * 2, **args), rel=1e-9)
     assert json.loads(path.read_text())[next(iter(change))] == next(iter(change.values()))
 
 
@@ -291,7 +292,9 @@ def test_budget_change_is_accepted_and_persisted(tmp_path: Path) -> None:
     led = _open(path, budget_epsilon=4.0)
 
     assert led.budget == 4.0
-    assert json.loads(path.read_text())["budget_epsilon"] == 4.0
+    assert json.loads(path.read_text())["budget_epsilon"] == 8.0  # opening writes nothing ...
+    led.reserve(noise_multiplier=2.0, sample_rate=0.1, steps=5, study="s", round=1)
+    assert json.loads(path.read_text())["budget_epsilon"] == 4.0  # ... the next reservation records it
 
 
 def test_keyword_only_arguments(tmp_path: Path) -> None:
