@@ -197,6 +197,9 @@ def _next_turn(ledger: PrivacyLedger, study: StudyConfig, site: Site, *, key: st
     """The node's next round (``kind="train"``) or evaluation of the study, from its own record;
     refuses a new study beyond the policy's ``max_studies`` and a study whose turns are used up,
     before anything is written."""
+    if ledger.study(key) is None:  # a study begun before the ledger's version 2: its rounds are the node's
+        ledger.adopt_legacy(key=key, legacy_id=study.fingerprint()[:16], name=study.federation.name,
+                            planned_rounds=study.federation.rounds, planned_evaluations=site.planned_evaluations(study))
     rec: StudyRecord | None = ledger.study(key)
     max_studies = site.policy.max_studies if site.policy is not None else None
     if rec is None and max_studies is not None and len(ledger.studies) >= max_studies:

@@ -352,6 +352,34 @@ class PrivacyLedger:
         log.info("ledger %s: training-set size released once (noise multiplier %g)", self.path.name, noise_multiplier)
         return Reservation(before, after, self.budget, float(noise_multiplier), 1.0, 1)
 
+    def adopt_legacy(self, *, key: str, legacy_id: str, name: str, planned_rounds: int,
+                     planned_evaluations: int) -> int:
+        """A ledger migrated from version 1 holds a study's rounds under the coordinator's study id
+        (``fingerprint()[:16]``): on the study's first request after the upgrade, its entries are
+        re-keyed to the study's content key and its record starts at the rounds already trained,
+        so the upgrade gives no fresh per-study budget. Returns the rounds adopted (0: nothing to do)."""
+        with locked(self.path):
+            self._reload()
+            if not self._data.get("migrated_from_v1") or key in self._data["studies"]:
+                return 0
+            matched = [e for e in self._data["entries"] if e.get("account", "train") == "train"
+                       and e["study"] == legacy_id]
+            if not matched:
+                return 0
+            for e in matched:
+                e["study"], e["legacy_study"] = key, legacy_id
+            rounds = min(int(planned_rounds), len({int(e["round"]) for e in matched}))
+            self._data["studies"][key] = {
+                "name": name, "planned_rounds": int(planned_rounds), "planned_evaluations": int(planned_evaluations),
+                "train_rounds": rounds, "evaluations": 0, "first_seen": min(float(e.get("time") or time.time())
+                                                                             for e in matched),
+                "adopted_from_v1": legacy_id,
+            }
+            atomic_write_json(self.path, self._data)
+        log.warning("ledger %s: study %s adopted from the version-1 ledger (%d rounds already trained)",
+                    self.path.name, key[:16], rounds)
+        return rounds
+
     def _check_turn(self, turn: StudyTurn) -> None:
         """(Lock held, freshly reloaded.) Refuse a turn the node's own record does not allow."""
         studies = self._data["studies"]

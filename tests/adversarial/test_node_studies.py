@@ -122,3 +122,31 @@ def test_study_key_ignores_only_cosmetic_fields() -> None:
     for over in ({"federation": {"rounds": 3}}, {"privacy": {"epsilon": 4.0}}, {"training": {"lr": 0.5}},
                  {"model": {"name": "resnet"}}):
         assert study_key(study(**over)) != study_key(base), over
+
+
+def test_a_study_begun_before_the_upgrade_keeps_its_rounds(tmp_path: Path) -> None:
+    """A version-1 ledger holds the study's rounds under the coordinator's old study id; after the
+    upgrade the node adopts them: no fresh rounds, no fresh per-study budget."""
+    import json
+
+    from fedrad.client.site import simulated_site
+
+    s = study(federation={"rounds": 2}, privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-5,
+                                                 "noise_multiplier": 1.0})
+    site = simulated_site(s, partition_id=0, num_partitions=3, state_dir=tmp_path)
+    legacy = s.fingerprint()[:16]
+    v1 = {"version": 1, "budget_epsilon": 8.0, "delta": 1e-5, "accountant": "rdp", "dataset_id": site.dataset_id,
+          "history": [[1.0, 0.25, 4]],
+          "entries": [{"time": 1.0, "study": legacy, "round": 1, "noise_multiplier": 1.0, "sample_rate": 0.25,
+                       "steps": 4, "epsilon_before": 0.0, "epsilon_after": 1.0}], "created": 1.0}
+    site.ledger_path.parent.mkdir(parents=True)
+    site.ledger_path.write_text(json.dumps(v1), encoding="utf-8")
+
+    second = _train(s, tmp_path, server_round=2, study_id=legacy)
+    third = _train(s, tmp_path, server_round=2, study_id=legacy)
+
+    assert not second.has_error(), second.error.reason
+    assert second.content["metrics"]["round"] == 2  # round 1 was trained before the upgrade
+    assert third.has_error() and third.error.code == ERR_BUDGET
+    ledger = PrivacyLedger.load(site.ledger_path)
+    assert len([h for h in ledger.history_of(study_key(s)) if h == (1.0, 0.25, 4)]) == 1  # counted for the study
