@@ -121,3 +121,19 @@ def test_histogram_noise_has_the_calibrated_scale() -> None:
     assert abs(diff.mean()) < 0.05
     assert diff.std() == pytest.approx(sigma * math.sqrt(c), rel=0.03)
     assert noisy.dtype == np.int64 and (gaussian_histograms(np.zeros((2, 2, 50)), noise_multiplier=3.0) >= 0).all()
+
+
+def test_a_non_dp_study_the_policy_allows_gets_exact_histograms_and_is_still_counted(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text("policy:\n  require_dp: false\n  min_hospitals: 1\n")
+    s = study(privacy={"enabled": False}, simulation={"node_policy": str(policy)})
+    state = tmp_path / "state"
+
+    reply = client_app.evaluate_global(message(s, "evaluate", state), sim_context())
+
+    assert not reply.has_error(), reply.error.reason
+    metrics = reply.content["metrics"]
+    assert metrics["num-examples"] == 32 and sum(metrics["histograms"]) == 2 * 32  # exact: one count per class slice
+    assert "epsilon" not in metrics and metrics["round"] == 1
+    ledger = sim_ledger(state)
+    assert ledger["entries"] == [] and next(iter(ledger["studies"].values()))["evaluations"] == 1
