@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,11 +44,6 @@ class RoundPlan:
     steps: int
     #: The DP optimiser's divisor: sample rate x released size (data-independent). 0 for evaluations.
     expected_batch_size: float = 0.0
-
-
-def os_seed() -> int:
-    """64 bits from the operating system's entropy source (never from anything the coordinator sent)."""
-    return int.from_bytes(os.urandom(8), "little")
 
 
 def released_size(*, ledger: PrivacyLedger, true_size: int, seed: int | None = None) -> int:
