@@ -206,7 +206,8 @@ def _next_turn(ledger: PrivacyLedger, study: StudyConfig, site: Site, *, key: st
         raise PolicyViolation("max_studies", f"this dataset already served {len(ledger.studies)} distinct studies, "
                               f"policy allows {max_studies}; a new study is refused")
     planned_rounds = rec.planned_rounds if rec else study.federation.rounds
-    planned_evals = rec.planned_evaluations if rec else site.planned_evaluations(study)
+    # node.yaml may lower the evaluation allowance later; it is never raised past the record
+    planned_evals = min(rec.planned_evaluations, site.planned_evaluations(study)) if rec else site.planned_evaluations(study)
     done = (rec.train_rounds if kind == "train" else rec.evaluations) if rec else 0
     planned = planned_rounds if kind == "train" else planned_evals
     if done >= planned:
