@@ -207,7 +207,9 @@ def _next_turn(ledger: PrivacyLedger, study: StudyConfig, site: Site, *, key: st
                               f"policy allows {max_studies}; a new study is refused")
     planned_rounds = rec.planned_rounds if rec else study.federation.rounds
     # node.yaml may lower the evaluation allowance later; it is never raised past the record
-    planned_evals = min(rec.planned_evaluations, site.planned_evaluations(study)) if rec else site.planned_evaluations(study)
+    planned_evals = site.planned_evaluations(study)
+    if rec:
+        planned_evals = min(rec.planned_evaluations, planned_evals)
     done = (rec.train_rounds if kind == "train" else rec.evaluations) if rec else 0
     planned = planned_rounds if kind == "train" else planned_evals
     if done >= planned:
