@@ -104,3 +104,18 @@ def test_kit_builds_a_working_simulated_and_deployed_node(tmp_path: Path, monkey
     assert not sim.has_error(), sim.error.reason if sim.has_error() else None
     assert not dep.has_error(), dep.error.reason if dep.has_error() else None
     assert (node_yaml.parent / "state" / "privacy-ledger.json").exists()
+
+
+def test_node_yaml_audit_key_defaults_beside_it_and_is_refused_inside_the_state_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fedrad.client.node_config import load_node_config
+    from fedrad.common.errors import ConfigError
+
+    node_yaml, _ = deployed_node(tmp_path / "a", monkeypatch)
+    assert load_node_config(node_yaml).audit.key_file == node_yaml.parent / "audit.key"
+
+    bad_yaml, _ = deployed_node(tmp_path / "b", monkeypatch, audit={"key_file": "state/audit.key"})
+    with pytest.raises(ConfigError) as err:
+        load_node_config(bad_yaml)
+    assert "audit.key_file" in str(err.value) and "state" in str(err.value)
