@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from .errors import ProtocolError
@@ -139,6 +140,12 @@ def check_reply(
         bad = sorted(k for k in got if got[k] != tuple(expected_shapes[k]))
         if bad:
             raise ProtocolError(f"train reply: arrays with wrong shapes: {bad}")
+        for name, arr in sorted(arrays.items()):
+            nd = arr.numpy()
+            if nd.dtype != np.float32:
+                raise ProtocolError(f"train reply: array {name!r} is {nd.dtype}, not float32")
+            if not np.isfinite(nd).all():
+                raise ProtocolError(f"train reply: array {name!r} holds non-finite values")
     for name in names - {RECEIPT_KEY}:
         if isinstance(content[name], ConfigRecord):
             raise ProtocolError(f"{kind} reply: config records may not leave a hospital ({name!r})")

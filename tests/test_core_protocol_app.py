@@ -316,3 +316,18 @@ def test_malformed_requests_get_protocol_errors(tmp_path: Path) -> None:
 def test_scalar_metrics_may_not_be_lists(kind: str, content: RecordDict) -> None:
     with pytest.raises(ProtocolError):
         check_reply(content, kind=kind, expected_shapes=SHAPES if kind == "train" else None)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"w": torch.full((3, 4), float("nan")), "b": torch.zeros(3)}, "non-finite"),
+        ({"w": torch.zeros(3, 4), "b": torch.tensor([0.0, float("inf"), 0.0])}, "non-finite"),
+        ({"w": torch.zeros(3, 4, dtype=torch.float16), "b": torch.zeros(3)}, "float32"),
+        ({"w": torch.zeros(3, 4, dtype=torch.int64), "b": torch.zeros(3)}, "float32"),
+    ],
+)
+def test_the_node_never_sends_garbage_weights(arrays: dict, match: str) -> None:
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 10, "round": 1})})
+    with pytest.raises(ProtocolError, match=match):
+        check_reply(content, kind="train", expected_shapes=SHAPES)
