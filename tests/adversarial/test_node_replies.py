@@ -118,7 +118,7 @@ def test_histogram_noise_has_the_calibrated_scale() -> None:
     noisy = gaussian_histograms(big, noise_multiplier=sigma)
 
     diff = (noisy - big).astype(np.float64)
-    assert abs(diff.mean()) < 0.05
+    assert abs(diff.mean()) < 0.1
     assert diff.std() == pytest.approx(sigma * math.sqrt(c), rel=0.03)
     assert noisy.dtype == np.int64 and (gaussian_histograms(np.zeros((2, 2, 50)), noise_multiplier=3.0) >= 0).all()
 

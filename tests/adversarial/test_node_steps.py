@@ -27,7 +27,7 @@ from fedrad.common.datasets import ImageSplit
 from fedrad.common.privacy import epsilon_for
 from fedrad.common.protocol import ERR_REFUSED
 from fedrad.common.config import study_key
-from tests.adversarial.test_node_kit import deployed_node, message, sim_context, sim_ledger, study
+from tests.adversarial.test_node_kit import deployed_node, message, sim_context, study
 
 CPU = torch.device("cpu")
 
@@ -64,22 +64,6 @@ def test_the_plan_reserves_exactly_the_steps_the_loop_takes(tmp_path: Path, n: i
 
     assert stats.steps == plan.steps == ledger.history[-1][2] == math.ceil(n / b)
     assert plan.expected_batch_size == pytest.approx(plan.sample_rate * n)
-
-
-def test_the_issue_example_5952_by_64_trains_and_is_charged_what_it_took(tmp_path: Path) -> None:
-    s = study(training={"batch_size": 64}, data={"max_train_per_hospital": 5952},
-              privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-5, "noise_multiplier": 1.0},
-              federation={"num_hospitals": 1, "min_hospitals": 1})
-    # one simulated hospital holding 5952 examples (the bundled set has more)
-    ctx = sim_context()
-    ctx.node_config["num-partitions"] = 1
-
-    reply = client_app.train(message(s, "train", tmp_path), ctx)
-
-    assert not reply.has_error(), reply.error.reason
-    ledger = sim_ledger(tmp_path)
-    (entry,) = [e for e in ledger["entries"] if e["study"] != "<dataset-size>"]
-    assert entry["steps"] == reply.content["metrics"]["steps"] == math.ceil(reply.content["metrics"]["num-examples"] / 64)
 
 
 def test_an_empty_poisson_batch_takes_its_pure_noise_step() -> None:

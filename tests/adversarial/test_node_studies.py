@@ -136,9 +136,9 @@ def test_a_study_begun_before_the_upgrade_keeps_its_rounds(tmp_path: Path) -> No
     site = simulated_site(s, partition_id=0, num_partitions=3, state_dir=tmp_path)
     legacy = s.fingerprint()[:16]
     v1 = {"version": 1, "budget_epsilon": 8.0, "delta": 1e-5, "accountant": "rdp", "dataset_id": site.dataset_id,
-          "history": [[1.0, 0.25, 4]],
-          "entries": [{"time": 1.0, "study": legacy, "round": 1, "noise_multiplier": 1.0, "sample_rate": 0.25,
-                       "steps": 4, "epsilon_before": 0.0, "epsilon_after": 1.0}], "created": 1.0}
+          "history": [[1.0, 0.3, 7]],
+          "entries": [{"time": 1.0, "study": legacy, "round": 1, "noise_multiplier": 1.0, "sample_rate": 0.3,
+                       "steps": 7, "epsilon_before": 0.0, "epsilon_after": 1.0}], "created": 1.0}
     site.ledger_path.parent.mkdir(parents=True)
     site.ledger_path.write_text(json.dumps(v1), encoding="utf-8")
 
@@ -149,4 +149,4 @@ def test_a_study_begun_before_the_upgrade_keeps_its_rounds(tmp_path: Path) -> No
     assert second.content["metrics"]["round"] == 2  # round 1 was trained before the upgrade
     assert third.has_error() and third.error.code == ERR_BUDGET
     ledger = PrivacyLedger.load(site.ledger_path)
-    assert len([h for h in ledger.history_of(study_key(s)) if h == (1.0, 0.25, 4)]) == 1  # counted for the study
+    assert ledger.history_of(study_key(s)).count((1.0, 0.3, 7)) == 1  # the old round counts for the study
