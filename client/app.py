@@ -15,6 +15,11 @@ coordinator's message beyond the study it describes and the global weights. So:
 * a train reply carries the weights and data-independent or DP-released numbers (the training
   set's size only as its DP-released value); an evaluate reply carries only DP-released score
   histograms; each evaluation is charged to the ledger's validation account before release;
+* order of checks: the node policy's static rules, the model's fit, the study record (a new study
+  beyond ``max_studies``, a study whose turns are used up) refuse before anything is written; the
+  one-off size release comes next (charged, stored), then the budget rules and the reservation.
+  A budget refusal after the size release leaves it released: its numbers may appear in the
+  refusal, and it is never re-drawn;
 * every reply, refusal and failure is recorded in the node's audit log, and a reply carries the
   log's head as a receipt.
 """
