@@ -1,27 +1,51 @@
-"""The hospital's Flower ClientApp (message API): local DP training and local evaluation.
+"""The hospital's Flower ClientApp (message API): local DP training and DP evaluation.
 
 The same app runs in simulation and in deployment. Everything that leaves goes through
 :func:`fedrad.common.protocol.check_reply`.
+
+What the node trusts (the threat model): its own configuration and its own ledger, never the
+coordinator's message beyond the study it describes and the global weights. So:
+
+* the study's identity is the hash of its content (:func:`fedrad.common.config.study_key`), and
+  round and evaluation numbers are the node's own counts from its ledger (``server-round``,
+  ``total-rounds``, ``round-offset``, ``study-id`` in the message are only logged when they
+  disagree); a study's rounds and evaluations are refused once used up;
+* all DP randomness comes from OS entropy (``simulation.reproducible_randomness`` excepted, in
+  simulation only; a deployed node refuses a study that sets it);
+* a train reply carries the weights and data-independent or DP-released numbers (the training
+  set's size only as its DP-released value); an evaluate reply carries only DP-released score
+  histograms; each evaluation is charged to the ledger's validation account before release;
+* order of checks: the node policy's static rules, the model's fit, the study record (a new study
+  beyond ``max_studies``, a study whose turns are used up) refuse before anything is written; the
+  one-off size release comes next (charged, stored), then the budget rules and the reservation.
+  A budget refusal after the size release leaves it released: its numbers may appear in the
+  refusal, and it is never re-drawn;
+* every reply, refusal and failure is recorded in the node's audit log, and a reply carries the
+  log's head as a receipt.
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from flwr.app import ArrayRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedrad.common.config import PrivacyConfig, StudyConfig, study_from_json
+from fedrad.common.config import PrivacyConfig, StudyConfig, study_from_json, study_key
 from fedrad.common.device import resolve_device
 from fedrad.common.errors import BudgetExceededError, FedradError, PolicyViolation, ProtocolError
 from fedrad.common.evaluation import evaluate
+from fedrad.common.metrics import HIST_BINS
 from fedrad.common.models import build_model
 from fedrad.common.protocol import (
     ARRAYS_KEY,
@@ -31,14 +55,16 @@ from fedrad.common.protocol import (
     ERR_PROTOCOL,
     ERR_REFUSED,
     METRICS_KEY,
+    RECEIPT_KEY,
+    check_receipt,
     check_reply,
 )
 
 from .audit_log import AuditLog
 from .gate import require_gate, task_age
-from .ledger import PrivacyLedger
+from .ledger import PrivacyLedger, StudyRecord, StudyTurn
 from .node_policy import check_request, check_study
-from .privacy import plan_round, reserve_round
+from .privacy import gaussian_histograms, plan_evaluation, plan_round, released_size, reserve_round, study_delta
 from .site import Site, simulated_site
 from .train import train_local
 from .warm import WARM_TASK_ENV
@@ -47,17 +73,18 @@ log = logging.getLogger(__name__)
 
 app = ClientApp()
 
+#: The study field that makes a simulation's DP randomness reproducible (refused by a deployed node).
+REPRODUCIBLE_FIELD = "simulation.reproducible_randomness"
 
-def _study_and_round(msg: Message) -> tuple[StudyConfig, int, int, str, dict[str, object]]:
+
+def _request(msg: Message) -> tuple[StudyConfig, dict[str, object]]:
+    """The study the coordinator asks for, and the rest of its config record (never trusted for limits)."""
     if CONFIG_KEY not in msg.content:
         raise ProtocolError("message has no 'config' record")
     cfg = msg.content[CONFIG_KEY]
-    for key in ("study", "server-round", "total-rounds", "study-id"):
-        if key not in cfg:
-            raise ProtocolError(f"message config lacks {key!r}")
-    study = study_from_json(str(cfg["study"]))
-    server_round = int(cfg["server-round"]) + int(cfg.get("round-offset", 0))  # type: ignore[arg-type]
-    return study, server_round, int(cfg["total-rounds"]), str(cfg["study-id"]), dict(cfg)
+    if "study" not in cfg:
+        raise ProtocolError("message config lacks 'study'")
+    return study_from_json(str(cfg["study"])), dict(cfg)
 
 
 def _site(context: Context, study: StudyConfig, cfg: dict[str, object]) -> Site:
@@ -117,8 +144,36 @@ def error_code(exc: Exception) -> int:
 
 def _open_ledger(site: Site, privacy: PrivacyConfig) -> PrivacyLedger:
     epsilon, delta = site.ledger_budget(privacy)
-    return PrivacyLedger.open(site.ledger_path, budget_epsilon=epsilon, delta=delta, accountant=privacy.accountant,
-                              dataset_id=site.dataset_id)
+    return PrivacyLedger.open(site.ledger_path, budget_epsilon=epsilon, delta=delta,
+                              accountant=site.ledger_accountant(privacy), dataset_id=site.dataset_id)
+
+
+def _check_randomness(study: StudyConfig, site: Site) -> None:
+    """A deployed node never lets the coordinator fix its DP randomness."""
+    if study.simulation.reproducible_randomness and site.partition_id is None:
+        raise PolicyViolation(REPRODUCIBLE_FIELD, "the study asks for reproducible (seeded) DP randomness; a "
+                              "deployed node draws its noise, sampling and augmentation from OS entropy only")
+
+
+def _seed(study: StudyConfig, site: Site, turn: int, stream: int) -> int | None:
+    """None (OS entropy), or in a simulation with the explicit switch a seed from the study's seed,
+    the node's own turn number and the partition."""
+    if not study.simulation.reproducible_randomness or site.partition_id is None:
+        return None
+    return (study.federation.seed * 100_003 + turn * 1009 + site.partition_id) * 4 + stream
+
+
+def _log_claims(cfg: dict[str, object], *, key: str, kind: str, turn: int, planned: int) -> None:
+    """The coordinator's own numbers are never used; a disagreement is worth a line in the node's log."""
+    try:
+        claimed = int(cfg.get("server-round", turn)) + int(cfg.get("round-offset", 0))  # type: ignore[arg-type]
+        total = int(cfg.get("total-rounds", planned))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        claimed, total = -1, -1
+    sid = str(cfg.get("study-id", key[:16]))
+    if claimed != turn or (kind == "train" and total != planned) or not key.startswith(sid):
+        log.info("%s request: coordinator says study %s round %s/%s; the node's record says study %s %s %d/%d "
+                 "(the node's record is used)", kind, sid[:16], claimed, total, key[:16], kind, turn, planned)
 
 
 @dataclass
@@ -130,15 +185,69 @@ class _Request:
     round: int = 0
     policy_version: str = ""
     epsilon_before: float | None = None
+    stats: dict[str, float] | None = None
 
 
-def _audit(req: _Request, *, kind: str, content: RecordDict | None, epsilon_after: float | None, outcome: str) -> None:
+@dataclass
+class _Turn:
+    """The node's own view of a study's next round or evaluation."""
+
+    key: str
+    number: int
+    planned: int
+    turn: StudyTurn
+
+
+def _next_turn(ledger: PrivacyLedger, study: StudyConfig, site: Site, *, key: str, kind: str) -> _Turn:
+    """The node's next round (``kind="train"``) or evaluation of the study, from its own record;
+    refuses a new study beyond the policy's ``max_studies`` and a study whose turns are used up,
+    before anything is written."""
+    if ledger.study(key) is None:  # a study begun before the ledger's version 2: its rounds are the node's
+        ledger.adopt_legacy(key=key, legacy_id=study.fingerprint()[:16], name=study.federation.name,
+                            planned_rounds=study.federation.rounds, planned_evaluations=site.planned_evaluations(study))
+    rec: StudyRecord | None = ledger.study(key)
+    max_studies = site.policy.max_studies if site.policy is not None else None
+    if rec is None and max_studies is not None and len(ledger.studies) >= max_studies:
+        raise PolicyViolation("max_studies", f"this dataset already served {len(ledger.studies)} distinct studies, "
+                              f"policy allows {max_studies}; a new study is refused")
+    planned_rounds = rec.planned_rounds if rec else study.federation.rounds
+    # node.yaml may lower the evaluation allowance later; it is never raised past the record
+    planned_evals = site.planned_evaluations(study)
+    if rec:
+        planned_evals = min(rec.planned_evaluations, planned_evals)
+    done = (rec.train_rounds if kind == "train" else rec.evaluations) if rec else 0
+    planned = planned_rounds if kind == "train" else planned_evals
+    if done >= planned:
+        what = "rounds" if kind == "train" else "evaluations"
+        raise BudgetExceededError(f"study {key[:16]} has had all its {planned} {what} on this node; refused")
+    turn = StudyTurn(key=key, name=study.federation.name, kind="train" if kind == "train" else "evaluate",
+                     planned_rounds=planned_rounds, planned_evaluations=planned_evals, expect_done=done,
+                     max_studies=max_studies)
+    return _Turn(key, done + 1, planned, turn)
+
+
+def _audit_log(site: Site) -> Any:
+    """The site's audit log, keyed where :class:`AuditLog` supports a key file."""
+    if "key_file" in inspect.signature(AuditLog).parameters:
+        return AuditLog(site.audit_path, key_file=site.audit_key_file)  # type: ignore[call-arg]
+    return AuditLog(site.audit_path)
+
+
+def _audit(req: _Request, *, kind: str, content: RecordDict | None, epsilon_after: float | None, outcome: str) -> Any:
     if req.site is None:
-        return  # the request never got as far as naming a site: nothing of the site's was touched
-    AuditLog(req.site.audit_path).append(
+        return None  # the request never got as far as naming a site: nothing of the site's was touched
+    return _audit_log(req.site).append(
         study=req.study_id, round=req.round, kind=kind, content=content, epsilon_before=req.epsilon_before,
         epsilon_after=epsilon_after, policy_version=req.policy_version, outcome=outcome,
     )
+
+
+def _refusal(kind: str, req: _Request, msg: Message, *, code: int, reason: str, outcome: str) -> Message:
+    try:
+        _audit(req, kind=kind, content=None, epsilon_after=req.epsilon_before, outcome=outcome)
+    except Exception:  # noqa: BLE001 - the refusal still goes out; the log says why it is not audited
+        log.exception("%s refusal could not be recorded in the audit log", kind)
+    return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
 def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], msg: Message, context: Context) -> Message:
@@ -148,15 +257,29 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
         reply = body(msg, context, req)
     except FedradError as exc:
         log.warning("%s request refused: %s", kind, exc)
-        _audit(req, kind=kind, content=None, epsilon_after=req.epsilon_before, outcome=f"refused: {exc}")
-        return Message(Error(code=error_code(exc), reason=f"{type(exc).__name__}: {exc}"), reply_to=msg)
+        return _refusal(kind, req, msg, code=error_code(exc), reason=f"{type(exc).__name__}: {exc}",
+                        outcome=f"refused: {exc}")
+    except Exception as exc:  # noqa: BLE001 - a node-side failure is audited and answered, never a silent crash
+        log.exception("%s request failed on the node", kind)
+        return _refusal(kind, req, msg, code=ERR_REFUSED, outcome=f"failed: {type(exc).__name__}",
+                        reason=f"{type(exc).__name__}: the node failed on this request (see the node's log)")
     metrics = reply.content[METRICS_KEY]
-    _audit(req, kind=kind, content=reply.content, epsilon_after=metrics.get("epsilon"), outcome="sent")  # type: ignore[arg-type]
+    try:
+        head = _audit(req, kind=kind, content=reply.content, epsilon_after=metrics.get("epsilon"),  # type: ignore[arg-type]
+                      outcome="sent")
+    except Exception as exc:  # noqa: BLE001 - nothing leaves unaudited
+        log.exception("%s reply not sent: the audit log could not record it", kind)
+        return Message(Error(code=ERR_REFUSED, reason=f"{type(exc).__name__}: the node could not audit its reply; "
+                             "nothing sent"), reply_to=msg)
+    if hasattr(head, "head") and hasattr(head, "count"):
+        receipt = ConfigRecord({"audit-head": str(head.head), "audit-count": int(head.count)})
+        check_receipt(receipt)
+        reply.content[RECEIPT_KEY] = receipt
     age = task_age()
     if age is not None:  # deployment: where a task's time goes (process start and imports vs. the work)
         log.info("%s task (%s start): %.2fs in fedrad (train %.2fs), %.2fs since the task process started", kind,
                  "warm" if os.environ.get(WARM_TASK_ENV) else "cold", time.monotonic() - started,
-                 float(metrics.get("train_seconds", 0.0)), age)  # type: ignore[arg-type]
+                 (req.stats or {}).get("seconds", 0.0), age)
     return reply
 
 
@@ -175,40 +298,56 @@ def train_reply(msg: Message, context: Context, *, secure_aggregation: bool = Fa
 
 
 def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation: bool = False) -> Message:
-    study, server_round, total_rounds, study_id, cfg = _study_and_round(msg)
-    req.study_id, req.round = study_id, server_round
+    study, cfg = _request(msg)
+    key = study_key(study)
+    req.study_id = key[:16]
     if study.secure_aggregation.enabled and not secure_aggregation:
         raise ProtocolError("the study asks for secure aggregation but this request came without it; "
                             "the update would leave unmasked")
     _threads(study)
     site = req.site = _site(context, study, cfg)
     require_gate(context=context)  # deployment: only behind the node's app-approval gate (no-op in simulation)
+    _check_randomness(study, site)
     policy = site.policy
     req.policy_version = policy.version() if policy else ""
+    if policy is not None:  # the hospital's static rules, before anything is read from its data or written
+        check_study(policy=policy, study=study, secure_aggregation=secure_aggregation)
     model = _model(study, site, msg)
     priv = study.privacy
-    metrics: dict[str, float | int] = {"num-examples": len(site.data.train)}
+    ledger = _open_ledger(site, priv)
+    nxt = _next_turn(ledger, study, site, key=key, kind="train")
+    req.round = nxt.number
+    _log_claims(cfg, key=key, kind="train", turn=nxt.number, planned=nxt.planned)
+    metrics: dict[str, float | int] = {"round": nxt.number}
     sigma: float | None = None
-    if not priv.enabled and policy is not None:
-        check_request(policy=policy, study=study, study_id=study_id, ledger=None, plan=None,
-                      secure_aggregation=secure_aggregation)
+    plan = None
     if priv.enabled:
-        ledger = _open_ledger(site, priv)
         req.epsilon_before = ledger.spent()
+        n_released = released_size(ledger=ledger, true_size=len(site.data.train),
+                                   seed=_seed(study, site, 0, 3))
+        sdelta = study_delta(ledger=ledger, privacy=priv)
         plan = plan_round(
-            ledger=ledger, privacy=priv, training=study.training, num_examples=len(site.data.train),
-            server_round=server_round, total_rounds=total_rounds, study_id=study_id,
+            ledger=ledger, privacy=priv, training=study.training, num_examples=n_released,
+            server_round=nxt.number, total_rounds=nxt.planned, study_id=key, study_delta=sdelta,
         )
         if policy is not None:  # the hospital's own limits, checked before anything is spent or trained
-            check_request(policy=policy, study=study, study_id=study_id, ledger=ledger, plan=plan,
-                          secure_aggregation=secure_aggregation)
-        reservation = reserve_round(ledger=ledger, plan=plan, study_id=study_id, server_round=server_round,
-                                    study_budget=priv.epsilon)
+            check_request(policy=policy, study=study, study_id=key, ledger=ledger, plan=plan,
+                          secure_aggregation=secure_aggregation, study_delta=sdelta)
+        reservation = reserve_round(ledger=ledger, plan=plan, study_id=key, server_round=nxt.number,
+                                    study_budget=priv.epsilon, study_delta=sdelta, turn=nxt.turn)
         sigma = plan.noise_multiplier
-        metrics.update(
-            epsilon=reservation.epsilon_after, epsilon_budget=reservation.budget, delta=priv.delta,
-            noise_multiplier=sigma, max_grad_norm=priv.max_grad_norm, sample_rate=plan.sample_rate,
-        )
+        metrics.update({
+            "num-examples": n_released, "epsilon": reservation.epsilon_after, "epsilon_budget": reservation.budget,
+            "study_epsilon": float(reservation.study_epsilon or 0.0), "study_epsilon_budget": priv.epsilon,
+            "delta": ledger.delta, "noise_multiplier": sigma, "max_grad_norm": priv.max_grad_norm,
+            "sample_rate": plan.sample_rate,
+        })
+    else:  # a non-DP study (only where the node policy allows it): nothing here is protected
+        if policy is not None:
+            check_request(policy=policy, study=study, study_id=key, ledger=None, plan=None,
+                          secure_aggregation=secure_aggregation)
+        ledger.count_turn(nxt.turn)
+        metrics["num-examples"] = len(site.data.train)
     device = resolve_device(study.training.device)
     stats = train_local(
         model=model,
@@ -218,16 +357,22 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
         privacy=priv,
         noise_multiplier=sigma,
         device=device,
-        seed=study.federation.seed * 100_003 + server_round * 1009 + (site.partition_id or 0),
+        seed=_seed(study, site, nxt.number, 0),
+        sample_rate=plan.sample_rate if plan else None,
+        steps=plan.steps if plan else None,
+        expected_batch_size=plan.expected_batch_size if plan else None,
     )
-    metrics.update(train_loss=stats.train_loss, steps=stats.steps, train_seconds=stats.seconds)
+    req.stats = {"seconds": stats.seconds}
+    metrics["steps"] = stats.steps
     if site.partition_id is not None:
         metrics["partition-id"] = site.partition_id
     content = RecordDict(
         {ARRAYS_KEY: ArrayRecord(model.cpu().state_dict()), METRICS_KEY: MetricRecord(metrics)}
     )
     check_reply(content, kind="train", expected_shapes=_shapes(model))
-    log.info("%s round %d: trained %d steps, loss %.4f", site.name, server_round, stats.steps, stats.train_loss)
+    # loss and time stay here, in the node's own log (they are not DP-protected)
+    log.info("%s study %s round %d/%d: trained %d steps, loss %.4f, %.2fs", site.name, key[:16], nxt.number,
+             nxt.planned, stats.steps, stats.train_loss, stats.seconds)
     return Message(content=content, reply_to=msg)
 
 
@@ -237,38 +382,56 @@ def evaluate_global(msg: Message, context: Context) -> Message:
 
 
 def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
-    study, server_round, _total, study_id, cfg = _study_and_round(msg)
-    req.study_id, req.round = study_id, server_round
+    study, cfg = _request(msg)
+    key = study_key(study)
+    req.study_id = key[:16]
     _threads(study)
     site = req.site = _site(context, study, cfg)
     require_gate(context=context)  # deployment: only behind the node's app-approval gate (no-op in simulation)
+    _check_randomness(study, site)
     policy = site.policy
     req.policy_version = policy.version() if policy else ""
-    if policy is not None:  # a study the hospital would not train for gets no metrics from its data either
+    if policy is not None:  # a study the hospital would not train for gets nothing from its data either
         check_study(policy=policy, study=study)
     model = _model(study, site, msg)
+    priv = study.privacy
+    ledger = _open_ledger(site, priv)
+    nxt = _next_turn(ledger, study, site, key=key, kind="evaluate")
+    req.round = nxt.number
+    _log_claims(cfg, key=key, kind="evaluate", turn=nxt.number, planned=nxt.planned)
+    metrics: dict[str, float | int | list[int]] = {"round": nxt.number}
+    sigma: float | None = None
+    if priv.enabled:
+        req.epsilon_before = ledger.spent("val")
+        sdelta = study_delta(ledger=ledger, privacy=priv)
+        plan = plan_evaluation(ledger=ledger, privacy=priv, evaluation=nxt.number, planned_evaluations=nxt.planned,
+                               study_id=key, study_delta=sdelta)
+        if policy is not None:
+            check_request(policy=policy, study=study, study_id=key, ledger=ledger, plan=plan,
+                          secure_aggregation=study.secure_aggregation.enabled, account="val", study_delta=sdelta)
+        # charged before anything is computed from the validation data
+        reservation = reserve_round(ledger=ledger, plan=plan, study_id=key, server_round=nxt.number,
+                                    study_budget=priv.epsilon, account="val", study_delta=sdelta, turn=nxt.turn)
+        sigma = plan.noise_multiplier
+        metrics.update(epsilon=reservation.epsilon_after, epsilon_budget=reservation.budget)
+    else:  # a non-DP study (only where the node policy allows it): exact counts
+        if policy is not None:
+            check_request(policy=policy, study=study, study_id=key, ledger=None, plan=None,
+                          secure_aggregation=study.secure_aggregation.enabled)
+        ledger.count_turn(nxt.turn)
     stats = evaluate(model, site.data.val, device=resolve_device(study.training.device),
                      batch_size=study.training.eval_batch_size)
-    s = stats.summary
-    metrics: dict[str, float | int | list[int]] = {
-        "num-examples": stats.num_examples,
-        "val_loss": stats.loss,
-        # NaN (e.g. the AUC of a one-class validation set) is sent as NaN, never invented.
-        "auc": s.auc,
-        "accuracy": s.accuracy,
-        "sensitivity": s.sensitivity,
-        "specificity": s.specificity,
-        "f1": s.f1,
-        "confusion": stats.confusion.reshape(-1).astype(int).tolist(),
-        "histograms": stats.histograms.reshape(-1).astype(int).tolist(),
-    }
-    if study.privacy.enabled and site.ledger_path.exists():
-        ledger = _open_ledger(site, study.privacy)
-        metrics["epsilon"] = req.epsilon_before = ledger.spent()
-        metrics["epsilon_budget"] = ledger.budget
+    hist = np.asarray(stats.histograms, dtype=np.int64)
+    if stats.num_examples == 0:  # an empty validation set answers like any other (noise only, with DP)
+        hist = np.zeros((site.data.num_classes, 2, HIST_BINS), dtype=np.int64)
+    if sigma is not None:
+        hist = gaussian_histograms(hist, noise_multiplier=sigma, seed=_seed(study, site, nxt.number, 1))
+    metrics["histograms"] = hist.reshape(-1).astype(int).tolist()
+    metrics["num-examples"] = int(hist[0].sum())  # every example counts once in class 0's two slices
     if site.partition_id is not None:
         metrics["partition-id"] = site.partition_id
     content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
     check_reply(content, kind="evaluate", num_classes=site.data.num_classes)
+    log.info("%s study %s evaluation %d/%d: %d examples, loss %.4f (sent: histograms only%s)", site.name, key[:16],
+             nxt.number, nxt.planned, stats.num_examples, stats.loss, ", DP-noised" if sigma is not None else "")
     return Message(content=content, reply_to=msg)
-

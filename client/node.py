@@ -48,8 +48,8 @@ def load_site(node: NodeConfig, *, channels: int, image_size: int, class_names: 
         raise DataError(f"{node.data.path}: the node's data ({node.data.source}) does not exist")
     data = _site_data(node.data.source, node.data.path, channels, image_size, class_names)
     return Site(name=node.site, data=data, ledger_path=node.ledger_path, dataset_id=dataset_fingerprint(data),
-                budget=(node.privacy.epsilon, node.privacy.delta),
-                policy=node.policy)
+                budget=(node.privacy.epsilon, node.privacy.delta), accountant=node.privacy.accountant,
+                policy=node.policy, max_evaluations=node.evaluation.max_per_study, audit_key=node.audit.key_file)
 
 
 def deployed_site(context: Context, study: StudyConfig) -> Site:

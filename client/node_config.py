@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Literal
 
 from fedrad.common.config import load_yaml_model
+from fedrad.common.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field
 
 from .approval import AppApprovalSettings
@@ -31,7 +32,25 @@ class NodePrivacy(_Frozen):
     #: The dataset's lifetime budget, composed over every study that trains on it (each study is
     #: also held to the epsilon it asks for). The default matches the node policy's lifetime limit.
     epsilon: float = Field(20.0, gt=0, description="this dataset's lifetime budget, owned by the hospital")
+    #: The node's delta: every epsilon on this node's ledger is evaluated at it (a study asking for
+    #: a larger delta is held to this one; a study asking for a smaller one gets its own epsilon
+    #: evaluated at its smaller delta).
     delta: float = Field(1e-5, gt=0, lt=1)
+    #: The node's accountant (both are sound; the ledger's history can be evaluated with either).
+    accountant: Literal["rdp", "prv"] = "rdp"
+
+
+class NodeEvaluation(_Frozen):
+    #: Evaluations (noisy histogram releases) a study may have on this node. None: the study's
+    #: rounds + 1. A smaller number gives each release less noise (the study's budget is shared
+    #: by fewer of them).
+    max_per_study: int | None = Field(None, ge=1)
+
+
+class NodeAudit(_Frozen):
+    #: The key of the node's HMAC-chained audit log. None: ``audit.key`` beside node.yaml. It may
+    #: not live inside ``state_dir`` (whoever can rewrite the state folder must not hold the key).
+    key_file: Path | None = None
 
 
 class NodeConfig(_Frozen):
@@ -61,6 +80,8 @@ class NodeConfig(_Frozen):
     #: Which coordinator apps (FABs) may run on this node: by default only those on the node's
     #: allow-list (``fedrad-node apps approve``).
     apps: AppApprovalSettings = Field(default_factory=AppApprovalSettings)
+    evaluation: NodeEvaluation = Field(default_factory=NodeEvaluation)
+    audit: NodeAudit = Field(default_factory=NodeAudit)
 
     @property
     def ledger_path(self) -> Path:
@@ -75,10 +96,16 @@ def load_node_config(path: str | Path) -> NodeConfig:
     def rel(x: Path | None) -> Path | None:
         return None if x is None else (x if x.is_absolute() else (base / x).resolve())
 
+    state_dir = rel(cfg.state_dir)
+    key_file = rel(cfg.audit.key_file) or (base / "audit.key")
+    assert state_dir is not None
+    if key_file.resolve().is_relative_to(state_dir.resolve()):
+        raise ConfigError(str(p), [f"{p}: audit.key_file: must not be inside state_dir {state_dir} (got {str(key_file)!r})"])
     return cfg.model_copy(update={
         "root_certificates": rel(cfg.root_certificates),
         "auth_private_key": rel(cfg.auth_private_key),
         "auth_public_key": rel(cfg.auth_public_key),
-        "state_dir": rel(cfg.state_dir),
+        "state_dir": state_dir,
         "data": cfg.data.model_copy(update={"path": rel(cfg.data.path)}),
+        "audit": cfg.audit.model_copy(update={"key_file": key_file}),
     })

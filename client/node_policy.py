@@ -1,7 +1,7 @@
 """The hospital's node policy: limits the coordinator cannot override.
 
 A policy is the hospital's own YAML file (standalone, or under a ``policy:`` key). Every training
-request is checked against it **before** any local training starts; a request outside it is
+and evaluation request is checked against it **before** any local training starts; a request outside it is
 refused with a reply naming the rule it broke, and the node keeps running. DP is enforced by the
 node: a study that asks for no privacy, or weaker privacy than the policy allows, is refused.
 """
@@ -19,7 +19,7 @@ from fedrad.common.errors import PolicyViolation
 from fedrad.common.models import MODELS
 from fedrad.common.privacy import epsilon_for
 
-from .ledger import PrivacyLedger
+from .ledger import Account, PrivacyLedger
 from .privacy import RoundPlan
 
 
@@ -37,6 +37,9 @@ class NodePolicy(BaseModel):
     allowed_models: tuple[str, ...] = ("cnn", "resnet", "resnet18")
     min_hospitals: int = Field(2, ge=1, description="fewest hospitals an aggregation may use")
     require_secure_aggregation: bool = False
+    #: Distinct studies (by content, :func:`fedrad.common.config.study_key`) that may ever train on or
+    #: evaluate this dataset; a new study beyond it is refused (code 4003) before anything is written.
+    max_studies: int = Field(10, ge=1)
 
     @field_validator("allowed_models")
     @classmethod
@@ -56,17 +59,20 @@ def load_policy(path: str | Path) -> NodePolicy:
     return load_yaml_model(path, NodePolicy, section="policy")
 
 
-def _study_epsilon(ledger: PrivacyLedger, study_id: str, plan: RoundPlan) -> float:
-    hist = [*ledger.history_of(study_id), (plan.noise_multiplier, plan.sample_rate, plan.steps)]
-    return epsilon_for(history=hist, delta=ledger.delta, accountant=ledger.accountant)
+def _study_epsilon(ledger: PrivacyLedger, study_id: str, plan: RoundPlan, account: Account,
+                   delta: float | None) -> float:
+    hist = [*ledger.history_of(study_id, account), (plan.noise_multiplier, plan.sample_rate, plan.steps)]
+    return epsilon_for(history=hist, delta=delta or ledger.delta, accountant=ledger.accountant)
 
 
-def check_study(*, policy: NodePolicy, study: StudyConfig) -> None:
+def check_study(*, policy: NodePolicy, study: StudyConfig, secure_aggregation: bool | None = None) -> None:
     """The rules a study must meet before the node does anything for it (train **or** evaluate).
 
     Raises :class:`PolicyViolation`; needs no ledger or plan (those are checked by :func:`check_request`).
+    ``secure_aggregation``: whether the reply leaves masked (default: what the study says).
     """
-    _check_static(policy, study, secure_aggregation=study.secure_aggregation.enabled)
+    _check_static(policy, study, secure_aggregation=study.secure_aggregation.enabled if secure_aggregation is None
+                  else secure_aggregation)
     priv = study.privacy
     if priv.enabled:
         _check_dp_settings(policy, study)
@@ -80,17 +86,21 @@ def check_request(
     ledger: PrivacyLedger | None,
     plan: RoundPlan | None,
     secure_aggregation: bool = False,
+    account: Account = "train",
+    study_delta: float | None = None,
 ) -> None:
-    """Raise :class:`PolicyViolation` (naming the rule and values) unless the training request fits.
+    """Raise :class:`PolicyViolation` (naming the rule and values) unless the request fits.
 
     ``secure_aggregation``: the reply will leave masked by SecAgg+ (only
-    :mod:`fedrad.client.secagg_app` says so)."""
+    :mod:`fedrad.client.secagg_app` says so). ``account``: ``"train"`` for a training round,
+    ``"val"`` for an evaluation (its histogram release is held to the same per-study and lifetime
+    limits on the ledger's validation account). ``study_delta``: the delta of the study's own epsilon."""
     _check_static(policy, study, secure_aggregation=secure_aggregation)
     priv = study.privacy
     if not priv.enabled:
         return
     _check_dp_settings(policy, study)
-    _check_budget(policy, study_id, ledger, plan)
+    _check_budget(policy, study_id, ledger, plan, account, study_delta)
 
 
 def _check_static(policy: NodePolicy, study: StudyConfig, *, secure_aggregation: bool) -> None:
@@ -130,25 +140,28 @@ def _check_dp_settings(policy: NodePolicy, study: StudyConfig) -> None:
         )
 
 
-def _check_budget(policy: NodePolicy, study_id: str, ledger: PrivacyLedger | None, plan: RoundPlan | None) -> None:
+def _check_budget(policy: NodePolicy, study_id: str, ledger: PrivacyLedger | None, plan: RoundPlan | None,
+                  account: Account, study_delta: float | None) -> None:
     if plan is None or ledger is None:
         raise PolicyViolation("require_dp", "no privacy plan for a DP study (internal error: refusing)")
     if plan.noise_multiplier < policy.min_noise_multiplier:
         raise PolicyViolation(
             "min_noise_multiplier",
-            f"this round would use noise multiplier {plan.noise_multiplier:.3f}, policy requires >= "
+            f"this {'evaluation' if account == 'val' else 'round'} would use noise multiplier "
+            f"{plan.noise_multiplier:.3f}, policy requires >= "
             f"{policy.min_noise_multiplier:g}",
         )
-    per_study = _study_epsilon(ledger, study_id, plan)
+    per_study = _study_epsilon(ledger, study_id, plan, account, study_delta)
     if per_study > policy.max_epsilon_per_study:
         raise PolicyViolation(
             "max_epsilon_per_study",
             f"this study would reach epsilon {per_study:.3f} on this dataset, policy allows {policy.max_epsilon_per_study:g}",
         )
-    lifetime = ledger.preview(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps)
+    lifetime = ledger.preview(noise_multiplier=plan.noise_multiplier, sample_rate=plan.sample_rate, steps=plan.steps,
+                              account=account)
     if lifetime > policy.max_epsilon_lifetime:
         raise PolicyViolation(
             "max_epsilon_lifetime",
-            f"this round would take the dataset's lifetime epsilon to {lifetime:.3f}, policy allows "
+            f"this request would take the dataset's lifetime {account} epsilon to {lifetime:.3f}, policy allows "
             f"{policy.max_epsilon_lifetime:g}",
         )

@@ -1,23 +1,40 @@
-"""The hospital's side of DP: choose the noise for a round and reserve it in the ledger.
+"""The hospital's side of DP: choose the noise for a round or an evaluation and reserve it in the ledger.
 
-The node, not the coordinator, decides the noise: it calibrates so that the remaining planned
-rounds fit both budgets given everything its ledger already holds (the dataset's lifetime
-budget over every study, and the study's own epsilon over this study's work), and reserves the
-round's steps on disk before training starts.
+The node, not the coordinator, decides the noise: it calibrates so that the study's remaining
+planned rounds (from the node's own record of the study) fit both budgets given everything its
+ledger already holds (the dataset's lifetime budget over every study, and the study's own
+epsilon over this study's work), and reserves the round's steps on disk before training starts.
+
+Everything the plan depends on is data-independent given the ledger: the training set's size
+enters only as its DP-released value (:func:`released_size`), released once per dataset.
+
+Evaluations are planned the same way on the ledger's separate ``val`` account: the study's
+planned evaluations (its rounds + 1, or fewer where node.yaml says so) share the study's epsilon,
+each one a Gaussian mechanism over the score histograms (q = 1, one step). Training and
+validation splits hold disjoint examples, so by parallel composition a patient's guarantee is the
+larger of the two accounts' epsilons, not their sum.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
+
+import numpy as np
 
 from fedrad.common.config import PrivacyConfig, TrainingConfig
 from fedrad.common.errors import BudgetExceededError, PrivacyError
 from fedrad.common.privacy import HistoryEntry, calibrate_noise, sample_rate_for, steps_per_epoch
 
-from .ledger import PrivacyLedger, Reservation
+from .ledger import Account, PrivacyLedger, Reservation, StudyTurn
 
 log = logging.getLogger(__name__)
+
+#: Noise multiplier of the one-off release of the training set's size (a count: sensitivity 1, so
+#: the noise std is 8 examples). Charged to the training account as (8, q=1, 1 step): alone about
+#: epsilon 0.48 at delta 1e-5, but composed with a typical study (epsilon 8) it adds about 0.015.
+SIZE_NOISE_MULTIPLIER = 8.0
 
 
 @dataclass(frozen=True)
@@ -25,6 +42,24 @@ class RoundPlan:
     noise_multiplier: float
     sample_rate: float
     steps: int
+    #: The DP optimiser's divisor: sample rate x released size (data-independent). 0 for evaluations.
+    expected_batch_size: float = 0.0
+
+
+def released_size(*, ledger: PrivacyLedger, true_size: int, seed: int | None = None) -> int:
+    """The training set's DP-released size: released once per dataset (Gaussian noise, std
+    :data:`SIZE_NOISE_MULTIPLIER`, charged to the ledger), stored, and returned unchanged ever after.
+
+    ``seed``: only for a simulation with ``simulation.reproducible_randomness``; else OS entropy.
+    """
+    if ledger.released_size is not None:
+        return ledger.released_size
+    if true_size < 1:
+        raise PrivacyError("cannot release the size of an empty training set")
+    rng = np.random.default_rng(seed)  # None: 128 bits of OS entropy
+    value = max(1, int(round(true_size + SIZE_NOISE_MULTIPLIER * float(rng.standard_normal()))))
+    ledger.release_size(value=value, noise_multiplier=SIZE_NOISE_MULTIPLIER)
+    return value
 
 
 def plan_round(
@@ -36,13 +71,16 @@ def plan_round(
     server_round: int,
     total_rounds: int,
     study_id: str | None = None,
+    study_delta: float | None = None,
 ) -> RoundPlan:
     """Noise multiplier, sampling rate and step count for this round (nothing is written).
 
+    ``num_examples``: the training set's *released* size; ``server_round`` / ``total_rounds``: the
+    node's own round of the study and the study's planned rounds (never the coordinator's word).
     With ``study_id`` the noise is the larger of two calibrations: this study's work (its ledger
-    entries plus its remaining rounds) within ``privacy.epsilon``, and the dataset's whole history
-    plus those rounds within the ledger's lifetime budget. Without it, one calibration over the
-    whole history within the stricter of the two.
+    entries plus its remaining rounds) within ``privacy.epsilon`` (at ``study_delta``, default the
+    ledger's), and the dataset's whole history plus those rounds within the ledger's lifetime
+    budget. Without it, one calibration over the whole history within the stricter of the two.
     """
     if not privacy.enabled:
         raise PrivacyError("plan_round called for a study without DP")
@@ -50,29 +88,62 @@ def plan_round(
         raise PrivacyError(f"round {server_round} outside 1..{total_rounds}")
     q = sample_rate_for(num_examples=num_examples, batch_size=training.batch_size)
     steps = steps_per_epoch(num_examples=num_examples, batch_size=training.batch_size) * training.local_epochs
+    expected = q * num_examples
     if privacy.noise_multiplier is not None:
-        return RoundPlan(privacy.noise_multiplier, q, steps)
+        return RoundPlan(privacy.noise_multiplier, q, steps, expected)
     remaining_rounds = total_rounds - server_round + 1
+    sigma = _calibrate(ledger=ledger, privacy=privacy, study_id=study_id, study_delta=study_delta, account="train",
+                       sample_rate=q, steps=steps * remaining_rounds)
+    return RoundPlan(sigma, q, steps, expected)
 
-    def calibrate(prior: list[HistoryEntry], target: float) -> float:
+
+def plan_evaluation(
+    *,
+    ledger: PrivacyLedger,
+    privacy: PrivacyConfig,
+    evaluation: int,
+    planned_evaluations: int,
+    study_id: str,
+    study_delta: float | None = None,
+) -> RoundPlan:
+    """Noise multiplier of the node's ``evaluation``-th histogram release for a study (nothing is
+    written): its remaining planned evaluations, each a Gaussian mechanism (q = 1, one step), fit
+    the study's epsilon and the lifetime budget on the ``val`` account."""
+    if not privacy.enabled:
+        raise PrivacyError("plan_evaluation called for a study without DP")
+    if not 1 <= evaluation <= planned_evaluations:
+        raise PrivacyError(f"evaluation {evaluation} outside 1..{planned_evaluations}")
+    sigma = _calibrate(ledger=ledger, privacy=privacy, study_id=study_id, study_delta=study_delta, account="val",
+                       sample_rate=1.0, steps=planned_evaluations - evaluation + 1)
+    return RoundPlan(sigma, 1.0, 1, 0.0)
+
+
+def _calibrate(*, ledger: PrivacyLedger, privacy: PrivacyConfig, study_id: str | None, study_delta: float | None,
+               account: Account, sample_rate: float, steps: int) -> float:
+    def calibrate(prior: list[HistoryEntry], target: float, delta: float) -> float:
         return calibrate_noise(
-            prior_history=prior,
-            sample_rate=q,
-            steps=steps * remaining_rounds,
-            target_epsilon=target,
-            delta=ledger.delta,
-            accountant=ledger.accountant,
-            max_noise_multiplier=privacy.max_noise_multiplier,
+            prior_history=prior, sample_rate=sample_rate, steps=steps, target_epsilon=target, delta=delta,
+            accountant=ledger.accountant, max_noise_multiplier=privacy.max_noise_multiplier,
         )
 
-    lifetime = ledger.history
+    lifetime = ledger.history_in(account)
     if study_id is None:  # one budget: the stricter of the ledger's and the study's, over everything
-        return RoundPlan(calibrate(lifetime, min(ledger.budget, privacy.epsilon)), q, steps)
-    own = ledger.history_of(study_id)
-    sigma = calibrate(own, privacy.epsilon)
+        return calibrate(lifetime, min(ledger.budget, privacy.epsilon), min(ledger.delta, study_delta or 1.0))
+    own = ledger.history_of(study_id, account)
+    sigma = calibrate(own, privacy.epsilon, study_delta or ledger.delta)
     if own != lifetime or ledger.budget < privacy.epsilon:  # other studies used this dataset too
-        sigma = max(sigma, calibrate(lifetime, ledger.budget))
-    return RoundPlan(sigma, q, steps)
+        sigma = max(sigma, calibrate(lifetime, ledger.budget, ledger.delta))
+    return sigma
+
+
+def study_delta(*, ledger: PrivacyLedger, privacy: PrivacyConfig) -> float:
+    """The delta a study's own epsilon is evaluated at: the smaller of the study's and the node's.
+
+    A study asking for a larger delta than the node's is held to the node's (stricter); one asking
+    for a smaller delta gets it (a history of subsampled-Gaussian steps can be evaluated soundly at
+    any delta). The dataset's lifetime budget is always at the node's delta.
+    """
+    return min(privacy.delta, ledger.delta)
 
 
 def reserve_round(
@@ -82,10 +153,14 @@ def reserve_round(
     study_id: str,
     server_round: int,
     study_budget: float | None = None,
+    account: Account = "train",
+    study_delta: float | None = None,
+    turn: StudyTurn | None = None,
 ) -> Reservation:
-    """Write the round's privacy cost to the ledger; raises BudgetExceededError to refuse.
+    """Write the round's (or evaluation's) privacy cost to the ledger; raises BudgetExceededError to refuse.
 
     ``study_budget``: the study's own epsilon, refused beyond (the lifetime budget always applies).
+    ``turn``: count the study's round/evaluation in the same atomic write.
     """
     try:
         return ledger.reserve(
@@ -95,7 +170,24 @@ def reserve_round(
             study=study_id,
             round=server_round,
             study_budget=study_budget,
+            account=account,
+            study_delta=study_delta,
+            turn=turn,
         )
     except BudgetExceededError:
-        log.warning("round %d refused: privacy budget", server_round)
+        log.warning("%s %d refused: privacy budget", "evaluation" if account == "val" else "round", server_round)
         raise
+
+
+def gaussian_histograms(hist: np.ndarray, *, noise_multiplier: float, seed: int | None = None) -> np.ndarray:
+    """The Gaussian mechanism over a (c, 2, bins) histogram: adding or removing one example changes
+    one count in each of the c class slices, so the L2 sensitivity is sqrt(c); noise std is
+    ``noise_multiplier * sqrt(c)``. Rounded and clipped at 0 (post-processing). ``seed``: only for a
+    reproducible simulation; else OS entropy."""
+    if not noise_multiplier > 0 or math.isnan(noise_multiplier):
+        raise PrivacyError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
+    h = np.asarray(hist, dtype=np.float64)
+    c = h.shape[0]
+    rng = np.random.default_rng(seed)  # None: 128 bits of OS entropy
+    noisy = h + rng.normal(0.0, noise_multiplier * math.sqrt(c), size=h.shape)
+    return np.clip(np.rint(noisy), 0, None).astype(np.int64)

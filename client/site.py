@@ -40,20 +40,42 @@ class Site:
     #: The hospital's own lifetime (epsilon, delta) budget for this dataset (deployment: node.yaml),
     #: over every study; each study is also held to its own epsilon. None: the study's (simulation).
     budget: tuple[float, float] | None = None
+    #: The node's accountant (deployment: node.yaml ``privacy.accountant``); None: the study's.
+    accountant: str | None = None
+    #: Most evaluations a study may have here (node.yaml ``evaluation.max_per_study``); None: no
+    #: node limit (the study's rounds + 1 applies).
+    max_evaluations: int | None = None
+    #: Key of the node's keyed audit chain (deployment: node.yaml ``audit.key_file``, outside the
+    #: state folder); None: ``audit.key`` in the site's state folder (simulation).
+    audit_key: Path | None = None
 
     def ledger_budget(self, privacy: PrivacyConfig) -> tuple[float, float]:
-        """(epsilon, delta) of the ledger: the dataset's lifetime budget, the site's own when it has
-        one (node.yaml ``privacy``), else the study's (a simulated site lives for one study).
-        Delta is the stricter of the two. Each study is also held to its own epsilon
-        (:func:`fedrad.client.privacy.plan_round` / ``reserve_round`` with the study's id)."""
+        """(epsilon, delta) of the ledger: the dataset's lifetime budget and the node's delta, the
+        site's own when it has them (node.yaml ``privacy``), else the study's (a simulated site
+        lives for one study). Each study is also held to its own epsilon, at the smaller of its
+        delta and the node's (:func:`fedrad.client.privacy.study_delta`)."""
         if self.budget is None:
             return privacy.epsilon, privacy.delta
-        return self.budget[0], min(privacy.delta, self.budget[1])
+        return self.budget[0], self.budget[1]
+
+    def ledger_accountant(self, privacy: PrivacyConfig) -> str:
+        """The accountant every epsilon on the ledger is evaluated with: the node's, else the study's."""
+        return self.accountant or privacy.accountant
+
+    def planned_evaluations(self, study: StudyConfig) -> int:
+        """How many evaluations (noisy releases) of the validation data a study may have here."""
+        planned = study.federation.rounds + 1
+        return planned if self.max_evaluations is None else min(planned, self.max_evaluations)
 
     @property
     def audit_path(self) -> Path:
         """The node's hash-chained audit log, beside its privacy ledger."""
         return self.ledger_path.parent / "audit.jsonl"
+
+    @property
+    def audit_key_file(self) -> Path:
+        """The audit chain's key file (created on first use by :class:`~fedrad.client.audit_log.AuditLog`)."""
+        return self.audit_key if self.audit_key is not None else self.ledger_path.parent / "audit.key"
 
 
 @functools.lru_cache(maxsize=4)

@@ -1,24 +1,39 @@
-"""Local training (DP-SGD with Opacus, or plain SGD) and evaluation of one site's model."""
+"""Local training (DP-SGD with Opacus, or plain SGD) of one site's model.
+
+DP-SGD here takes sampling out of Opacus' data loader: the node draws each step's Poisson mask
+itself (every example independently with probability ``sample_rate``) for exactly the planned
+number of steps, so the steps taken are the steps reserved in the ledger for every dataset size.
+Opacus does the per-sample clipping and the noise (its ``DPOptimizer``, given a data-independent
+``expected_batch_size``). An empty Poisson batch takes its step too: pure noise.
+
+All DP randomness (Poisson masks, augmentation, Gaussian noise) comes from generators seeded
+with fresh OS entropy on every call; torch's global generator is never used for it. An explicit
+``seed`` exists only for a simulation with ``simulation.reproducible_randomness`` (and tests).
+"""
 
 from __future__ import annotations
 
 import logging
-import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus import PrivacyEngine
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from fedrad.common.augment import augment_batch
 from fedrad.common.config import AugmentationConfig, PrivacyConfig, TrainingConfig
 from fedrad.common.datasets import ImageSplit
 from fedrad.common.errors import PrivacyError
+from fedrad.common.privacy import sample_rate_for, steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +52,19 @@ class ArrayDataset(Dataset[tuple[torch.Tensor, torch.Tensor]]):
         return torch.from_numpy(np.array(self.images[i], dtype=np.float32)), torch.tensor(int(self.labels[i]))
 
     def __getitems__(self, idx: list[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        # Batched fetch: one fancy-index into the array instead of one per sample.
-        order = np.asarray(idx, dtype=np.int64)
+        x, y = self.batch(np.asarray(idx, dtype=np.int64))
+        return list(zip(x, y))
+
+    def batch(self, order: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """One fancy-index into the arrays for a whole batch (sorted indices read memory maps in order)."""
         x = torch.from_numpy(np.array(self.images[order], dtype=np.float32))
         y = torch.from_numpy(np.asarray(self.labels[order], dtype=np.int64))
-        return list(zip(x, y))
+        return x, y
 
 
 @dataclass(frozen=True)
 class TrainStats:
+    #: Stays on the node (its log); never sent: it is not DP-protected.
     train_loss: float
     steps: int
     num_examples: int
@@ -73,6 +92,30 @@ def _proximal_pull(model: nn.Module, anchor: list[torch.Tensor] | None, mu: floa
             p.sub_(lr * mu * (p - a))
 
 
+def _seed(seed: int | None, stream: int) -> int:
+    """A generator seed: fresh OS entropy, or (reproducible simulation only) derived from ``seed``."""
+    if seed is None:
+        return int.from_bytes(os.urandom(8), "little")
+    return (int(seed) * 1_000_003 + stream) % (2**63)
+
+
+def dp_generators(device: torch.device, *, seed: int | None = None) -> tuple[torch.Generator, torch.Generator]:
+    """(sampling and augmentation generator on the CPU, noise generator on ``device``), each seeded
+    with its own 64 bits of OS entropy unless ``seed`` is given."""
+    sampling = torch.Generator().manual_seed(_seed(seed, 1))
+    noise = torch.Generator(device=device).manual_seed(_seed(seed, 2))
+    return sampling, noise
+
+
+def _noise_only_step(optimizer: DPOptimizer) -> None:
+    """The DP step of an empty Poisson batch: no gradient, only the Gaussian noise (its privacy
+    cost is that of any step, and it is reserved like any step). Opacus' own empty-batch path:
+    zero per-sample gradients, so clipping sums to zero and the step adds the noise alone."""
+    for p in optimizer.params:
+        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+    optimizer.step()
+
+
 def train_local(
     *,
     model: nn.Module,
@@ -82,76 +125,96 @@ def train_local(
     privacy: PrivacyConfig,
     noise_multiplier: float | None,
     device: torch.device,
-    seed: int,
+    seed: int | None = None,
+    sample_rate: float | None = None,
+    steps: int | None = None,
+    expected_batch_size: float | None = None,
     progress: Callable[[int, int, float], None] | None = None,
 ) -> TrainStats:
-    """Train ``model`` in place for ``training.local_epochs`` epochs on ``split``.
+    """Train ``model`` in place on ``split``.
 
-    With ``privacy.enabled`` the model is trained with DP-SGD (Poisson sampling, per-sample
-    clipping to ``privacy.max_grad_norm``, Gaussian noise ``noise_multiplier``); the caller must
-    have reserved the matching steps in the site's ledger first.
+    With ``privacy.enabled``: DP-SGD for exactly ``steps`` steps, each on a Poisson sample of rate
+    ``sample_rate`` (per-sample clipping to ``privacy.max_grad_norm``, Gaussian noise
+    ``noise_multiplier``, gradients divided by ``expected_batch_size``). The hospital passes its
+    round plan (computed from the DP-released size, and reserved in its ledger first); without
+    them, they are derived from ``len(split)`` (benchmarks, tests). Without DP: ``local_epochs``
+    shuffled epochs of plain SGD.
+
+    ``seed``: None (always, on a node) draws all randomness from OS entropy; an int only for a
+    reproducible simulation or a test.
     """
     if privacy.enabled and noise_multiplier is None:
         raise PrivacyError("DP training needs an explicit noise_multiplier (calibrate and reserve it first)")
     if len(split) == 0:
         raise PrivacyError("cannot train on an empty split")
     t0 = time.perf_counter()
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
+    if seed is not None:  # reproducible simulation: also the model's own randomness (dropout)
+        torch.manual_seed(_seed(seed, 0))
+    gen, noise_gen = dp_generators(device, seed=seed)
     model.to(device).train()
     anchor = [p.detach().clone() for p in model.parameters()] if training.proximal_mu > 0 else None
     dataset = ArrayDataset(split)
-    loader = DataLoader(dataset, batch_size=training.batch_size, shuffle=True, generator=gen, drop_last=False)
-    optimizer = _optimizer(model, training)
-    expected_steps = math.ceil(len(split) / training.batch_size) * training.local_epochs
-    sample_rate = 1.0 / len(loader)
-    hooks = None
+    n = len(split)
+    optimizer: Any = _optimizer(model, training)
+    hooks: Any = None
+    forward: nn.Module = model
     if privacy.enabled:
-        assert noise_multiplier is not None
-        engine = PrivacyEngine(accountant=privacy.accountant)
-        hooks, optimizer, loader = engine.make_private(
-            module=model,
-            optimizer=optimizer,
-            data_loader=loader,
-            noise_multiplier=noise_multiplier,
-            max_grad_norm=privacy.max_grad_norm,
-            poisson_sampling=True,
-            grad_sample_mode=privacy.grad_sample_mode,
-            wrap_model=privacy.grad_sample_mode == "ew",  # ew needs its wrapper; others hook the model itself
-        )
-        forward: nn.Module = hooks if privacy.grad_sample_mode == "ew" else model
+        q = sample_rate if sample_rate is not None else sample_rate_for(num_examples=n, batch_size=training.batch_size)
+        total = steps if steps is not None else (
+            steps_per_epoch(num_examples=n, batch_size=training.batch_size) * training.local_epochs)
+        ebs = expected_batch_size if expected_batch_size is not None else q * n
+        if not (0 < q <= 1) or total < 1 or not ebs > 0:
+            raise PrivacyError(f"bad DP plan: sample_rate={q!r}, steps={total!r}, expected_batch_size={ebs!r}")
+        ModuleValidator.validate(model, strict=True)
+        mode = privacy.grad_sample_mode
+        hooks = prepare_module(model, grad_sample_mode=mode, wrap_model=mode == "ew", batch_first=True,
+                               loss_reduction="mean")
+        forward = hooks if mode == "ew" else model
+        optimizer = DPOptimizer(optimizer, noise_multiplier=float(noise_multiplier or 0.0),
+                                max_grad_norm=privacy.max_grad_norm, expected_batch_size=ebs,  # type: ignore[arg-type]
+                                loss_reduction="mean", generator=noise_gen)
+        batches = (torch.nonzero(torch.rand(n, generator=gen) < q).flatten().numpy() for _ in range(total))
     else:
-        forward = model
+        q, total = 1.0, steps_per_epoch(num_examples=n, batch_size=training.batch_size) * training.local_epochs
+        b = training.batch_size
+        batches = (np.sort(perm[i: i + b]) for _ in range(training.local_epochs)
+                   for perm in [torch.randperm(n, generator=gen).numpy()] for i in range(0, n, b))
     # Loss is summed on the device: no host sync per step (it stalls the GPU queue).
-    total_loss, total_n, steps = torch.zeros((), device=device), 0, 0
+    total_loss, total_n, taken = torch.zeros((), device=device), 0, 0
     try:
-        for _epoch in range(training.local_epochs):
-            for x, y in loader:
+        for idx in batches:
+            optimizer.zero_grad(set_to_none=True)
+            if len(idx) > 0:
+                x, y = dataset.batch(idx)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                optimizer.zero_grad(set_to_none=True)
-                if len(y) > 0:
-                    x = augment_batch(x, augmentation, gen)
-                    loss = F.cross_entropy(forward(x), y)
-                    loss.backward()
-                    total_loss += loss.detach() * len(y)
-                    total_n += len(y)
-                optimizer.step()  # an empty Poisson batch still takes a (pure-noise) DP step
-                _proximal_pull(model, anchor, training.proximal_mu, training.lr)
-                steps += 1
-                if progress is not None:
-                    progress(steps, expected_steps, float(total_loss) / max(total_n, 1))
+                x = augment_batch(x, augmentation, gen)
+                loss = F.cross_entropy(forward(x), y)
+                loss.backward()
+                optimizer.step()
+                total_loss += loss.detach() * len(y)
+                total_n += len(y)
+            elif privacy.enabled:
+                _noise_only_step(optimizer)
+            _proximal_pull(model, anchor, training.proximal_mu, training.lr)
+            taken += 1
+            if progress is not None:
+                progress(taken, total, float(total_loss) / max(total_n, 1))
     finally:
         if hooks is not None and hasattr(hooks, "cleanup"):
             hooks.cleanup()
         elif hooks is not None and hasattr(hooks, "_close"):
             hooks._close()
-    if privacy.enabled and steps != expected_steps:
-        raise PrivacyError(f"took {steps} DP steps but {expected_steps} were reserved; ledger would be wrong")
+        for p in model.parameters():  # leave no per-sample state behind on the returned model
+            for attr in ("grad_sample", "summed_grad"):
+                if hasattr(p, attr):
+                    setattr(p, attr, None)
+    if taken != total:
+        raise PrivacyError(f"took {taken} steps but {total} were planned; ledger would be wrong")
     return TrainStats(
         train_loss=float(total_loss) / max(total_n, 1),
-        steps=steps,
-        num_examples=len(split),
+        steps=taken,
+        num_examples=n,
         noise_multiplier=float(noise_multiplier or 0.0),
-        sample_rate=sample_rate,
+        sample_rate=q,
         seconds=time.perf_counter() - t0,
     )

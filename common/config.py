@@ -129,6 +129,11 @@ class SimulationConfig(_Frozen):
     #: Simulation only: a node-policy YAML every simulated hospital enforces (in deployment each
     #: hospital's own node configuration holds its policy; the coordinator never sets it).
     node_policy: str | None = None
+    #: Simulation only, for tests and research: seed the hospitals' DP randomness (noise, Poisson
+    #: sampling, augmentation) from ``federation.seed``, the node's round and the partition, so a
+    #: run can be repeated exactly. Off (the default), every hospital draws it from OS entropy. A
+    #: deployed node refuses a study that sets it (the coordinator could regenerate the noise).
+    reproducible_randomness: bool = False
 
 
 class SecureAggregationConfig(_Frozen):
@@ -171,6 +176,8 @@ class StudyConfig(_Frozen):
             # Off: left out, so that studies without it keep their fingerprint (study id, ledger
             # entries, checkpoints) from before the block existed.
             d.pop("secure_aggregation")
+        if not self.simulation.reproducible_randomness:
+            d["simulation"].pop("reproducible_randomness")  # off: fingerprints from before the switch stay
         return d
 
     def to_json(self) -> str:
@@ -179,6 +186,41 @@ class StudyConfig(_Frozen):
     def fingerprint(self) -> str:
         """sha256 of the canonical JSON form (identifies a study's settings)."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+#: Dotted fields of a study that are purely cosmetic or operational: they change neither what a
+#: hospital computes on its data nor what it releases, so they are left out of :func:`study_key`
+#: (a study renamed, re-timed or moved to another output folder is the *same* study to a node and
+#: gets no fresh per-study budget). ``data.path`` / ``data.max_test``: the node's data is its own
+#: (deployment: node.yaml; simulation: the ledger is bound to the data's fingerprint anyway) and
+#: the test set is the coordinator's. ``simulation.node_policy``: a path to the node's own rules.
+COSMETIC_FIELDS: tuple[str, ...] = (
+    "federation.name",
+    "federation.round_timeout_s",
+    "federation.client_cpus",
+    "federation.client_gpus",
+    "output",
+    "training.device",
+    "training.num_threads",
+    "training.eval_batch_size",
+    "data.path",
+    "data.max_test",
+    "simulation.node_policy",
+)
+
+
+def study_key(study: StudyConfig) -> str:
+    """sha256 (hex) of the study's canonical JSON without :data:`COSMETIC_FIELDS`: the identity a
+    hospital node keeps its per-study record and budget under."""
+    d = study.to_dict()
+    for dotted in COSMETIC_FIELDS:
+        *parents, leaf = dotted.split(".")
+        node: Any = d
+        for part in parents:
+            node = node.get(part, {}) if isinstance(node, dict) else {}
+        if isinstance(node, dict):
+            node.pop(leaf, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
 def format_validation_errors(source: str, err: ValidationError) -> list[str]:

@@ -227,3 +227,13 @@ def test_study_from_json_rejects_garbage() -> None:
     with pytest.raises(ConfigError) as ei:
         study_from_json(json.dumps({"privacy": {"epsilon": "lots"}}))
     assert "privacy.epsilon" in _problems(ei)
+
+
+def test_reproducible_randomness_switch_is_off_by_default_and_typed(study_dict) -> None:
+    from fedrad.common.config import parse_study
+    from fedrad.common.errors import ConfigError
+
+    assert parse_study(study_dict()).simulation.reproducible_randomness is False
+    assert parse_study(study_dict(simulation={"reproducible_randomness": True})).simulation.reproducible_randomness
+    with pytest.raises(ConfigError, match="simulation.reproducible_randomness"):
+        parse_study(study_dict(simulation={"reproducible_randomness": "sometimes"}))

@@ -304,3 +304,38 @@ def test_plan_round_rejects_misuse(tmp_path: Path) -> None:
     with pytest.raises(PrivacyError):
         plan_round(ledger=ledger, privacy=PrivacyConfig(), training=TrainingConfig(),
                    num_examples=100, server_round=3, total_rounds=2)
+
+
+# ------------------------------------------------------------------ (f) randomness (issue 9, point 1)
+def test_dp_training_never_draws_from_the_global_generator() -> None:
+    """Noise, Poisson masks and augmentation come from OS-entropy generators: torch's global
+    generator (which a coordinator-known seed could set) is neither read nor advanced."""
+    training = TrainingConfig(batch_size=8, lr=0.1, momentum=0.0, device="cpu")
+    aug = AugmentationConfig(hflip=0.5, rotate_deg=10.0)
+    torch.manual_seed(42)
+    state = torch.get_rng_state()
+    updates = []
+    for _ in range(2):
+        torch.set_rng_state(state)  # the same global state before each run
+        model = _model(3)
+        torch.set_rng_state(state)
+        before = _flat(p.detach().clone() for p in model.parameters())
+        train_local(model=model, split=_split(32), training=training, augmentation=aug,
+                    privacy=PrivacyConfig(max_grad_norm=1.0), noise_multiplier=1.0, device=torch.device("cpu"))
+        assert torch.equal(torch.get_rng_state(), state)
+        updates.append(_flat(p.detach() for p in model.parameters()) - before)
+
+    assert not torch.allclose(updates[0], updates[1])
+
+
+def test_seeded_training_is_reproducible_only_when_asked() -> None:
+    training = TrainingConfig(batch_size=8, lr=0.1, momentum=0.0, device="cpu")
+
+    def run(seed):  # type: ignore[no-untyped-def]
+        model = _model(4)
+        train_local(model=model, split=_split(32), training=training, augmentation=AugmentationConfig(),
+                    privacy=PrivacyConfig(), noise_multiplier=1.0, device=torch.device("cpu"), seed=seed)
+        return _flat(p.detach() for p in model.parameters())
+
+    assert torch.equal(run(7), run(7))
+    assert not torch.equal(run(None), run(None))

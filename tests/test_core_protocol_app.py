@@ -38,18 +38,58 @@ SHAPES = {"w": (3, 4), "b": (3,)}
 
 
 def _train_reply(**metrics) -> RecordDict:
-    m = {"num-examples": 10, "train_loss": 0.5, "epsilon": 1.0, **metrics}
+    m = {"num-examples": 10, "round": 1, "epsilon": 1.0, **metrics}
     return RecordDict({"arrays": ArrayRecord(_state()), "metrics": MetricRecord(m)})
 
 
 def _eval_reply(**metrics) -> RecordDict:
-    m = {"num-examples": 10, "val_loss": 0.4, "auc": 0.8, "confusion": [5, 0, 1, 4], **metrics}
+    m = {"num-examples": 10, "round": 1, "epsilon": 0.5, **metrics}
     return RecordDict({"metrics": MetricRecord(m)})
+
+
+RECEIPT = ConfigRecord({"audit-head": "ab" * 32, "audit-count": 3})
 
 
 def test_check_reply_accepts_well_formed_replies() -> None:
     check_reply(_train_reply(), kind="train", expected_shapes=SHAPES)
     check_reply(_eval_reply(histograms=[1] * 400), kind="evaluate")
+    check_reply(RecordDict({**_train_reply(), "receipt": RECEIPT}), kind="train", expected_shapes=SHAPES)
+    check_reply(RecordDict({**_eval_reply(), "receipt": RECEIPT}), kind="evaluate")
+
+
+@pytest.mark.parametrize(
+    ("receipt", "match"),
+    [
+        (ConfigRecord({"audit-head": "AB" * 32, "audit-count": 3}), "lowercase hex"),
+        (ConfigRecord({"audit-head": "ab" * 31, "audit-count": 3}), "lowercase hex"),
+        (ConfigRecord({"audit-head": "ab" * 32, "audit-count": 0}), "audit-count"),
+        (ConfigRecord({"audit-head": "ab" * 32, "audit-count": 1, "note": "x"}), "exactly"),
+        (MetricRecord({"audit-count": 1}), "must be a ConfigRecord"),
+    ],
+)
+def test_receipt_is_checked_exactly(receipt, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        check_reply(RecordDict({**_eval_reply(), "receipt": receipt}), kind="evaluate")
+
+
+@pytest.mark.parametrize(
+    ("content", "kind", "match"),
+    [
+        (_train_reply(epsilon=float("nan")), "train", "not finite"),
+        (_train_reply(**{"num-examples": 0}), "train", "num-examples"),
+        (_train_reply(round=0), "train", "round"),
+        (_train_reply(steps=2.5), "train", "must be an int"),
+        (_eval_reply(epsilon=float("inf")), "evaluate", "not finite"),
+    ],
+)
+def test_check_reply_refuses_garbage_numbers(content: RecordDict, kind: str, match: str) -> None:
+    with pytest.raises(ProtocolError, match=match):
+        check_reply(content, kind=kind, expected_shapes=SHAPES if kind == "train" else None)
+
+
+@pytest.mark.parametrize("key", ["train_loss", "train_seconds", "val_loss", "auc", "accuracy", "confusion"])
+def test_unprotected_statistics_are_off_the_allow_lists(key: str) -> None:
+    assert key not in TRAIN_METRICS and key not in EVAL_METRICS
 
 
 def test_train_reply_is_never_waved_through_without_the_models_shapes() -> None:
@@ -64,13 +104,15 @@ def test_train_reply_is_never_waved_through_without_the_models_shapes() -> None:
         (RecordDict({**_eval_reply(), "arrays": ArrayRecord(_state())}), "evaluate", "must hold records"),
         (RecordDict({"metrics": MetricRecord({"num-examples": 1})}), "train", "must hold records"),
         (RecordDict({**_train_reply(), "config": ConfigRecord({"note": "hello"})}), "train", "must hold records"),
+        (RecordDict({**_train_reply(), "receipt": ConfigRecord({"note": "hello"})}), "train", "exactly"),
         (RecordDict({"arrays": ArrayRecord(_state()), "metrics": ConfigRecord({"num-examples": 1, "who": "x"})}),
          "train", "must be a MetricRecord"),
         (RecordDict({"arrays": ConfigRecord({"a": 1}), "metrics": MetricRecord({"num-examples": 1})}),
          "train", "must be an ArrayRecord"),
         (_train_reply(patient_id=1234), "train", "patient_id"),
         (_eval_reply(train_loss=0.1), "evaluate", "train_loss"),
-        (RecordDict({"metrics": MetricRecord({"auc": 0.5})}), "evaluate", "num-examples"),
+        (_eval_reply(auc=0.9), "evaluate", "auc"),
+        (RecordDict({"metrics": MetricRecord({"round": 1})}), "evaluate", "num-examples"),
         (_eval_reply(histograms=[0] * (MAX_LIST_LEN + 1)), "evaluate", "histograms"),
         (_train_reply(), "query", "unknown message kind"),
     ],
@@ -167,9 +209,9 @@ def test_train_handler_reply_carries_only_weights_and_allowed_metrics(tmp_path: 
     assert not reply.has_error(), reply.error if reply.has_error() else None
     _assert_reply_addressing(reply, msg)
     content = reply.content
-    assert set(content.keys()) == {"arrays", "metrics"}
+    assert set(content.keys()) - {"receipt"} == {"arrays", "metrics"}
     assert content.array_records.keys() == {"arrays"} and content.metric_records.keys() == {"metrics"}
-    assert not content.config_records
+    assert set(content.config_records.keys()) <= {"receipt"}
     arrays = content["arrays"]
     assert {k: tuple(a.shape) for k, a in arrays.items()} == {k: tuple(a.shape) for k, a in expected.items()}
     for name, arr in arrays.items():
@@ -179,10 +221,13 @@ def test_train_handler_reply_carries_only_weights_and_allowed_metrics(tmp_path: 
     assert any(not np.array_equal(arrays[k].numpy(), expected[k].numpy()) for k in expected.keys())  # it trained
     metrics = content["metrics"]
     assert set(metrics.keys()) <= TRAIN_METRICS
-    assert metrics["num-examples"] == N_TRAIN
-    assert metrics["partition-id"] == 0
-    assert 0 < metrics["epsilon"] <= 8.0
-    assert metrics["steps"] == N_TRAIN // 16
+    # the DP-released size (noise std 8), stored in the ledger and re-sent unchanged
+    ledger = json.loads((tmp_path / "hospital-1" / "privacy-ledger.json").read_text())
+    assert metrics["num-examples"] == ledger["released_size"]["value"] and abs(metrics["num-examples"] - N_TRAIN) < 64
+    assert metrics["partition-id"] == 0 and metrics["round"] == 1
+    assert 0 < metrics["epsilon"] <= 8.0 and 0 < metrics["study_epsilon"] <= metrics["study_epsilon_budget"] == 8.0
+    assert metrics["steps"] == -(-metrics["num-examples"] // 16)  # planned from the released size
+    assert "train_loss" not in metrics and "train_seconds" not in metrics
     _assert_no_per_example_data(metrics, {N_TRAIN, N_VAL})
     check_reply(content, kind="train", expected_shapes={k: tuple(a.shape) for k, a in expected.items()})
     # the ledger was written where the simulation said, for this hospital only
@@ -200,25 +245,29 @@ def test_evaluate_handler_reply_carries_only_aggregate_metrics(tmp_path: Path) -
     assert not reply.has_error()
     _assert_reply_addressing(reply, msg)
     content = reply.content
-    assert set(content.keys()) == {"metrics"}
+    assert set(content.keys()) - {"receipt"} == {"metrics"}
     metrics = content["metrics"]
     assert set(metrics.keys()) <= EVAL_METRICS
-    assert metrics["num-examples"] == N_VAL
-    assert len(metrics["confusion"]) == 4 and sum(metrics["confusion"]) == N_VAL
-    assert sum(metrics["histograms"]) == 2 * N_VAL
-    assert 0 < metrics["epsilon"] <= metrics["epsilon_budget"] == 8.0
+    hist = np.asarray(metrics["histograms"]).reshape(2, 2, -1)
+    assert metrics["num-examples"] == int(hist[0].sum())  # post-processing of the noisy histogram
+    assert metrics["round"] == 1
+    assert 0 < metrics["epsilon"] <= metrics["epsilon_budget"] == 8.0  # the validation account
+    entries = json.loads((tmp_path / "hospital-1" / "privacy-ledger.json").read_text())["entries"]
+    assert [e["account"] for e in entries if e["account"] == "val"] == ["val"]  # charged before release
     _assert_no_per_example_data(metrics, {N_TRAIN, N_VAL})
     check_reply(content, kind="evaluate")
 
 
 def test_exhausted_site_replies_with_budget_error_not_content(tmp_path: Path) -> None:
-    # A calibrated one-round study uses (almost) the whole budget; with max_noise_multiplier 5 nothing more fits.
+    # A calibrated study uses (almost) the whole budget over its rounds; another study then cannot fit.
     study = _study(max_noise_multiplier=5.0)
-    first = client_app.train(_message(study, MessageType.TRAIN, tmp_path, server_round=1, total=1), _context())
-    assert not first.has_error()
+    for rnd in (1, 2):
+        first = client_app.train(_message(study, MessageType.TRAIN, tmp_path, server_round=rnd), _context())
+        assert not first.has_error(), first.error.reason if first.has_error() else None
     ledger = tmp_path / "hospital-1" / "privacy-ledger.json"
     before = ledger.read_bytes()
-    msg = _message(study, MessageType.TRAIN, tmp_path, server_round=1, total=1)
+    other = _study(max_noise_multiplier=5.0, max_grad_norm=0.5)
+    msg = _message(other, MessageType.TRAIN, tmp_path, server_round=1, total=1)
 
     reply = client_app.train(msg, _context())  # the calibrated first run used the whole budget
 
@@ -237,7 +286,8 @@ def test_fixed_noise_over_budget_refused_before_training(tmp_path: Path) -> None
 
     assert reply.has_error() and reply.error.code == ERR_BUDGET
     data = json.loads((tmp_path / "hospital-1" / "privacy-ledger.json").read_text())
-    assert data["history"] == []
+    assert [e for e in data["entries"] if e["study"] != "<dataset-size>"] == []
+    assert data["studies"] == {}  # the refused round was not counted
 
 
 def test_malformed_requests_get_protocol_errors(tmp_path: Path) -> None:
@@ -259,10 +309,25 @@ def test_malformed_requests_get_protocol_errors(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("kind", "content"),
     [
-        ("train", _train_reply(train_loss=[0.1 * i for i in range(64)])),
-        ("evaluate", _eval_reply(auc=[0.0, 1.0, 1.0, 0.0] * 8)),
+        ("train", _train_reply(epsilon=[0.1 * i for i in range(64)])),
+        ("evaluate", _eval_reply(epsilon=[0.0, 1.0, 1.0, 0.0] * 8)),
     ],
 )
 def test_scalar_metrics_may_not_be_lists(kind: str, content: RecordDict) -> None:
     with pytest.raises(ProtocolError):
         check_reply(content, kind=kind, expected_shapes=SHAPES if kind == "train" else None)
+
+
+@pytest.mark.parametrize(
+    ("arrays", "match"),
+    [
+        ({"w": torch.full((3, 4), float("nan")), "b": torch.zeros(3)}, "non-finite"),
+        ({"w": torch.zeros(3, 4), "b": torch.tensor([0.0, float("inf"), 0.0])}, "non-finite"),
+        ({"w": torch.zeros(3, 4, dtype=torch.float16), "b": torch.zeros(3)}, "float32"),
+        ({"w": torch.zeros(3, 4, dtype=torch.int64), "b": torch.zeros(3)}, "float32"),
+    ],
+)
+def test_the_node_never_sends_garbage_weights(arrays: dict, match: str) -> None:
+    content = RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"num-examples": 10, "round": 1})})
+    with pytest.raises(ProtocolError, match=match):
+        check_reply(content, kind="train", expected_shapes=SHAPES)

@@ -40,13 +40,16 @@ def _eval(**metrics: object) -> RecordDict:
         # weights renamed: the model's own array missing
         (_train(ArrayRecord({"w": torch.zeros(3, 4), "bias": torch.zeros(3)})), "train", "missing \\['b'\\]"),
         # counts that are not counts
-        (_eval(confusion=[4, -1, 0, 5]), "evaluate", "non-negative integer counts"),
-        # a confusion matrix the size of the validation set (one entry per example)
-        (_eval(confusion=[1] * 8), "evaluate", "2x2 counts"),
+        (_eval(histograms=[4, -1] + [0] * (2 * 2 * HIST_BINS - 2)), "evaluate", "non-negative integer counts"),
         (_eval(histograms=[0] * (2 * 2 * HIST_BINS + 1)), "evaluate", f"2x2x{HIST_BINS}"),
-        # per-example scores in a list metric name that is allowed only for training aggregates
-        (_train(train_loss=[0.1, 0.2]), "train", "single number"),
-        (_train(confusion=[1, 2, 3, 4]), "train", "not on the allow-list"),
+        # per-example values in a scalar metric name
+        (_train(epsilon=[0.1, 0.2]), "train", "single number"),
+        (_train(histograms=[1, 2, 3, 4]), "train", "not on the allow-list"),
+        # unprotected statistics (issue 9, point 2/3): loss, timing, exact metrics
+        (_train(train_loss=0.3), "train", "train_loss"),
+        (_train(train_seconds=1.5), "train", "train_seconds"),
+        (_eval(confusion=[3, 1, 0, 4]), "evaluate", "confusion"),
+        (_eval(auc=0.8), "evaluate", "auc"),
         # identifiers under made-up metric names
         (_eval(site_name=1.0), "evaluate", "site_name"),
         (_train(**{"mrn": 12345678}), "train", "mrn"),
@@ -58,9 +61,9 @@ def test_filter_rejects_smuggled_content(content: RecordDict, kind: str, match: 
 
 
 def test_filter_accepts_exactly_the_model_and_aggregates() -> None:
-    check_reply(_train(train_loss=0.3, epsilon=1.2, delta=1e-5), kind="train", expected_shapes=SHAPES)
-    check_reply(_eval(auc=float("nan"), confusion=[3, 1, 0, 4],
-                      histograms=list(np.zeros(2 * 2 * HIST_BINS, dtype=int).tolist())),
+    check_reply(_train(round=1, epsilon=1.2, delta=1e-5, study_epsilon=1.0, study_epsilon_budget=8.0),
+                kind="train", expected_shapes=SHAPES)
+    check_reply(_eval(round=2, epsilon=0.4, histograms=list(np.zeros(2 * 2 * HIST_BINS, dtype=int).tolist())),
                 kind="evaluate", num_classes=2)
 
 
