@@ -77,7 +77,7 @@ def test_train_outside_policy_is_refused_audited_and_spends_nothing(tmp_path: Pa
     assert "rule allowed_models" in reply.error.reason
     audits, ledgers = _site_files(state)
     assert len(audits) == 1
-    log = AuditLog(audits[0])
+    log = AuditLog(audits[0], key_file=audits[0].parent / "audit.key")  # simulation: the site's key
     assert log.verify() == []
     (entry,) = log.entries()
     assert entry["outcome"].startswith("refused: rule allowed_models") and entry["arrays"] == []

@@ -63,10 +63,11 @@ def test_fit_returns_the_dp_trained_update_not_the_weights(tmp_path: Path, study
     fitres = compat.recorddict_to_fitres(reply.content, keep_input=True)
     update = parameters_to_ndarrays(fitres.parameters)
     assert [u.shape for u in update] == [w.shape for w in weights]
-    assert fitres.num_examples == 64 and float(fitres.metrics["epsilon"]) > 0  # DP, accounted in the ledger
-    assert 0 < max(float(np.abs(u).max()) for u in update) < 1.0  # an update (small), not weights
     ledger = json.loads((tmp_path / "sites" / "hospital-1" / "privacy-ledger.json").read_text())
-    assert len(ledger["entries"]) == 1
+    # the released (noisy) training-set size, never the true 64; DP, accounted in the ledger
+    assert fitres.num_examples == ledger["released_size"]["value"] and float(fitres.metrics["epsilon"]) > 0
+    assert 0 < max(float(np.abs(u).max()) for u in update) < 1.0  # an update (small), not weights
+    assert len([e for e in ledger["entries"] if e["study"] != "<dataset-size>"]) == 1
     with np.load(tmp_path / "cap" / "round-0001-hospital-1.npz") as z:  # the test hook
         np.testing.assert_array_equal(z["u0"], update[0])
 
