@@ -77,6 +77,10 @@ def check_receipt(record: object) -> None:
         raise ProtocolError(f"reply: '{RECEIPT_KEY}' audit-count must be an int >= 1, got {count!r}")
 
 
+#: Bytes of a serialised array beyond its values (the .npy header); anything larger is refused undecoded.
+_NPY_HEADER_SLACK = 4096
+
+
 def check_reply(
     content: RecordDict,
     *,
@@ -141,11 +145,18 @@ def check_reply(
         if bad:
             raise ProtocolError(f"train reply: arrays with wrong shapes: {bad}")
         for name, arr in sorted(arrays.items()):
+            # Metadata and size first: decoding pre-allocates whatever shape the payload's header claims.
+            if str(arr.dtype) != "float32":
+                raise ProtocolError(f"train reply: arrays.{name}: {arr.dtype}, not float32")
+            want = 4 * int(np.prod(expected_shapes[name], dtype=np.int64))
+            if len(arr.data) > want + _NPY_HEADER_SLACK:
+                raise ProtocolError(f"train reply: arrays.{name}: {len(arr.data)} bytes for {want} bytes of values")
             nd = arr.numpy()
-            if nd.dtype != np.float32:
-                raise ProtocolError(f"train reply: array {name!r} is {nd.dtype}, not float32")
+            if nd.dtype != np.float32 or tuple(nd.shape) != tuple(expected_shapes[name]):
+                raise ProtocolError(f"train reply: arrays.{name}: payload is {nd.dtype}{tuple(nd.shape)}, "
+                                    f"not float32{tuple(expected_shapes[name])}")
             if not np.isfinite(nd).all():
-                raise ProtocolError(f"train reply: array {name!r} holds non-finite values")
+                raise ProtocolError(f"train reply: arrays.{name}: holds non-finite values")
     for name in names - {RECEIPT_KEY}:
         if isinstance(content[name], ConfigRecord):
             raise ProtocolError(f"{kind} reply: config records may not leave a hospital ({name!r})")
