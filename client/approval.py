@@ -11,6 +11,14 @@ needs its hub, which hospitals cannot reach, so fedrad builds approval from offl
   and must name fedrad's installed ClientApp, so what runs is exactly the fedrad version the
   hospital installed.
 
+A bundle is refused before anything of it is decompressed if a member name is unsafe (absolute,
+a backslash, an empty, ``.`` or ``..`` part) or appears twice (``pyproject.toml`` and
+``./pyproject.toml`` are one file once unpacked: the reviewer would read one, Flower load the
+other), if a member is encrypted, or if it has too many members or unpacks too large
+(:func:`safe_members`); its publisher, name and version must have Flower's forms (they name the
+folder Flower unpacks into, and which the gate removes). Any other malformation is a refusal too,
+never a crash, and an unapproved bundle is never opened at all (the allow-list is read first).
+
 :func:`verify_app` takes the decision; :mod:`fedrad.client.gate` enforces it in the node's
 ``flwr-clientapp`` process before the FAB is installed or any of its code is imported, and
 :mod:`fedrad.client.app_folder` makes sure the code Flower then imports is exactly the approved
@@ -27,6 +35,7 @@ import json
 import logging
 import os
 import re
+import stat
 import tomllib
 import zipfile
 from dataclasses import dataclass
@@ -224,11 +233,19 @@ class AppAllowList:
         return cls(Path(state_dir) / APPROVALS_FILE)
 
     def _read(self) -> dict[str, Any]:
-        if not self.path.exists():
+        try:  # never read through a symlink (whoever planted it would choose the approvals)
+            fd = os.open(self.path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        except FileNotFoundError:
             return {"version": APPROVALS_VERSION, "apps": []}
+        except OSError as exc:
+            raise ConfigError(str(self.path), [f"{self.path}: app allow-list unreadable ({exc.strerror}; a symlink "
+                                               "is refused)"]) from None
         try:
-            data = json.loads(self.path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fh.fileno()).st_mode):
+                    raise ValueError("not a regular file")
+                data = json.loads(fh.read(MAX_TOTAL_BYTES).decode("utf-8"))
+        except (OSError, ValueError, RecursionError) as exc:
             raise ConfigError(str(self.path), [f"{self.path}: app allow-list unreadable ({exc})"]) from None
         ok = isinstance(data, dict) and data.get("version") == APPROVALS_VERSION and isinstance(data.get("apps"), list)
         if not ok:

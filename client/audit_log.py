@@ -20,6 +20,14 @@ therefore carries the head (:class:`AuditHead`, the receipt): the coordinator's 
 anchors the log off the machine, and ``fedrad-node audit verify --receipt HEAD:COUNT`` checks a
 receipt against the log.
 
+**Files**: the log, its head and its lock are never opened through a symlink (``O_NOFOLLOW``) and
+only as regular files of the node's user (checked on the open descriptor, mode set with
+``fchmod``): whoever can write the state folder cannot plant ``audit.jsonl -> ~/.bash_aliases`` and
+have the next append write a coordinator-chosen study id into it. Every entry is one line of ASCII
+JSON (control and non-ASCII characters escaped); coordinator-chosen text is cut to
+:data:`MAX_TEXT` characters. Reading tolerates any bytes: a line that is not valid UTF-8, not
+JSON, nested too deep or not an object is reported by :meth:`AuditLog.verify`, never a crash.
+
 **Unkeyed** (no key file: simulation and tests): the hash is a plain sha256, which detects damage
 and careless edits but not a rewrite (anyone can recompute it); :meth:`AuditLog.verify` says so.
 

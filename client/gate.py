@@ -30,6 +30,18 @@ The gate runs Flower's ClientApp process unchanged except at those three calls (
   is refused and audited. Folders of revoked apps are removed at every decision;
 * runtime dependency installation is always off.
 
+Only ClientApp tasks run on a node. The coordinator's Run chooses the task type Flower starts
+(``primary_task_type``: an AgentApp run makes the SuperNode create ``flwr-agentapp`` tasks, which
+unpack the bundle and import its code without passing the gate), so the node's SuperExec asks for
+ClientApp tasks only and points every other task type at :data:`REFUSE_COMMAND`, which exits
+non-zero (:func:`restrict_superexec`), and the SuperNode process creates no task of another type
+(:func:`restrict_supernode`, from :func:`regate_path`).
+
+The decision never raises: a malformed bundle, a damaged file, a request whose ids are nonsense
+(``server-round = inf``) are refusals like any other, recorded in the audit log. Private copies
+left behind by a task that was killed (``SIGKILL`` skips its exit handlers) are removed when the
+next task starts (:func:`fedrad.client.app_folder.sweep_stale_private`).
+
 If the Flower internals the gate wraps are missing (another Flower version), the gate refuses to
 start: it fails closed. The node's warm runtime (:mod:`fedrad.client.warm`) forks tasks that run
 this same :func:`main`, so they pass the same gate.

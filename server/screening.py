@@ -8,8 +8,11 @@ out of the aggregation and the pooled validation, and the round goes on with the
 
 Rules (train and evaluate replies):
 
-- arrays (train): exactly the model's names; each decodes as a NumPy array of the model's dtype
-  (float32) and shape; every value finite. The aggregation only ever sees the decoded arrays.
+- arrays (train): exactly the model's names; before anything is decoded, each array's serialisation
+  type, declared dtype and shape, its ``.npy`` header's dtype and shape, and its byte length (the
+  model's size plus a header of at most MAX_NPY_HEADER bytes) are checked (``np.load`` allocates
+  whatever shape the header states); then it decodes as a NumPy array of the model's dtype
+  (float32) and shape, every value finite. The aggregation only ever sees the decoded arrays.
 - ``num-examples``: an integer in [1, MAX_EXAMPLES] for train, [0, MAX_EXAMPLES] for evaluate.
   MAX_EXAMPLES = 10**7 (ten million images: far above any one hospital's training set, small
   enough that a weighted mean over a handful of sites stays finite and no site's weight can exceed
