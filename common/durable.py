@@ -18,6 +18,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from fedrad.common.errors import FedradError
+
 
 def atomic_write_text(path: Path, text: str, *, mode: int | None = 0o600) -> None:
     """Replace ``path`` with ``text`` atomically (readers see the old or the new file, never a mix)."""
@@ -50,8 +52,15 @@ def atomic_write_json(path: Path, data: Any, *, mode: int | None = 0o600, **dump
 _LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 
 
-class UnsafeFileError(OSError):
-    """A file fedrad writes is a symlink, not a regular file, or not this user's: refused."""
+class UnsafeFileError(FedradError, OSError):
+    """A file fedrad writes is a symlink, not a regular file, or not this user's: refused (an
+    :class:`OSError` too, so callers that handle unusable files handle it)."""
+
+    def __init__(self, code: int, message: str, path: str) -> None:
+        OSError.__init__(self, code, f"{path}: {message}", path)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
 
 
 def open_lock(path: Path) -> int:

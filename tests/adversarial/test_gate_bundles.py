@@ -315,3 +315,20 @@ def test_private_copies_record_their_owner(node: SimpleNamespace) -> None:
     app = runner.get_load_client_app_fn(default_app_ref="", app_path=None, multi_app=True)(
         "coordinator/fedradstudy", "1.0.0", fab.hash_str)
     assert app is fedrad_app.app
+
+
+def test_gate_start_sweeps_stale_copies(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    stale = tmp_path / f"{app_folder.PRIVATE_PREFIX}killed"
+    (stale / "apps").mkdir(parents=True)
+    (stale / "owner.pid").write_text(str(_dead_pid()))
+
+    def stop(module: Any) -> None:  # the gate's own start is not under test: stop right after the sweep
+        raise AppNotApproved("stop here")
+
+    monkeypatch.setattr(gate, "install_gate", stop)
+
+    assert gate.main([]) == AppNotApproved.exit_code
+    assert not stale.exists()
