@@ -32,13 +32,15 @@ import io
 import logging
 import os
 import shutil
+import stat
 import tempfile
+import time
 import zipfile
 from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .approval import CODE_SUFFIXES, AppNotApproved, fab_hash
+from .approval import CODE_SUFFIXES, AppNotApproved, fab_hash, member_name, safe_members
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +52,12 @@ HASH_PREFIX = 8
 _INFO_DIR = ".info"
 _PYCACHE = "__pycache__"
 _MAX_LISTED = 8
+#: Name prefix of the gate's private copies (in the temporary folder).
+PRIVATE_PREFIX = "fedrad-app-"
+#: File in a private copy's folder (beside, not inside, the app) naming the process that uses it.
+_OWNER_FILE = "owner.pid"
+#: A private copy whose owner cannot be told is stale after this long; one whose owner is gone, at once.
+STALE_AFTER_S = 6 * 3600.0
 
 
 def flower_home() -> Path:
@@ -66,19 +74,25 @@ def flower_app_folder(*, flwr_home: Path, fab_id: str, fab_version: str, digest:
 
 
 def bundle_files(fab_content: bytes) -> dict[str, str]:
-    """Relative path -> sha256 of every file a bundle unpacks to (its ``.info`` manifest excluded)."""
+    """Relative path -> sha256 of every file a bundle unpacks to (its ``.info`` manifest excluded).
+
+    :class:`AppNotApproved` for a bundle that is not a readable zip, or whose member names are unsafe
+    or repeated, or too large (:func:`fedrad.client.approval.safe_members`)."""
     out: dict[str, str] = {}
     try:
         with zipfile.ZipFile(io.BytesIO(fab_content)) as zf:
-            for member in zf.infolist():
+            for member in safe_members(zf, content=fab_content):
                 if member.is_dir():
                     continue
-                rel = PurePosixPath(member.filename)
-                if rel.parts and rel.parts[0] == _INFO_DIR:
+                rel = member_name(member.filename)
+                if rel.split("/")[0] == _INFO_DIR:
                     continue
-                out[str(rel)] = hashlib.sha256(zf.read(member)).hexdigest()
-    except zipfile.BadZipFile as exc:
-        raise AppNotApproved(f"bundle sha256 {fab_hash(fab_content)} is not a readable app bundle ({exc})") from None
+                out[rel] = hashlib.sha256(zf.read(member)).hexdigest()
+    except AppNotApproved:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any malformed bundle is a refusal
+        raise AppNotApproved(f"bundle sha256 {fab_hash(fab_content)} is not a readable app bundle "
+                             f"({type(exc).__name__}: {str(exc)[:200]})") from None
     return out
 
 
@@ -155,8 +169,9 @@ def install_private(*, fab_content: bytes, installer: Callable[..., Any], code_a
     Raises :class:`AppNotApproved` (and removes what was unpacked) when the result is not exactly
     the bundle. The private folder is removed when the process exits.
     """
-    home = Path(tempfile.mkdtemp(prefix="fedrad-app-"))  # 0700, unpredictable name, created O_EXCL
+    home = Path(tempfile.mkdtemp(prefix=PRIVATE_PREFIX))  # 0700, unpredictable name, created O_EXCL
     atexit.register(_discard, home)
+    _write_owner(home)
     try:
         installed = Path(installer(fab_content, install_dir=home, skip_prompt=True))
     except Exception as exc:  # Flower's own checks (manifest hashes, pyproject) failed: nothing runs
@@ -189,6 +204,8 @@ def remove_app_folders(*, flwr_home: Path, revoked: Iterable[str], approved: Ite
         return []
     removed = []
     for p in sorted(apps.iterdir()):
+        if p.parent != apps or p.name in (".", ".."):  # never anything but a direct child of the apps folder
+            continue
         if p.name.rsplit(".", 1)[-1] in gone:
             try:
                 if remove_folder(p):
@@ -196,4 +213,60 @@ def remove_app_folders(*, flwr_home: Path, revoked: Iterable[str], approved: Ite
                     log.info("removed the installed folder of revoked app %s", p.name)
             except OSError as exc:
                 log.error("could not remove the installed folder of revoked app %s: %s", p.name, exc)
+    return removed
+
+
+def _write_owner(home: Path) -> None:
+    fd = os.open(home / _OWNER_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(str(os.getpid()))
+
+
+def _owner_alive(home: Path) -> bool | None:
+    """Whether the process that made this private copy still runs (None: cannot tell)."""
+    try:
+        fd = os.open(home / _OWNER_FILE, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as fh:
+            pid = int(fh.read(32).decode("ascii").strip())
+    except (OSError, ValueError):
+        return None
+    if pid <= 0:
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process now holds that pid: ours is gone
+        return False
+    return True
+
+
+def sweep_stale_private(*, tmp_dir: Path | None = None, stale_after_s: float = STALE_AFTER_S,
+                        now: float | None = None) -> list[Path]:
+    """Remove the gate's private copies (``fedrad-app-*``) left behind by tasks that died without
+    running their exit handlers (SIGKILL): only real folders (not symlinks) owned by this user whose
+    owning process is gone, or whose owner cannot be told and that are older than ``stale_after_s``.
+    A copy whose owner still runs is kept. Returns what was removed."""
+    base = Path(tempfile.gettempdir()) if tmp_dir is None else tmp_dir
+    t = time.time() if now is None else now
+    removed: list[Path] = []
+    try:
+        candidates = [e for e in os.scandir(base) if e.name.startswith(PRIVATE_PREFIX)]
+    except OSError:
+        return removed
+    for entry in candidates:
+        try:
+            st = entry.stat(follow_symlinks=False)
+        except OSError:
+            continue
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+            continue
+        path = Path(entry.path)
+        alive = _owner_alive(path)
+        old = t - st.st_mtime > stale_after_s
+        if alive is False or (alive is None and old):
+            _discard(path)
+            if not path.exists():
+                removed.append(path)
+                log.info("removed a stale private app copy %s", path.name)
     return removed

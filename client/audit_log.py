@@ -20,6 +20,14 @@ therefore carries the head (:class:`AuditHead`, the receipt): the coordinator's 
 anchors the log off the machine, and ``fedrad-node audit verify --receipt HEAD:COUNT`` checks a
 receipt against the log.
 
+**Files**: the log, its head and its lock are never opened through a symlink (``O_NOFOLLOW``) and
+only as regular files of the node's user (checked on the open descriptor, mode set with
+``fchmod``): whoever can write the state folder cannot plant ``audit.jsonl -> ~/.bash_aliases`` and
+have the next append write a coordinator-chosen study id into it. Every entry is one line of ASCII
+JSON (control and non-ASCII characters escaped); coordinator-chosen text is cut to
+:data:`MAX_TEXT` characters. Reading tolerates any bytes: a line that is not valid UTF-8, not
+JSON, nested too deep or not an object is reported by :meth:`AuditLog.verify`, never a crash.
+
 **Unkeyed** (no key file: simulation and tests): the hash is a plain sha256, which detects damage
 and careless edits but not a rewrite (anyone can recompute it); :meth:`AuditLog.verify` says so.
 
@@ -30,11 +38,13 @@ be changed undetected either); once the key exists an unkeyed last line is never
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import hmac
 import json
 import logging
 import os
+import stat
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,6 +113,69 @@ def _json_safe(v: Any) -> Any:
     return v
 
 
+#: Longest coordinator-chosen text (study id, refusal reason) recorded in an entry.
+MAX_TEXT = 1024
+#: Largest audit file (log or head) read back (a larger one is reported, never loaded whole).
+MAX_READ_BYTES = 1 << 30
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK  # never follow a link, never block on a FIFO
+_APPEND_FLAGS = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+def _text(value: Any) -> str:
+    """Coordinator-chosen text as recorded: a str, cut to :data:`MAX_TEXT` characters (JSON escapes the
+    rest: every control character and non-ASCII character is written as an escape, so an entry is
+    always exactly one line of plain ASCII JSON)."""
+    return str(value)[:MAX_TEXT]
+
+
+def _checked_fd(fd: int, path: Path) -> os.stat_result:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise AuditError(f"{path}: not a regular file: refused (replaced by something else?)")
+    if st.st_uid != os.getuid():
+        raise AuditError(f"{path}: belongs to uid {st.st_uid}, not to this node's user: refused")
+    return st
+
+
+def _open_error(path: Path, exc: OSError) -> AuditError:
+    if exc.errno == errno.ELOOP or path.is_symlink():
+        return AuditError(f"{path}: is a symlink: refused (the audit files are never opened through a link)")
+    return AuditError(f"{path}: cannot be opened ({exc.strerror})")
+
+
+def read_private(path: Path) -> bytes | None:
+    """The bytes of one of the node's audit files, None if absent. :class:`AuditError` if it is a
+    symlink, not a regular file, not this user's, or larger than :data:`MAX_READ_BYTES`."""
+    try:
+        fd = os.open(path, _READ_FLAGS)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    try:
+        st = _checked_fd(fd, path)
+        if st.st_size > MAX_READ_BYTES:
+            raise AuditError(f"{path}: {st.st_size} bytes, larger than {MAX_READ_BYTES}: refused")
+        chunks = []
+        while chunk := os.read(fd, 1 << 20):
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def _parse_line(line: bytes) -> dict[str, Any] | None:
+    """One log line as a JSON object, or None (invalid UTF-8, invalid JSON, nested too deep, not an object)."""
+    try:
+        e = json.loads(line.decode("utf-8"))
+        if not isinstance(e, dict):
+            return None
+        _canonical(e)  # what verify hashes must be hashable too (nesting just under the parser's limit)
+    except (ValueError, TypeError, RecursionError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return None
+    return e
+
+
 def parse_receipt(text: str) -> AuditHead:
     """``HEAD:COUNT`` (as in the coordinator's governance report) -> :class:`AuditHead`."""
     head, sep, count = text.strip().partition(":")
@@ -144,13 +217,14 @@ class AuditLog:
         return any(e.get("chain") == KEYED for e in self.entries())
 
     def _read_head(self) -> tuple[str, int, str | None]:
-        if not self.head_path.exists():
+        raw = read_private(self.head_path)
+        if raw is None:
             return GENESIS, 0, None
         try:
-            head = json.loads(self.head_path.read_text(encoding="utf-8"))
+            head = json.loads(raw.decode("utf-8"))
             mac = head.get("mac")
             return str(head["last_hash"]), int(head["count"]), (None if mac is None else str(mac))
-        except (OSError, ValueError, KeyError, AttributeError, TypeError) as exc:
+        except (OSError, ValueError, KeyError, AttributeError, TypeError, RecursionError, OverflowError) as exc:
             raise AuditError(f"{self.head_path}: unreadable audit head ({exc})") from None
 
     def _write_head(self, last_hash: str, count: int, key: bytes | None) -> None:
@@ -205,16 +279,11 @@ class AuditLog:
 
     def _tail(self) -> tuple[dict[str, Any] | None, int]:
         """The last line parsed (None if absent or damaged) and the number of lines."""
-        if not self.path.exists():
-            return None, 0
-        lines = self.path.read_bytes().splitlines()
+        raw = read_private(self.path)
+        lines = [] if raw is None else raw.splitlines()
         if not lines:
             return None, 0
-        try:
-            last = json.loads(lines[-1])
-        except ValueError:
-            return None, len(lines)
-        return (last if isinstance(last, dict) else None), len(lines)
+        return _parse_line(lines[-1]), len(lines)
 
     # ------------------------------------------------------------------ writing
     def append(
@@ -242,10 +311,10 @@ class AuditLog:
             entry: dict[str, Any] = {
                 "seq": count + 1,
                 "time": time.time(),
-                "study": study,
+                "study": _text(study),
                 "round": int(round),
-                "kind": kind,
-                "outcome": outcome,
+                "kind": _text(kind),
+                "outcome": _text(outcome),
                 "arrays": [],
                 "metrics": {},
                 "epsilon_before": epsilon_before,
@@ -269,26 +338,39 @@ class AuditLog:
                 entry["hash"] = _mac(key, entry)
             else:
                 entry["hash"] = _digest(entry)
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(entry, sort_keys=True) + "\n")
-                fh.flush()
-                os.fsync(fh.fileno())
+            self._append_line((json.dumps(entry, sort_keys=True, ensure_ascii=True) + "\n").encode("ascii"))
             self._write_head(entry["hash"], count + 1, key)
-            os.chmod(self.path, 0o600)
         return AuditHead(str(entry["hash"]), count + 1)
+
+    def _append_line(self, line: bytes) -> None:
+        """Append one line to the log: never through a symlink (``O_NOFOLLOW``), only to a regular file
+        this user owns, made 0600 through the open descriptor."""
+        try:
+            fd = os.open(self.path, _APPEND_FLAGS, 0o600)
+        except OSError as exc:
+            raise _open_error(self.path, exc) from None
+        try:
+            _checked_fd(fd, self.path)
+            os.fchmod(fd, 0o600)
+            view = memoryview(line)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------ reading
     def entries(self) -> list[dict[str, Any]]:
-        if not self.path.exists():
+        """Every line parsed (a line that is not a JSON object: ``{"seq": None, "_malformed_line": N}``).
+        :class:`AuditError` if the log is a symlink or not a regular file of this user."""
+        raw = read_private(self.path)
+        if raw is None:
             return []
         out = []
-        for i, line in enumerate(self.path.read_text(encoding="utf-8").splitlines(), 1):
-            try:
-                e = json.loads(line)
-            except json.JSONDecodeError:
-                e = None
+        for i, line in enumerate(raw.splitlines(), 1):
+            e = _parse_line(line)
             # Valid JSON that is not an object (``42``, ``[]``) is as damaged as invalid JSON.
-            out.append(e if isinstance(e, dict) else {"seq": None, "_malformed_line": i})
+            out.append(e if e is not None else {"seq": None, "_malformed_line": i})
         return out
 
     def verify(self) -> list[str]:
@@ -299,13 +381,16 @@ class AuditLog:
         """Check the whole log (and its head) under the key if this log has one; never creates the key."""
         key: bytes | None = None
         problems: list[str] = []
+        try:
+            entries = self.entries()
+        except AuditError as exc:
+            return AuditReport(0, self.keyed, 0, [f"cannot verify: {exc}"])
         if self.keyed:
             try:
                 key, _ = self._load_key(create=False)
             except AuditError as exc:
-                return AuditReport(len(self.entries()), True, 0, [f"cannot verify: {exc}"])
+                return AuditReport(len(entries), True, 0, [f"cannot verify: {exc}"])
         prev, keyed_seen, prefix, unverifiable = GENESIS, False, 0, 0
-        entries = self.entries()
         for line, e in enumerate(entries, 1):
             if "_malformed_line" in e:
                 problems.append(f"line {line}: not valid JSON (edited or damaged)")
@@ -353,7 +438,10 @@ class AuditLog:
     def check_receipt(self, receipt: AuditHead) -> list[str]:
         """Problems with a receipt (the head a reply carried, from the coordinator's governance report):
         empty when entry ``receipt.count`` is in the log with exactly that hash."""
-        entries = self.entries()
+        try:
+            entries = self.entries()
+        except AuditError as exc:
+            return [f"receipt {receipt.head[:16]}...:{receipt.count}: cannot read the log ({exc})"]
         if receipt.count > len(entries):
             return [f"receipt {receipt.head[:16]}...:{receipt.count}: the log has only {len(entries)} entries "
                     "(truncated or rolled back after the coordinator got this receipt)"]

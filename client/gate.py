@@ -30,6 +30,18 @@ The gate runs Flower's ClientApp process unchanged except at those three calls (
   is refused and audited. Folders of revoked apps are removed at every decision;
 * runtime dependency installation is always off.
 
+Only ClientApp tasks run on a node. The coordinator's Run chooses the task type Flower starts
+(``primary_task_type``: an AgentApp run makes the SuperNode create ``flwr-agentapp`` tasks, which
+unpack the bundle and import its code without passing the gate), so the node's SuperExec asks for
+ClientApp tasks only and points every other task type at :data:`REFUSE_COMMAND`, which exits
+non-zero (:func:`restrict_superexec`), and the SuperNode process creates no task of another type
+(:func:`restrict_supernode`, from :func:`regate_path`).
+
+The decision never raises: a malformed bundle, a damaged file, a request whose ids are nonsense
+(``server-round = inf``) are refusals like any other, recorded in the audit log. Private copies
+left behind by a task that was killed (``SIGKILL`` skips its exit handlers) are removed when the
+next task starts (:func:`fedrad.client.app_folder.sweep_stale_private`).
+
 If the Flower internals the gate wraps are missing (another Flower version), the gate refuses to
 start: it fails closed. The node's warm runtime (:mod:`fedrad.client.warm`) forks tasks that run
 this same :func:`main`, so they pass the same gate.
@@ -57,6 +69,7 @@ from fedrad.common.errors import FedradError
 from fedrad.common.protocol import CONFIG_KEY, ERR_POLICY
 
 from .app_folder import (
+    APP_DIR,
     flower_app_folder,
     flower_home,
     folder_problems,
@@ -64,8 +77,18 @@ from .app_folder import (
     remove_app_folders,
     remove_folder,
     summarize,
+    sweep_stale_private,
 )
-from .approval import AppAllowList, AppNotApproved, fab_hash, inspect_fab, verify_app
+from .approval import (
+    INSTALLED_CLIENTAPPS,
+    AppAllowList,
+    AppApprovalSettings,
+    AppNotApproved,
+    fab_hash,
+    inspect_fab,
+    unpacked_clientapp,
+    verify_app,
+)
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +108,11 @@ _DEP_INSTALL_FLAG = "--allow-runtime-dependency-installation"
 _EXECUTABLE = 0o750  # the node's own user runs the shims; group may read and run them
 #: Wall-clock time (``time.time()``) at which this task's process started (set by the shim; for the timing log).
 TASK_T0_ENV = "FEDRAD_TASK_T0"
+#: The command the node's SuperExec starts for every task type other than a ClientApp's: it refuses
+#: and exits non-zero (an AgentApp, ServerApp, simulation, model or connector task never runs on a node).
+REFUSE_COMMAND = "fedrad-refuse-task"
+#: Exit status of :data:`REFUSE_COMMAND`.
+REFUSED_EXIT = 126
 
 
 def task_age() -> float | None:
@@ -109,6 +137,8 @@ class GateDecision:
     audit_key: Path | None = None
     #: Whether the app's folder may hold code (False on an ``apps.installed_code_only`` node).
     code_allowed: bool = True
+    #: The ClientApp reference the approved bundle names (checked again in the unpacked folder before loading).
+    clientapp: str = ""
 
     def refuse(self, reason: str | AppNotApproved) -> "GateDecision":
         """This decision, turned into a refusal for ``reason`` (worded as :class:`AppNotApproved` words it)."""
@@ -130,37 +160,73 @@ def decide(
 
     Besides the allow-list: the run must name the bundle's own publisher/name and version, and
     Flower's folder for the app (``flwr_home``, default Flower's) must be absent or exactly the
-    bundle; it is removed either way, as are the folders of revoked apps.
+    bundle; it is removed either way, as are the folders of revoked apps. Any unexpected error
+    (a malformed bundle, a damaged file) is a refusal, audited like any other once the node's
+    audit log is known.
     """
+    try:
+        digest = fab_hash(fab_content)
+    except Exception as exc:  # noqa: BLE001 - not bytes at all: refuse
+        return GateDecision("?", False, str(AppNotApproved(f"bundle unreadable ({type(exc).__name__})")))
+    try:
+        base, settings = _node_decision(digest, node_config)
+    except Exception as exc:  # noqa: BLE001 - the decision never raises
+        log.exception("app %s: could not read the node configuration", digest[:16])
+        return GateDecision(digest, False, str(AppNotApproved(
+            f"node configuration unreadable, refusing every app ({type(exc).__name__}: {exc})")))
+    if not base.approved:
+        return base
+    try:
+        return _decide_app(base, settings, fab_content=fab_content, claimed_hash=claimed_hash,
+                           run_fab_hash=run_fab_hash, run_fab_id=run_fab_id, run_fab_version=run_fab_version,
+                           flwr_home=flwr_home)
+    except AppNotApproved as exc:
+        return base.refuse(exc)
+    except Exception as exc:  # noqa: BLE001 - any doubt is an (audited) refusal
+        log.exception("app %s: unexpected error while deciding", digest[:16])
+        return base.refuse(f"unexpected error while checking the app ({type(exc).__name__}: {str(exc)[:200]})")
+
+
+def _node_decision(digest: str, node_config: Mapping[str, Any]) -> tuple[GateDecision, AppApprovalSettings]:
+    """The decision's node-side part (audit log, key, policy version); a refusal if the node's
+    configuration is missing or unreadable."""
     from .audit_key import node_audit_key
     from .node import NODE_CONFIG_KEY
     from .node_config import load_node_config
 
-    digest = fab_hash(fab_content)
+    strict = AppApprovalSettings()
     path = node_config.get(NODE_CONFIG_KEY) or os.environ.get(NODE_CONFIG_ENV)
     if not path:
-        return GateDecision(digest, False, f"no node configuration ({NODE_CONFIG_KEY}): refusing every app")
+        return GateDecision(digest, False, f"no node configuration ({NODE_CONFIG_KEY}): refusing every app"), strict
     try:
         node = load_node_config(str(path))
         audit_key = node_audit_key(node=node, node_yaml=Path(str(path)))
     except FedradError as exc:
-        return GateDecision(digest, False, f"node configuration unreadable, refusing every app: {exc}")
-    base = GateDecision(digest, True, "", node.state_dir / "audit.jsonl", node.policy.version(), audit_key,
-                        not node.apps.installed_code_only)
-    allow = AppAllowList.for_state_dir(node.state_dir)
-    try:
-        if run_fab_hash is not None and run_fab_hash != claimed_hash:
-            raise AppNotApproved(f"run names app sha256 {run_fab_hash} but the bundle received is {claimed_hash}")
-        verify_app(fab_content=fab_content, claimed_hash=claimed_hash, allow_list=allow, settings=node.apps)
-        info = inspect_fab(fab_content)
-        if run_fab_id is not None and (run_fab_id, run_fab_version) != (f"{info.publisher}/{info.name}", info.version):
-            raise AppNotApproved(f"run names app {run_fab_id!r} version {run_fab_version!r} but the bundle "
-                                 f"(sha256 {digest}) is {info.publisher}/{info.name!s} version {info.version!r}")
-    except AppNotApproved as exc:
-        return base.refuse(exc)
+        return GateDecision(digest, False, f"node configuration unreadable, refusing every app: {exc}"), strict
+    return (GateDecision(digest, True, "", node.state_dir / "audit.jsonl", node.policy.version(), audit_key,
+                         not node.apps.installed_code_only), node.apps)
+
+
+def _decide_app(base: GateDecision, settings: AppApprovalSettings, *, fab_content: bytes, claimed_hash: str,
+                run_fab_hash: str | None, run_fab_id: str | None, run_fab_version: str | None,
+                flwr_home: Path | None) -> GateDecision:
+    digest = base.fab_hash
+    assert base.audit_path is not None
+    state_dir = base.audit_path.parent
+    allow = AppAllowList.for_state_dir(state_dir)
+    if run_fab_hash is not None and run_fab_hash != claimed_hash:
+        raise AppNotApproved(f"run names app sha256 {run_fab_hash} but the bundle received is {claimed_hash}")
+    verify_app(fab_content=fab_content, claimed_hash=claimed_hash, allow_list=allow, settings=settings)
+    info = inspect_fab(fab_content)  # only ever reached for an approved bundle
+    if run_fab_id is not None and (run_fab_id, run_fab_version) != (f"{info.publisher}/{info.name}", info.version):
+        raise AppNotApproved(f"run names app {run_fab_id!r} version {run_fab_version!r} but the bundle "
+                             f"(sha256 {digest}) is {info.publisher}/{info.name!s} version {info.version!r}")
+    if not info.clientapp:
+        raise AppNotApproved(f"app {info.label} (sha256 {digest}) names no ClientApp")
+    d = replace(base, clientapp=info.clientapp)
     home = flower_home() if flwr_home is None else flwr_home
     _sweep_revoked(allow, home)
-    return _check_flower_folder(base, fab_content=fab_content, folder=flower_app_folder(
+    return _check_flower_folder(d, fab_content=fab_content, flwr_home=home, folder=flower_app_folder(
         flwr_home=home, fab_id=f"{info.publisher}/{info.name}", fab_version=info.version, digest=digest))
 
 
@@ -173,8 +239,15 @@ def _sweep_revoked(allow: AppAllowList, flwr_home: Path) -> None:
         log.error("could not remove the installed folders of revoked apps: %s", exc)
 
 
-def _check_flower_folder(d: GateDecision, *, fab_content: bytes, folder: Path) -> GateDecision:
-    """Flower's own folder for this app is never loaded; remove it, refusing if it was not the bundle."""
+def _check_flower_folder(d: GateDecision, *, fab_content: bytes, flwr_home: Path, folder: Path) -> GateDecision:
+    """Flower's own folder for this app is never loaded; remove it, refusing if it was not the bundle.
+
+    The folder's name comes from the bundle's metadata (validated by :func:`inspect_fab`); it must
+    still be a direct child of ``$FLWR_HOME/apps`` or nothing is removed and the app is refused.
+    """
+    if folder.parent != flwr_home / APP_DIR or folder.name in ("", ".", "..") or "/" in folder.name:
+        return d.refuse(f"the bundle's publisher/name/version name a folder outside Flower's apps folder "
+                        f"({folder!s}); nothing removed")
     if not (folder.exists() or folder.is_symlink()):
         return d
     try:
@@ -202,14 +275,19 @@ def _audit_refusal(decision: GateDecision, msg: Message, kind: str) -> None:
     try:  # the request's config record is data, not code: reading its ids is safe
         cfg = msg.content[CONFIG_KEY]
         study = str(cfg.get("study-id", "?"))[:64]
+    except Exception:  # noqa: BLE001 - nothing the coordinator sends may prevent the audit
+        cfg, study = {}, "?"
+    try:
         rnd = int(cfg.get("server-round", 0)) + int(cfg.get("round-offset", 0))  # type: ignore[arg-type]
-    except (KeyError, TypeError, ValueError):
-        pass
+        if not 0 <= rnd <= 10**9:
+            rnd = 0
+    except Exception:  # noqa: BLE001 - inf (OverflowError), nan, lists...: recorded as round 0
+        rnd = 0
     try:
         AuditLog(decision.audit_path, key_file=decision.audit_key).append(
             study=study, round=rnd, kind=kind, content=None, epsilon_before=None, epsilon_after=None,
             policy_version=decision.policy_version, outcome=f"refused: {decision.reason}")
-    except (OSError, FedradError):
+    except Exception:  # noqa: BLE001 - the refusal reply is sent whatever happens here
         log.exception("could not record the refusal of app %s in the audit log", decision.fab_hash[:16])
 
 
@@ -322,6 +400,11 @@ def install_gate(module: Any) -> None:
                                        code_allowed=state["decision"].code_allowed)
             if problems:  # changed between unpacking and import
                 return refusal_app(refuse(f"the app folder changed after the gate unpacked it: {summarize(problems)}"))
+            named = unpacked_clientapp(installed)  # what Flower will import, read from the verified folder
+            decision: GateDecision = state["decision"]
+            if named != decision.clientapp or (not decision.code_allowed and named not in INSTALLED_CLIENTAPPS):
+                return refusal_app(refuse(f"the unpacked app names ClientApp {named!r}, not the approved bundle's "
+                                          f"{decision.clientapp!r}"))
             sys.dont_write_bytecode = True  # no compiled cache is left in (or later read from) the folder
             return inner(fab_id, fab_version, fab_hash_str)
 
@@ -352,6 +435,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from flwr.supernode.runtime import run_clientapp as runner
 
     try:
+        sweep_stale_private()  # private copies left by tasks that were killed (SIGKILL skips atexit)
+    except Exception:  # noqa: BLE001 - housekeeping never stops the gate
+        log.exception("could not remove stale private app copies")
+    try:
         install_gate(runner)
     except FedradError as exc:
         log.error("%s", exc)
@@ -363,19 +450,77 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0  # pragma: no cover
 
 
-def superexec_main(bin_dir: str | Path) -> int:
-    """The node's ``flower-superexec``: Flower's SuperExec, starting ClientApp tasks only through
-    the gate in ``bin_dir`` (by absolute path). Fails closed if this Flower has no such mapping."""
-    gate_path = Path(bin_dir).resolve() / CLIENTAPP_COMMAND
-    if not os.access(gate_path, os.X_OK):
-        log.error("the node's gate %s is missing: refusing to start SuperExec", gate_path)
-        return 1
-    try:
-        from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+def restrict_superexec(*, gate_path: Path, refuse_path: Path) -> None:
+    """Make this process's SuperExec start ClientApp tasks only, and only through the gate.
 
-        TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = str(gate_path)  # the executors read this dict per launch
+    Flower's SuperExec (``AutoExecPlugin``) accepts every task type and starts the command
+    ``TASK_TYPE_TO_COMMAND`` names for it, looked up on ``PATH``; the task type comes from the
+    coordinator's Run (an AgentApp run makes the SuperNode create ``flwr-agentapp`` tasks, which
+    unpack the bundle and import its code, ungated). So: the plugin asks for ClientApp tasks only,
+    every other task type is pointed at :data:`REFUSE_COMMAND` (exits non-zero, runs nothing), and the
+    ClientApp's at the gate, all by absolute path. Raises ImportError/AttributeError if this Flower
+    lacks those internals (the caller then refuses to start).
+    """
+    from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
+    from flwr.supercore.superexec.plugin import base_exec_plugin
+
+    for task_type in set(TaskType) | set(TASK_TYPE_TO_COMMAND):
+        TASK_TYPE_TO_COMMAND[task_type] = str(refuse_path)  # the executors read this dict per launch
+    TASK_TYPE_TO_COMMAND[TaskType.CLIENT_APP] = str(gate_path)
+    plugin_cls = base_exec_plugin.AutoExecPlugin
+    plugin_cls.supported_task_types = frozenset({TaskType.CLIENT_APP})  # type: ignore[misc]
+    plugin_cls.visible_output_task_types = frozenset({TaskType.CLIENT_APP})  # type: ignore[misc]
+
+
+def restrict_supernode() -> None:
+    """In the SuperNode's own process: refuse to create any task but a ClientApp's.
+
+    Flower 1.41's SuperNode creates an AgentApp task when the coordinator's Run says
+    ``primary_task_type`` is an AgentApp (``start_client_internal``), and a running task may ask
+    the SuperNode to create more; every task is created through the node state's ``create_task``,
+    which here answers None (Flower then drops the message: "Failed to create task") for any other
+    type. Raises ImportError/AttributeError if this Flower lacks that call.
+    """
+    from flwr.supercore.constant import TaskType
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    create = InMemoryNodeState.create_task
+    if getattr(create, "_fedrad_gate", False):
+        return
+
+    def create_task(self: Any, task_type: str, *args: Any, **kwargs: Any) -> int | None:
+        if task_type != TaskType.CLIENT_APP:
+            log.error("refused a %r task: this node runs ClientApp tasks only, behind its app-approval gate",
+                      str(task_type)[:64])
+            return None
+        return create(self, task_type, *args, **kwargs)
+
+    create_task._fedrad_gate = True  # type: ignore[attr-defined]
+    InMemoryNodeState.create_task = create_task  # type: ignore[method-assign]
+
+
+def refuse_task_main(argv: Sequence[str] | None = None) -> int:
+    """The node's :data:`REFUSE_COMMAND`: what SuperExec starts for any task that is not a ClientApp's.
+    Imports nothing of the task, contacts nothing, exits :data:`REFUSED_EXIT`."""
+    del argv
+    sys.stderr.write("fedrad: this node runs ClientApp tasks only, behind its app-approval gate; task refused\n")
+    return REFUSED_EXIT
+
+
+def superexec_main(bin_dir: str | Path) -> int:
+    """The node's ``flower-superexec``: Flower's SuperExec, starting ClientApp tasks only, and only
+    through the gate in ``bin_dir`` (by absolute path); every other task type is refused
+    (:func:`restrict_superexec`). Fails closed if this Flower has no such mapping."""
+    gate_path = Path(bin_dir).resolve() / CLIENTAPP_COMMAND
+    refuse_path = Path(bin_dir).resolve() / REFUSE_COMMAND
+    for needed in (gate_path, refuse_path):
+        if not os.access(needed, os.X_OK):
+            log.error("the node's %s is missing: refusing to start SuperExec", needed)
+            return 1
+    try:
+        restrict_superexec(gate_path=gate_path, refuse_path=refuse_path)
         from flwr.supercore.cli import flower_superexec
-    except (ImportError, AttributeError, KeyError) as exc:
+    except (ImportError, AttributeError, KeyError, TypeError) as exc:
         log.error("cannot gate this Flower version's SuperExec (%s): refusing to start", exc)
         return 1
     os.environ["PATH"] = os.pathsep.join([str(gate_path.parent), os.environ.get("PATH", "")])
@@ -386,8 +531,9 @@ def superexec_main(bin_dir: str | Path) -> int:
 
 # ---------------------------------------------------------------------------- launcher side
 def write_shim(bin_dir: str | Path, *, python: str | None = None) -> Path:
-    """Write the node's ``flwr-clientapp`` (runs :func:`main` with this interpreter) and its
-    ``flower-superexec`` (:func:`superexec_main`) into ``bin_dir``; returns the ``flwr-clientapp``."""
+    """Write the node's ``flwr-clientapp`` (runs :func:`main` with this interpreter), its
+    ``flower-superexec`` (:func:`superexec_main`) and its :data:`REFUSE_COMMAND`
+    (:func:`refuse_task_main`) into ``bin_dir``; returns the ``flwr-clientapp``."""
     d = Path(bin_dir)
     interpreter = python or sys.executable
     target = d / CLIENTAPP_COMMAND
@@ -404,6 +550,12 @@ def write_shim(bin_dir: str | Path, *, python: str | None = None) -> Path:
         "# (written by fedrad-node start)\n"
         "import sys\n\nfrom fedrad.client.gate import superexec_main\n\n"
         f"sys.exit(superexec_main({str(d.resolve())!r}))\n"), mode=_EXECUTABLE)
+    atomic_write_text(d / REFUSE_COMMAND, (
+        f"#!{interpreter}\n"
+        "# fedrad: what the node's SuperExec starts for any task that is not a ClientApp's: refuses it\n"
+        "# (written by fedrad-node start)\n"
+        "import sys\n\nfrom fedrad.client.gate import refuse_task_main\n\n"
+        "sys.exit(refuse_task_main(sys.argv[1:]))\n"), mode=_EXECUTABLE)
     return target
 
 
@@ -419,13 +571,19 @@ def gated_env(*, bin_dir: str | Path, node_config: str | Path, base: Mapping[str
 
 def regate_path() -> None:
     """In the SuperNode's own process: put the gate's folder first on ``PATH`` again (a wrapper
-    such as pyenv's shims may have put another first since :func:`gated_env`), then check it.
+    such as pyenv's shims may have put another first since :func:`gated_env`), then check it, and
+    refuse every task type but a ClientApp's (:func:`restrict_supernode`).
     Raises :class:`FedradError` when the process was not started with a gated environment."""
     bin_dir = os.environ.get(GATE_BIN_ENV)
     if not bin_dir:
         raise FedradError(f"{GATE_BIN_ENV} is not set: start the node with `fedrad-node start`")
     os.environ["PATH"] = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
     check_gated(os.environ, bin_dir=bin_dir)
+    try:
+        restrict_supernode()
+    except (ImportError, AttributeError) as exc:
+        raise FedradError(f"cannot restrict this Flower version's SuperNode to ClientApp tasks ({exc}); "
+                          "refusing to start") from None
 
 
 def check_gated(env: Mapping[str, str], *, bin_dir: str | Path) -> None:

@@ -8,13 +8,17 @@ old one, fsync the folder.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from fedrad.common.errors import FedradError
 
 
 def atomic_write_text(path: Path, text: str, *, mode: int | None = 0o600) -> None:
@@ -25,10 +29,10 @@ def atomic_write_text(path: Path, text: str, *, mode: int | None = 0o600) -> Non
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
+            if mode is not None:
+                os.fchmod(fh.fileno(), mode)  # through the descriptor: never a path someone could swap
             os.fsync(fh.fileno())
-        if mode is not None:
-            os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        os.replace(tmp, path)  # replaces a symlink at ``path`` itself, never its target
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -45,13 +49,50 @@ def atomic_write_json(path: Path, data: Any, *, mode: int | None = 0o600, **dump
     atomic_write_text(path, json.dumps(data, **{"indent": 1, "sort_keys": True, **dump}), mode=mode)
 
 
+_LOCK_FLAGS = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+
+
+class UnsafeFileError(FedradError, OSError):
+    """A file fedrad writes is a symlink, not a regular file, or not this user's: refused (an
+    :class:`OSError` too, so callers that handle unusable files handle it)."""
+
+    def __init__(self, code: int, message: str, path: str) -> None:
+        OSError.__init__(self, code, f"{path}: {message}", path)
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def open_lock(path: Path) -> int:
+    """Open (creating 0600 if missing) the lock file ``path``: never through a symlink, only a
+    regular file this user owns. Returns the descriptor; :class:`UnsafeFileError` otherwise."""
+    try:
+        fd = os.open(path, _LOCK_FLAGS, 0o600)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UnsafeFileError(errno.ELOOP, "lock file is a symlink: refused", str(path)) from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_uid != os.getuid():
+            raise UnsafeFileError(errno.EPERM, "lock file is not a regular file of this user: refused", str(path))
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 @contextlib.contextmanager
 def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` + ``.lock`` (serialises writers across processes)."""
+    """Hold an exclusive lock on ``path`` + ``.lock`` (serialises writers across processes); the lock
+    file is opened with :func:`open_lock` (no symlinks, regular file of this user)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    fd = open_lock(path.with_name(path.name + ".lock"))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
         try:
             yield
         finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+    finally:
+        os.close(fd)

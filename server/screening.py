@@ -8,8 +8,11 @@ out of the aggregation and the pooled validation, and the round goes on with the
 
 Rules (train and evaluate replies):
 
-- arrays (train): exactly the model's names; each decodes as a NumPy array of the model's dtype
-  (float32) and shape; every value finite. The aggregation only ever sees the decoded arrays.
+- arrays (train): exactly the model's names; before anything is decoded, each array's serialisation
+  type, declared dtype and shape, its ``.npy`` header's dtype and shape, and its byte length (the
+  model's size plus a header of at most MAX_NPY_HEADER bytes) are checked (``np.load`` allocates
+  whatever shape the header states); then it decodes as a NumPy array of the model's dtype
+  (float32) and shape, every value finite. The aggregation only ever sees the decoded arrays.
 - ``num-examples``: an integer in [1, MAX_EXAMPLES] for train, [0, MAX_EXAMPLES] for evaluate.
   MAX_EXAMPLES = 10**7 (ten million images: far above any one hospital's training set, small
   enough that a weighted mean over a handful of sites stays finite and no site's weight can exceed
@@ -28,6 +31,7 @@ an older node still sends them) are ignored: never checked, never recorded.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Mapping
@@ -36,6 +40,8 @@ from typing import Any
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.common.constant import SType
+from numpy.lib import format as npy_format
 
 from fedrad.common.errors import ProtocolError
 from fedrad.common.metrics import HIST_BINS
@@ -176,9 +182,54 @@ def _scalars(metrics: MetricRecord, *, allowed: frozenset[str]) -> dict[str, int
     return out
 
 
+#: Largest ``.npy`` header (magic, version, length, dict) an array's bytes may carry besides its data.
+MAX_NPY_HEADER = 4096
+_NPY_HEADER_READERS = {(1, 0): npy_format.read_array_header_1_0, (2, 0): npy_format.read_array_header_2_0}
+
+
+def _check_encoding(field: str, arr: Array, *, shape: tuple[int, ...], dtype: np.dtype) -> None:
+    """Check what an Array says about itself, and its byte length, before anything is decoded
+    (``np.load`` allocates whatever shape the ``.npy`` header states): the serialisation type, the
+    declared dtype and shape, the ``.npy`` header's own dtype and shape, and a byte length of exactly
+    header + the model's size."""
+    if arr.stype != SType.NUMPY:
+        raise RejectedReply(field, f"serialisation {str(arr.stype)[:40]!r}, expected {SType.NUMPY!r}")
+    if str(arr.dtype) != str(dtype):
+        raise RejectedReply(field, f"dtype {str(arr.dtype)[:40]}, the model's is {dtype}")
+    if tuple(arr.shape) != tuple(shape):
+        raise RejectedReply(field, f"shape {tuple(arr.shape)[:8]}, the model's is {tuple(shape)}")
+    data = arr.data
+    if not isinstance(data, bytes):
+        raise RejectedReply(field, "data must be bytes")
+    size = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    if not size < len(data) <= size + MAX_NPY_HEADER:
+        raise RejectedReply(field, f"{len(data)} bytes, expected {size} bytes of data plus a header of at most "
+                                   f"{MAX_NPY_HEADER}")
+    fp = io.BytesIO(data)
+    try:
+        version = npy_format.read_magic(fp)
+        reader = _NPY_HEADER_READERS.get(version)
+        if reader is None:
+            raise ValueError(f"unsupported .npy version {version}")
+        header_shape, _fortran, header_dtype = reader(fp, max_header_size=MAX_NPY_HEADER)
+    except Exception as exc:  # noqa: BLE001 - an unreadable header is a rejection, not a crash
+        raise RejectedReply(field, f"unreadable array header ({type(exc).__name__})") from None
+    if header_dtype != dtype or tuple(header_shape) != tuple(shape):
+        raise RejectedReply(field, f"its header says dtype {header_dtype}, shape {tuple(header_shape)[:8]}; the "
+                                   f"model's are {dtype}, {tuple(shape)}")
+    if len(data) - fp.tell() != size:
+        raise RejectedReply(field, f"{len(data) - fp.tell()} bytes of data, expected {size}")
+
+
 def _decode(name: str, arr: Any, *, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     if not isinstance(arr, Array):
         raise RejectedReply(f"arrays.{name}", f"must be an Array, got {type(arr).__name__}")
+    try:
+        _check_encoding(f"arrays.{name}", arr, shape=tuple(shape), dtype=dtype)
+    except RejectedReply:
+        raise
+    except Exception as exc:  # noqa: BLE001 - malformed metadata is a rejection, not a crash
+        raise RejectedReply(f"arrays.{name}", f"malformed array metadata ({type(exc).__name__})") from None
     try:
         value = arr.numpy()
     except Exception as exc:  # noqa: BLE001 - anything undecodable is a rejection, not a crash

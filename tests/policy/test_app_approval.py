@@ -269,8 +269,13 @@ def test_node_superexec_starts_only_the_gate_by_absolute_path(tmp_path: Path, mo
     from flwr.supercore import cli
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
 
+    from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
+
     bin_dir = tmp_path / "bin"
-    monkeypatch.setitem(TASK_TYPE_TO_COMMAND, TaskType.CLIENT_APP, gate.CLIENTAPP_COMMAND)
+    for task_type, command in list(TASK_TYPE_TO_COMMAND.items()):  # put back what superexec_main changes
+        monkeypatch.setitem(TASK_TYPE_TO_COMMAND, task_type, command)
+    monkeypatch.setattr(AutoExecPlugin, "supported_task_types", AutoExecPlugin.supported_task_types)
+    monkeypatch.setattr(AutoExecPlugin, "visible_output_task_types", AutoExecPlugin.visible_output_task_types)
     monkeypatch.setattr(cli, "flower_superexec", lambda: None)  # Flower's loop itself is not under test
     monkeypatch.setenv("PATH", os.environ["PATH"])
     monkeypatch.setattr(sys, "argv", list(sys.argv))
@@ -284,6 +289,9 @@ def test_node_superexec_starts_only_the_gate_by_absolute_path(tmp_path: Path, mo
 
 
 def test_supernode_process_puts_the_gate_first_again(tmp_path: Path, node_yaml: Path, monkeypatch) -> None:
+    from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
+
+    monkeypatch.setattr(InMemoryNodeState, "create_task", InMemoryNodeState.create_task)  # regate_path wraps it
     bin_dir = tmp_path / "state" / "bin"
     gate.write_shim(bin_dir)
     env = gate.gated_env(bin_dir=bin_dir, node_config=node_yaml)
