@@ -149,9 +149,10 @@ def noise_warning(history: StudyHistory, n: int, name: str) -> str | None:
     if not earlier:
         return None
     median = statistics.median(earlier)
+    whose = "its" if own else "the study's"
     if float(sigma) <= NOISE_JUMP * median:
         return None
     return (f"round {n}: {name} trained with noise multiplier {float(sigma):.3g}, {float(sigma) / median:.1f}x the "
-            f"median of {'its' if own else "the study's"} earlier rounds ({median:.3g}); this round's update is much "
+            f"median of {whose} earlier rounds ({median:.3g}); this round's update is much "
             "noisier (little budget left, e.g. after an interrupted round was charged); model.pt is chosen by "
             "pooled validation")
