@@ -40,13 +40,16 @@ def hospital_splits(n: int, *, train: int = 160, val: int = 80) -> list[tuple[Im
 
 class FakeHospitals(Grid):
     def __init__(self, study: Any, *, sites: list[tuple[ImageSplit, ImageSplit]], noisy_rounds: dict[int, float] | None = None,
-                 crash_at: int | None = None, node_ids: list[int] | None = None, steps: int = 15) -> None:
+                 crash_at: int | None = None, node_ids: list[int] | None = None, steps: int = 15,
+                 simulation: bool = True) -> None:
         self.study = study
         self.sites = sites
         self.noisy = dict(noisy_rounds or {})
         self.crash_at = crash_at
         self.node_ids = list(node_ids or [101 + i for i in range(len(sites))])
         self.steps = steps
+        #: False: replies carry no partition id (deployment); names come from the coordinator.
+        self.simulation = simulation
         self._run: Any = None
 
     # -- Grid plumbing ------------------------------------------------------------------------
@@ -120,6 +123,8 @@ class FakeHospitals(Grid):
                                        "epsilon": 0.5 * n, "epsilon_budget": 8.0, "partition-id": pid}
             if "round" in protocol.TRAIN_METRICS:
                 metrics["round"] = n
+            if not self.simulation:
+                del metrics["partition-id"]
             arrays = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items()})
             return self._reply(msg, {"arrays": arrays, "metrics": MetricRecord(metrics)})
         hist = evaluate(model, val, device=CPU).histograms
@@ -127,4 +132,6 @@ class FakeHospitals(Grid):
                    "epsilon": 0.1 * n, "epsilon_budget": 2.0, "partition-id": pid}
         if "round" in protocol.EVAL_METRICS:
             metrics["round"] = n
+        if not self.simulation:
+            del metrics["partition-id"]
         return self._reply(msg, {"metrics": MetricRecord(metrics)})
