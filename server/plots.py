@@ -3,7 +3,7 @@ metrics (PNG).
 
 Curves a reader must tell apart get distinct markers and line styles and a small sideways offset
 per hospital (the x positions are rounds; the offset never moves a point past a quarter round), and
-hospitals whose curves coincide share one legend entry that says so. Every axis is labelled."""
+a curve that coincides with another says so in its legend entry. Every axis is labelled."""
 
 from __future__ import annotations
 
@@ -48,28 +48,23 @@ def _groups(series: dict[str, tuple[list[int], list[float]]]) -> list[tuple[list
 
 def plot_sites(ax: plt.Axes, series: dict[str, tuple[list[int], list[float]]], *, start_at_zero: bool = False,
                **style: object) -> int:
-    """One curve per hospital, distinguishable where they overlap; returns the number of curves drawn.
-
-    Coinciding curves (the same values every round) are drawn once per hospital with their own
-    marker, style and offset, under one legend entry "a = b (curves coincide)"."""
-    drawn = 0
-    span = max((len(names) for names, _, _ in _groups(series)), default=1)
+    """One curve per series (hospital), each with its own marker, line style, sideways offset and
+    legend entry; returns the number of curves drawn. A curve with the same values as an earlier
+    one every round is labelled "name (= first, curves coincide)"."""
+    n = len(series)
+    step = min(OFFSET, 0.5 / max(n - 1, 1))  # all offsets within +-0.25 rounds
     i = 0
     for names, xs, ys in _groups(series):
         for j, name in enumerate(names):
-            step = min(OFFSET, 0.5 / max(len(series) - 1, 1))  # all offsets within +-0.25 rounds
-            shift = (i - (len(series) - 1) / 2) * step
+            shift = (i - (n - 1) / 2) * step if n > 1 else 0.0
             px = ([0] if start_at_zero else []) + xs
             py = ([0.0] if start_at_zero else []) + ys
-            label = None
-            if j == 0:
-                label = " = ".join(names) + (" (curves coincide)" if len(names) > 1 else "")
+            label = name if j == 0 else f"{name} (= {names[0]}, curves coincide)"
             ax.plot([x + shift for x in px], py, marker=MARKERS[i % len(MARKERS)],
-                    ls=LINESTYLES[(i // len(MARKERS) + j) % len(LINESTYLES)], markersize=5 + 2 * (span - 1 - j),
+                    ls=LINESTYLES[i % len(LINESTYLES)], markersize=7 if j == 0 else 5,
                     markerfacecolor="none" if j else None, label=label, **style)  # type: ignore[arg-type]
-            drawn += 1
             i += 1
-    return drawn
+    return i
 
 
 def _style(fig: plt.Figure) -> plt.Figure:
