@@ -93,11 +93,22 @@ def check_resumable(study: StudyConfig, run_dir: Path) -> str | None:
         shown = ", ".join(diff[:8]) + (f" and {len(diff) - 8} more" if len(diff) > 8 else "")
         raise FederationError(f"{run_dir}: holds checkpoints of a different study (differs in {shown}); "
                               "resume with the run's own settings (omit --config) or use a new --out folder")
+    if sid is None:
+        sid = _metrics_study_id(run_dir)
     if sid is None:  # checkpoints written before the id was recorded: the id was the fingerprint
         from fedrad.common.config import parse_study
 
         sid = parse_study(recorded, source=str(run_dir / "checkpoints")).fingerprint()[:16]
     return sid
+
+
+def _metrics_study_id(run_dir: Path) -> str | None:
+    """The study id ``metrics.json`` recorded (runners that do not put it into checkpoints)."""
+    try:
+        sid = json.loads((run_dir / "metrics.json").read_text(encoding="utf-8")).get("study_id")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return sid if isinstance(sid, str) and sid else None
 
 
 def study_for_resume(run_dir: Path) -> StudyConfig | None:
