@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import time
 from pathlib import Path
-
-import yaml
 
 from fedrad import bundled_path
 from fedrad.common.cli import console
 from fedrad.common.config import StudyConfig, load_study
-
-log = logging.getLogger(__name__)
 
 #: Exit code of a study stopped by Ctrl-C (SIGINT) after its state was saved (128 + SIGINT).
 EXIT_INTERRUPTED = 130
@@ -62,16 +57,13 @@ def choose_study(config: Path | None, out: Path | None) -> tuple[StudyConfig, Pa
 
 def run(args: argparse.Namespace) -> int:
     from fedrad.server.report import RichReporter, final_table, privacy_table, rounds_table
-    from fedrad.server.resume import CONFIG_NAME, check_resumable
+    from fedrad.server.resume import accept_run
     from fedrad.server.simulation import simulate
 
     study, source = choose_study(args.config, args.out)
     run_dir = run_folder(study, args.out).resolve()
-    resumed_id = check_resumable(study, run_dir)  # reads only: a refused resume leaves the folder as it was
-    run_dir.mkdir(parents=True, exist_ok=True)
-    config_file = run_dir / CONFIG_NAME
-    if resumed_id is None or not config_file.exists() or args.config is not None:
-        config_file.write_text(yaml.safe_dump(study.to_dict(), sort_keys=False), encoding="utf-8")
+    # checked before anything is written: a refused resume leaves the run folder as it was
+    resumed_id = accept_run(study, run_dir, rewrite_config=args.config is not None)
     verb = "resuming" if resumed_id is not None else "study"
     console.print(f"{verb} [bold]{study.federation.name}[/] from {source}; outputs in {run_dir}")
     t0 = time.perf_counter()

@@ -117,3 +117,18 @@ def study_for_resume(run_dir: Path) -> StudyConfig | None:
     if not path.is_file():
         return None
     return load_study(path)
+
+
+def accept_run(study: StudyConfig, run_dir: Path, *, rewrite_config: bool = False) -> str | None:
+    """Check that ``study`` may run in ``run_dir`` (:func:`check_resumable`), then create the folder
+    and write its ``config.yaml`` (a new run; a resume only when it has none or ``rewrite_config``).
+
+    Nothing is written when the check fails. Returns the recorded study id when resuming."""
+    import yaml
+
+    resumed_id = check_resumable(study, run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    config_file = run_dir / CONFIG_NAME
+    if resumed_id is None or rewrite_config or not config_file.exists():
+        config_file.write_text(yaml.safe_dump(study.to_dict(), sort_keys=False), encoding="utf-8")
+    return resumed_id
