@@ -51,6 +51,7 @@ class FakeHospitals(Grid):
         #: False: replies carry no partition id (deployment); names come from the coordinator.
         self.simulation = simulation
         self._run: Any = None
+        self._pending: dict[str, Message] = {}
 
     # -- Grid plumbing ------------------------------------------------------------------------
     def set_run(self, run: Any) -> None:
@@ -68,13 +69,19 @@ class FakeHospitals(Grid):
         return list(self.node_ids)
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        raise NotImplementedError("use send_and_receive")
+        """Each hospital answers at once; the replies wait for :meth:`pull_messages`."""
+        ids = []
+        for m in messages:
+            reply = self._answer(m)
+            ids.append(reply.metadata.reply_to_message_id)
+            self._pending[ids[-1]] = reply
+        return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        raise NotImplementedError("use send_and_receive")
+        return [self._pending.pop(i) for i in list(message_ids) if i in self._pending]
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
-        return [self._answer(m) for m in messages]
+        return list(self.pull_messages(self.push_messages(messages)))
 
     # -- the hospitals --------------------------------------------------------------------------
     def _model(self, content: RecordDict) -> torch.nn.Module:
