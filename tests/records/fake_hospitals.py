@@ -40,7 +40,7 @@ def hospital_splits(n: int, *, train: int = 160, val: int = 80) -> list[tuple[Im
 
 class FakeHospitals(Grid):
     def __init__(self, study: Any, *, sites: list[tuple[ImageSplit, ImageSplit]], noisy_rounds: dict[int, float] | None = None,
-                 crash_at: int | None = None, node_ids: list[int] | None = None, steps: int = 15,
+                 crash_at: int | None = None, node_ids: list[int] | None = None, steps: int = 6,
                  simulation: bool = True) -> None:
         self.study = study
         self.sites = sites

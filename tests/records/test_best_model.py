@@ -43,7 +43,7 @@ def test_coordinator_killed_in_last_round_then_resumed_keeps_the_better_model(tm
     m = json.loads((run_dir / "metrics.json").read_text())
     pooled = {r["round"]: r["pooled_validation"]["auc"] for r in m["rounds"]}
     assert m["status"] == "completed" and sorted(pooled) == [1, 2, 3]
-    assert pooled[3] < auc_before_crash  # precondition: the resumed round really is worse
+    assert pooled[3] < auc_before_crash, pooled  # precondition: the resumed round really is worse
     choice = m["model"]
     assert choice["is"] == "best" and choice["round"] in (1, 2) and choice["last_round"] == 3
     assert pooled[choice["round"]] >= auc_before_crash  # never worse than the checkpoint before the crash
