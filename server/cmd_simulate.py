@@ -78,9 +78,9 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"[yellow]interrupted[/] after {time.perf_counter() - t0:.0f}s; state saved in {run_dir}/. "
                       f"Resume with: fedrad simulate --out {run_dir}")
         return EXIT_INTERRUPTED
-    model_note = history.model_choice.get("note") if history.model_choice else None
-    if model_note:
-        console.print(f"model.pt: {model_note}")
+    choice = history.model_choice or {}
+    if choice.get("is") == "last" and choice.get("note"):  # the "best" case is among the notes above
+        console.print(f"model.pt: {choice['note']}")
     console.print(f"{history.status} in {time.perf_counter() - t0:.0f}s. Outputs: {run_dir}/"
                   "{metrics.json, model.pt, best-model.pt, last-model.pt, checkpoints/, governance.json, "
                   "governance.md, loss.png, epsilon.png, metrics.png}")
