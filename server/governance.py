@@ -96,7 +96,9 @@ def _hospitals(history: StudyHistory) -> list[dict[str, Any]]:
                 rec["refusals"].append({"round": n, "reason": status})
     for name, rec in out.items():
         p = privacy.get(name, {})
-        rec["epsilon"] = p.get("epsilon")
+        rec["study_epsilon"] = p.get("study_epsilon")  # this study's account
+        rec["study_epsilon_budget"] = p.get("study_budget")
+        rec["epsilon"] = p.get("epsilon")  # the dataset's lifetime account (all studies)
         rec["epsilon_budget"] = p.get("budget")
         rec["took_part"] = rec["rounds_contributed"] > 0
         rec.setdefault("val_epsilon", None)
@@ -139,7 +141,7 @@ def build_report(
             "torch_version": torch.__version__,
             "opacus_version": _version("opacus"),
         },
-        "model": model_summary(run_dir / "model.pt"),
+        "model": {**model_summary(run_dir / "model.pt"), "selection": dict(history.model_choice)},
         "hospitals": _hospitals(history),
         "global_test": history.final_test,
         "operating_threshold": dict(history.operating_threshold),
@@ -176,18 +178,26 @@ def render_markdown(report: dict[str, Any]) -> str:
         f"{_cell(sw['opacus_version'])} |",
         f"| model | {s['model']} ({_cell(m.get('parameters'))} parameters), strategy {s['strategy']} |",
         f"| final model sha256 ({m['path']}) | {'`' + m['sha256'] + '`' if m.get('sha256') else '-'} |",
+        f"| which model is {m['path']} | {_cell((m.get('selection') or {}).get('note'))} |",
         f"| differential privacy | {'on' if p['enabled'] else '**off**'}: budget epsilon {_cell(p['epsilon_budget'])}, "
         f"delta {_cell(p['delta'])}, clipping {_cell(p['max_grad_norm'])}, {p['accountant']} accountant |",
         "",
         "## Hospitals",
         "",
-        "| hospital | took part | rounds contributed | refused | failed | epsilon spent | budget | last status |",
-        "|---|---|---|---|---|---|---|---|",
+        "Epsilon per account, each of its own budget: this study's, the dataset's lifetime over every "
+        "study (what the hospital's ledger enforces) and the validation account.",
+        "",
+        "| hospital | took part | rounds contributed | refused | failed | study epsilon / budget | "
+        "lifetime epsilon / budget | validation epsilon / budget | last status |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for h in report["hospitals"]:
         lines.append(f"| {_cell(h['name'])} | {'yes' if h['took_part'] else 'no'} | {h['rounds_contributed']} | "
-                     f"{h['rounds_refused']} | {h['rounds_failed']} | {_cell(h['epsilon'])} | "
-                     f"{_cell(h['epsilon_budget'])} | {_cell(h['last_status'])[:80]} |")
+                     f"{h['rounds_refused']} | {h['rounds_failed']} | "
+                     f"{_cell(h.get('study_epsilon'))} / {_cell(h.get('study_epsilon_budget'))} | "
+                     f"{_cell(h['epsilon'])} / {_cell(h['epsilon_budget'])} | "
+                     f"{_cell(h.get('val_epsilon'))} / {_cell(h.get('val_epsilon_budget'))} | "
+                     f"{_cell(h['last_status'])[:80]} |")
     anchored = [h for h in report["hospitals"] if h.get("last_receipt")]
     if anchored:
         lines += ["", "### Audit-log anchors (last receipt per hospital)", "",

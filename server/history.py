@@ -89,6 +89,8 @@ class StudyHistory:
         self.events: list[str] = []
         #: The final model's operating threshold: {"value", "round", "rule"} (set when the study ends).
         self.operating_threshold: dict[str, Any] = {}
+        #: Which global model ``model.pt`` is ({"is": "best"|"last", "round", ...}; set when the study ends).
+        self.model_choice: dict[str, Any] = {}
 
     @classmethod
     def resume(cls, path: Path, *, study: dict[str, Any], study_id: str, up_to_round: int) -> "StudyHistory":
@@ -98,6 +100,7 @@ class StudyHistory:
             hist.initial_test = data.get("initial_test") or {}
             hist.events = list(data.get("events", []))
             hist.operating_threshold = data.get("operating_threshold") or {}
+            hist.model_choice = data.get("model") or {}
             for r in data.get("rounds", []):
                 if r["round"] <= up_to_round:
                     hist.rounds[r["round"]] = RoundRecord(
@@ -149,13 +152,26 @@ class StudyHistory:
         return out
 
     def privacy(self) -> dict[str, dict[str, Any]]:
-        """Latest epsilon per hospital (cumulative, as its ledger reports it)."""
+        """Per hospital, its latest privacy figures, each with its own budget:
+
+        * ``study_epsilon`` / ``study_budget``: spent by this study (the hospital's per-study account);
+        * ``epsilon`` / ``budget``: the dataset's lifetime spend over every study (its ledger), which is
+          what the hospital's ledger refuses on;
+        * ``val_epsilon`` / ``val_budget``: the validation account (evaluate replies).
+        """
         out: dict[str, dict[str, Any]] = {}
         for n in sorted(self.rounds):
             for name, h in self.rounds[n].hospitals.items():
+                rec = out.setdefault(name, {"epsilon": None, "budget": None, "study_epsilon": None,
+                                            "study_budget": None, "val_epsilon": None, "val_budget": None,
+                                            "round": None})
                 if h.get("epsilon") is not None:
-                    out[name] = {"epsilon": h["epsilon"], "budget": h.get("epsilon_budget"), "round": n}
-        return out
+                    rec.update(epsilon=h["epsilon"], budget=h.get("epsilon_budget"), round=n)
+                if h.get("study_epsilon") is not None:
+                    rec.update(study_epsilon=h["study_epsilon"], study_budget=h.get("study_epsilon_budget"), round=n)
+                if h.get("val_epsilon") is not None:
+                    rec.update(val_epsilon=h["val_epsilon"], val_budget=h.get("val_epsilon_budget"))
+        return {k: v for k, v in out.items() if v["epsilon"] is not None}
 
     def event(self, text: str) -> None:
         self.events.append(text)
@@ -170,6 +186,7 @@ class StudyHistory:
             "global_test": self.final_test,
             "privacy": self.privacy(),
             "operating_threshold": self.operating_threshold,
+            "model": self.model_choice,
             "events": self.events,
         }
 

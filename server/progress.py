@@ -26,3 +26,11 @@ class NullReporter:
 
     def study_finished(self, history: StudyHistory) -> None:
         pass
+
+
+def notify(reporter: Reporter, text: str) -> None:
+    """Show ``text`` (a warning for the operator) if ``reporter`` can; reporters without a
+    ``note`` method (older ones) skip it: the warning is in the run's events either way."""
+    note = getattr(reporter, "note", None)
+    if callable(note):
+        note(text)

@@ -22,9 +22,24 @@ def _f(x: Any, fmt: str = ".3f") -> str:
     return "-" if not math.isfinite(v) else format(v, fmt)
 
 
+def _eps(value: Any, budget: Any) -> str:
+    return f"{_f(value, '.2f')}/{_f(budget, 'g')}" if budget is not None else _f(value, ".2f")
+
+
+def site_privacy(h: dict[str, Any]) -> str:
+    """A hospital's privacy in one round: this study's epsilon of its study budget, then the
+    dataset's lifetime epsilon of its lifetime budget (two accounts, two budgets)."""
+    study = _eps(h.get("study_epsilon"), h.get("study_epsilon_budget"))
+    life = _eps(h.get("epsilon"), h.get("epsilon_budget"))
+    if h.get("study_epsilon") is None:
+        return f"lifetime eps {life}"
+    return f"study eps {study} (lifetime {life})"
+
+
 class RichReporter:
-    """Progress bar over rounds plus one line per round: per-hospital epsilon (or why it is missing),
-    pooled validation AUC and loss (from the hospitals' DP histograms), test AUC."""
+    """Progress bar over rounds plus one line per round: per-hospital privacy (this study's epsilon and
+    the dataset's lifetime epsilon, each of its own budget; or why it is missing), pooled validation
+    AUC and loss (from the hospitals' DP histograms), test AUC."""
 
     def __init__(self, console: Console) -> None:
         self.console = console
@@ -49,12 +64,16 @@ class RichReporter:
             if h.get("status", "ok") != "ok":
                 parts.append(f"{name} [yellow]{h['status'].split(':')[0]}[/]")
             else:
-                parts.append(f"{name} eps {_f(h.get('epsilon'), '.2f')}")
+                parts.append(f"{name} {site_privacy(h)}")
         pooled, test = record.pooled, record.global_test
         tail = f" | val AUC {_f(pooled.get('auc'))} loss {_f(pooled.get('loss'))}" if pooled else ""
         tail += f" | test AUC {_f(test.get('auc'))} loss {_f(test.get('loss'))}" if test else ""
         self.progress.console.print(f"round {record.round} ({record.seconds:.1f}s): " + "; ".join(parts) + tail)
         self.progress.advance(self.task)
+
+    def note(self, text: str) -> None:
+        """A warning for the operator, printed above the progress bar."""
+        self.progress.console.print(f"[yellow]warning:[/] {text}")
 
     def study_finished(self, history: StudyHistory) -> None:
         self.progress.stop()
@@ -77,21 +96,36 @@ def rounds_table(history: StudyHistory) -> Table:
     return t
 
 
+def _used(eps: Any, budget: Any) -> str:
+    try:
+        return f"{100 * float(eps) / float(budget):.0f}%" if eps is not None and budget else "-"
+    except (TypeError, ValueError):
+        return "-"
+
+
 def privacy_table(history: StudyHistory) -> Table:
-    t = Table(title="privacy per hospital")
-    for col in ("hospital", "epsilon spent", "budget", "used", "last round", "status"):
+    """Per hospital: this study's epsilon (of the study budget), the dataset's lifetime epsilon over
+    every study (of the lifetime budget) and the validation account, each with its own budget."""
+    t = Table(title="privacy per hospital (training: this study / the dataset's lifetime; validation)")
+    for col in ("hospital", "study eps", "study budget", "used", "lifetime eps", "lifetime budget", "used",
+                "val eps", "val budget", "last round", "status"):
         t.add_column(col, justify="right")
     last = history.rounds[max(history.rounds)] if history.rounds else None
     for name, p in sorted(history.privacy().items()):
-        used = f"{100 * p['epsilon'] / p['budget']:.0f}%" if p.get("budget") else "-"
         status = last.hospitals.get(name, {}).get("status", "-") if last else "-"
-        t.add_row(name, _f(p["epsilon"], ".3f"), _f(p.get("budget"), "g"), used, str(p["round"]), status[:60])
+        t.add_row(name, _f(p.get("study_epsilon"), ".3f"), _f(p.get("study_budget"), "g"),
+                  _used(p.get("study_epsilon"), p.get("study_budget")), _f(p.get("epsilon"), ".3f"),
+                  _f(p.get("budget"), "g"), _used(p.get("epsilon"), p.get("budget")), _f(p.get("val_epsilon"), ".3f"),
+                  _f(p.get("val_budget"), "g"), str(p["round"]), status[:60])
     return t
 
 
 def final_table(history: StudyHistory) -> Table:
-    """The final model on the test split, at the operating threshold chosen on pooled validation."""
-    t = Table(title="global model on the held-out test split")
+    """The final model (``model.pt``) on the test split, at the operating threshold chosen on pooled
+    validation."""
+    choice = history.model_choice or {}
+    which = f" (model.pt: {choice['is']} model, round {choice['round']})" if choice.get("is") else ""
+    t = Table(title=f"global model on the held-out test split{which}")
     for col in ("AUC", "threshold", "sensitivity", "specificity", "accuracy", "F1", "images"):
         t.add_column(col, justify="right")
     g = history.final_test

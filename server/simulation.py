@@ -19,9 +19,10 @@ from fedrad.common.config import StudyConfig
 from fedrad.common.errors import FederationError
 
 from .history import StudyHistory
+from .interrupt import InterruptibleGrid, StopRequest, StudyInterrupted, stop_on_signals
 from .progress import Reporter
 from .secagg import SECAGG_CLIENT_APP_REF, run_secagg_study
-from .study import run_study
+from .study import run_study, save_interrupted
 
 log = logging.getLogger(__name__)
 
@@ -75,24 +76,48 @@ def run_engine(server_app: ServerApp, *, client_app_ref: str, study: StudyConfig
     )
 
 
-def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = None) -> StudyHistory:
-    """Run ``study`` with ``federation.num_hospitals`` simulated hospitals; outputs go to ``run_dir``."""
+def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = None,
+             stop: StopRequest | None = None) -> StudyHistory:
+    """Run ``study`` with ``federation.num_hospitals`` simulated hospitals; outputs go to ``run_dir``.
+
+    SIGINT/SIGTERM (or ``stop.request``) end the study at the next safe point: the state is saved
+    (``metrics.json`` status ``interrupted``, the checkpoints so far) and the history is returned."""
     run_dir = run_dir.resolve()
     state_dir = run_dir / "sites"
     outcome: dict[str, StudyHistory] = {}
     server_app = ServerApp()
     secure = study.secure_aggregation.enabled
+    stop = stop or StopRequest()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
         extra = {"sim-state-dir": str(state_dir)}
-        if secure:
-            outcome["history"] = run_secagg_study(grid, study=study, run_dir=run_dir, context=context,
-                                                  reporter=reporter, extra_config=extra)
-        else:
-            outcome["history"] = run_study(grid, study=study, run_dir=run_dir, reporter=reporter, extra_config=extra)
+        safe_grid = InterruptibleGrid(grid, stop)
+        try:
+            if secure:
+                outcome["history"] = run_secagg_study(safe_grid, study=study, run_dir=run_dir, context=context,
+                                                      reporter=reporter, extra_config=extra)
+            else:
+                outcome["history"] = run_study(safe_grid, study=study, run_dir=run_dir, reporter=reporter,
+                                               extra_config=extra)
+        except StudyInterrupted as exc:  # a runner that does not record interruptions itself
+            outcome["history"] = _interrupted_history(run_dir, reason=str(exc))
 
-    run_engine(server_app, client_app_ref=SECAGG_CLIENT_APP_REF if secure else CLIENT_APP_REF, study=study)
+    with stop_on_signals(stop):
+        run_engine(server_app, client_app_ref=SECAGG_CLIENT_APP_REF if secure else CLIENT_APP_REF, study=study)
     if "history" not in outcome:
+        if stop.is_set():
+            return _interrupted_history(run_dir, reason=stop.reason or "stop requested")
         raise FederationError("the simulated federation ended without a result (see the log above)")
     return outcome["history"]
+
+
+def _interrupted_history(run_dir: Path, *, reason: str) -> StudyHistory:
+    """The run's history as saved so far, marked interrupted (when the runner did not do it)."""
+    import json
+
+    path = run_dir / "metrics.json"
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    history = StudyHistory.resume(path, study=data.get("study", {}), study_id=data.get("study_id", ""),
+                                  up_to_round=10**9)
+    return save_interrupted(history, run_dir=run_dir, reason=reason)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,11 +28,14 @@ from fedrad.common.evaluation import evaluate
 from fedrad.common.models import build_model
 from fedrad.common.protocol import ARRAYS_KEY, ERR_BUDGET, ERR_POLICY, METRICS_KEY, check_reply
 
+from .best_model import BEST_MODEL, LAST_MODEL, MODEL, BestModel, choose_final, noise_warning
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .governance import write_report
 from .history import StudyHistory
+from .interrupt import StudyInterrupted
 from .plots import write_plots
-from .progress import NullReporter, Reporter
+from .progress import NullReporter, Reporter, notify
+from .resume import check_resumable
 from .screening import ScreenedReply, all_finite, partition_id, screen_evaluate, screen_train, weighted_total
 from .strategies import strategy_class, strategy_kwargs
 
@@ -54,7 +57,9 @@ class _Wiring:
     expected_shapes: dict[str, tuple[int, ...]]
     round_offset: int
     min_hospitals: int
-    names: dict[int, str]
+    #: node id -> hospital name (simulation: filled from partition ids; deployment: the
+    #: coordinator's registry, looked up at each reply so a restarted node keeps its row).
+    names: Mapping[int, str]
     num_classes: int
     #: array name -> numpy dtype name of the model's tensor (missing: float32).
     expected_dtypes: dict[str, str] = field(default_factory=dict)
@@ -111,12 +116,22 @@ class FedradStrategyMixin:
     _fedrad: _Wiring
 
     def _site_name(self, msg: Message) -> str:
+        """The hospital's name for people: the coordinator's registry name of the node, else (in
+        simulation) ``hospital-N`` from its partition id, else ``node-<id>``. A name once learnt for a
+        node id is kept, so a node's refusals and failures land in the same row as its replies."""
         node = msg.metadata.src_node_id
+        names = self._fedrad.names
+        known = names.get(node)
+        if known is not None:
+            return known
         if not msg.has_error() and METRICS_KEY in msg.content:
             pid = partition_id(msg.content[METRICS_KEY])
             if pid is not None:
-                self._fedrad.names[node] = f"hospital-{pid + 1}"
-        return self._fedrad.names.get(node, f"node-{node}")
+                name = f"hospital-{pid + 1}"
+                if isinstance(names, dict):
+                    names[node] = name
+                return name
+        return f"node-{node}"
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
         self._fedrad.reporter.round_started(server_round + self._fedrad.round_offset)
@@ -158,6 +173,12 @@ class FedradStrategyMixin:
                 log.warning("round %d %s: reply from %s rejected: %s", rec.round, kind, name, exc)
                 continue
             site.update(_ok_fields(screened, kind))
+            if kind == "train":
+                warning = noise_warning(w.history, rec.round, name)
+                if warning:
+                    w.history.event(warning)
+                    notify(w.reporter, warning)
+                    log.warning("%s", warning)
             if screened.receipt is not None:
                 rec.record_receipt(name, kind, screened.receipt.as_dict())
             if kind == "evaluate" and screened.histograms is not None:
@@ -254,37 +275,56 @@ class PreparedStudy:
     wiring: _Wiring
 
 
-def prepare_study(*, study: StudyConfig, run_dir: Path, reporter: Reporter) -> PreparedStudy:
-    """Build the initial model, resume from ``run_dir``'s latest checkpoint (same study only) and
-    open its history."""
+def prepare_study(*, study: StudyConfig, run_dir: Path, reporter: Reporter,
+                  names: Mapping[int, str] | None = None) -> PreparedStudy:
+    """Build the initial model, resume from ``run_dir``'s latest checkpoint (same study, operational
+    fields aside: see :mod:`fedrad.server.resume`) and open its history.
+
+    A resumed study keeps the study id it started with. ``names`` maps node ids to hospital names
+    (deployment: the coordinator's registry); it is looked up at every reply."""
     fed = study.federation
+    resumed_id = check_resumable(study, run_dir)  # before anything is written into run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     class_names, test = _num_classes_and_test(study)
     torch.manual_seed(fed.seed)
     model = build_model(study.model.name, in_channels=study.data.channels, num_classes=len(class_names),
                         image_size=study.data.image_size, options=study.model.options)
     study_dict = study.to_dict()
-    study_id = study.fingerprint()[:16]
+    study_id = resumed_id or study.fingerprint()[:16]
     ckpt_dir = run_dir / "checkpoints"
     offset = 0
     latest = latest_checkpoint(ckpt_dir)
     if latest is not None:
         offset, path = latest
-        ckpt = load_checkpoint(path)
-        if ckpt.get("study") != study_dict:
-            raise FederationError(f"{run_dir}: holds checkpoints of a different study; use a new --out folder")
-        model.load_state_dict(ckpt["state_dict"])
+        model.load_state_dict(load_checkpoint(path)["state_dict"])
         log.info("resuming after round %d from %s", offset, path.name)
     history = StudyHistory.resume(run_dir / "metrics.json", study=study_dict, study_id=study_id, up_to_round=offset)
+    history.status = "running"
     if offset:
         history.event(f"resumed after round {offset}")
     wiring = _Wiring(
-        history=history, reporter=reporter, round_offset=offset, min_hospitals=fed.min_hospitals, names={},
+        history=history, reporter=reporter, round_offset=offset, min_hospitals=fed.min_hospitals,
+        names=names if names is not None else {},
         expected_shapes={k: tuple(v.shape) for k, v in model.state_dict().items()}, num_classes=len(class_names),
         expected_dtypes={k: str(v.detach().cpu().numpy().dtype) for k, v in model.state_dict().items()},
     )
     return PreparedStudy(model, class_names, test, study_dict, study_id, ckpt_dir, offset, history,
                          resolve_device(study.training.device), wiring)
+
+
+def save_interrupted(history: StudyHistory, *, run_dir: Path, reason: str) -> StudyHistory:
+    """Record a study stopped at a safe point: rounds after the last checkpoint are dropped (a resume
+    re-runs them), ``metrics.json`` says ``interrupted``. No model files are written."""
+    last = latest_checkpoint(run_dir / "checkpoints")
+    kept = last[0] if last else 0
+    dropped = sorted(n for n in history.rounds if n > kept)
+    for n in dropped:
+        del history.rounds[n]
+    history.status = "interrupted"
+    history.event(f"interrupted ({reason}) after round {kept}" + (
+        f"; round {dropped[0]} was not finished and is re-run on resume" if dropped else ""))
+    history.save()
+    return history
 
 
 def run_study(
@@ -294,16 +334,23 @@ def run_study(
     run_dir: Path,
     reporter: Reporter | None = None,
     extra_config: dict[str, Any] | None = None,
+    names: Mapping[int, str] | None = None,
 ) -> StudyHistory:
-    """Run (or resume) ``study`` with its outputs in ``run_dir``; returns the history."""
+    """Run (or resume) ``study`` with its outputs in ``run_dir``; returns the history.
+
+    ``names``: node id -> hospital name (deployment: from the coordinator's registry; a node that
+    reconnects with a new id under the same name keeps its row). A :class:`StudyInterrupted` raised by
+    the grid (Ctrl-C) ends the study at that point with status ``interrupted``."""
     reporter = reporter or NullReporter()
     fed = study.federation
-    prep = prepare_study(study=study, run_dir=run_dir, reporter=reporter)
+    prep = prepare_study(study=study, run_dir=run_dir, reporter=reporter, names=names)
     model, class_names, test, study_dict, study_id = prep.model, prep.class_names, prep.test, prep.study_dict, prep.study_id
     ckpt_dir, offset, history, device, wiring = prep.ckpt_dir, prep.offset, prep.history, prep.device, prep.wiring
     strategy = make_strategy(study, wiring)
     config = ConfigRecord({"study": study.to_json(), "study-id": study_id, "total-rounds": fed.rounds,
                            "round-offset": offset, **(extra_config or {})})
+    best = BestModel.resume(run_dir / BEST_MODEL, history=history)
+    ckpt_extra = {"study_id": study_id}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         n = server_round + offset
@@ -325,7 +372,9 @@ def run_study(
         rec.seconds = time.perf_counter() - getattr(strategy, "_t_round", time.perf_counter())
         if n % study.output.checkpoint_every == 0 or n == fed.rounds:
             save_checkpoint(ckpt_dir / f"round-{n:04d}.pt", state_dict=model.state_dict(), study=study_dict,
-                            round=n, class_names=class_names)
+                            round=n, class_names=class_names, extra=ckpt_extra)
+        best.offer(n, rec.pooled, state_dict=model.state_dict(), study=study_dict, class_names=class_names,
+                   extra=ckpt_extra)
         history.save()
         reporter.round_finished(rec, history)
         return MetricRecord({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)})
@@ -345,6 +394,9 @@ def run_study(
             )
             final_arrays = result.arrays if result.arrays is not None else final_arrays
             history.status = "completed"
+        except StudyInterrupted as stop:
+            reporter.study_finished(history)
+            return save_interrupted(history, run_dir=run_dir, reason=str(stop))
         except StudyStopped as stop:
             history.status = f"stopped: {stop}"
             last = latest_checkpoint(ckpt_dir)
@@ -354,7 +406,7 @@ def run_study(
         history.status = "completed"
     model.load_state_dict(final_arrays.to_torch_state_dict())
     return finish_study(grid, history=history, model=model, test=test, study=study, run_dir=run_dir,
-                        class_names=class_names, reporter=reporter)
+                        class_names=class_names, reporter=reporter, extra={"study_id": study_id})
 
 
 def _fab_hash(grid: Grid) -> str | None:
@@ -377,29 +429,48 @@ def finish_study(
     reporter: Reporter,
     extra: dict[str, Any] | None = None,
 ) -> StudyHistory:
-    """Everything a finished (or stopped) study leaves behind: final test metrics, ``model.pt``,
-    ``metrics.json``, plots and the governance report.
+    """Everything a finished (or stopped) study leaves behind: ``last-model.pt`` (``model``'s weights),
+    ``best-model.pt`` and ``model.pt`` (the best by pooled validation, see
+    :mod:`fedrad.server.best_model`), the final test metrics of ``model.pt``, ``metrics.json``, plots
+    and the governance report.
 
-    The model's operating threshold is the one chosen on pooled validation in the last round that
-    had one (Youden's J unless a target sensitivity is set); it goes into ``metrics.json``
-    (``operating_threshold``), ``model.pt`` (``threshold``) and the final test metrics."""
-    chosen = history.latest_threshold()
+    The operating threshold is the one chosen on pooled validation in the round ``model.pt`` comes
+    from (or the latest round before it that had one; Youden's J unless a target sensitivity is set);
+    it goes into ``metrics.json`` (``operating_threshold``), ``model.pt`` (``threshold``) and the final
+    test metrics."""
+    last_round = max(history.rounds, default=0)
+    common_extra = {"model": study.model.name, "model_options": dict(study.model.options), **(extra or {})}
+    last_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    last_thr = history.latest_threshold()
+    save_checkpoint(run_dir / LAST_MODEL, state_dict=last_state, study=study.to_dict(), round=last_round,
+                    class_names=class_names, extra={**common_extra, "threshold": last_thr[1] if last_thr else None})
+    state, choice = choose_final(history, run_dir, last_state=last_state, last_round=last_round)
+    if choice["is"] == "best" or choice.get("best_file"):
+        best_path = run_dir / BEST_MODEL
+        if not best_path.is_file() or int(load_checkpoint(best_path).get("round", -1)) != choice["round"]:
+            save_checkpoint(best_path, state_dict=state, study=study.to_dict(), round=choice["round"],
+                            class_names=class_names, extra=common_extra)
+    model.load_state_dict(state)
+    history.model_choice = choice
+    chosen = history.latest_threshold(up_to=choice["round"])
     threshold = chosen[1] if chosen else None
     history.operating_threshold = {
         "value": threshold, "round": chosen[0] if chosen else None,
         "rule": history.rounds[chosen[0]].pooled.get("rule", "youden") if chosen else None,
         "chosen_on": "pooled validation (DP histograms)" if chosen else "none: no pooled validation with both classes",
     }
-    if chosen is not None and chosen[0] != max(history.rounds, default=0):
-        history.event(f"operating threshold from round {chosen[0]}: the last round had no usable pooled validation")
+    if chosen is not None and chosen[0] != choice["round"]:
+        history.event(f"operating threshold from round {chosen[0]}: round {choice['round']} had no usable "
+                      "pooled validation")
+    if choice["is"] == "best":
+        history.event(f"{MODEL} is {choice['note']}")
     if test is not None:
         ev = evaluate(model, test, device=resolve_device(study.training.device),
                       batch_size=study.training.eval_batch_size, threshold=threshold)
         history.final_test = ev.test_metrics()
-    save_checkpoint(run_dir / "model.pt", state_dict=model.state_dict(), study=study.to_dict(),
-                    round=max(history.rounds, default=0), class_names=class_names,
-                    extra={"model": study.model.name, "model_options": dict(study.model.options),
-                           "threshold": threshold, **(extra or {})})
+    save_checkpoint(run_dir / MODEL, state_dict=model.state_dict(), study=study.to_dict(),
+                    round=choice["round"], class_names=class_names,
+                    extra={**common_extra, "threshold": threshold, "selected": choice["is"]})
     history.save()
     write_plots(history, run_dir)
     write_report(history=history, run_dir=run_dir, study=study, fab_hash=_fab_hash(grid))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from fedrad.client.ledger import PrivacyLedger
 from fedrad.server.cli import main
@@ -94,7 +95,8 @@ def test_simulated_federation_learns_within_budget(e2e_run) -> None:
     assert m["status"] == "completed"
     assert [r["round"] for r in rounds] == [1, 2]
     # files
-    for f in ("model.pt", "checkpoints/round-0001.pt", "checkpoints/round-0002.pt", "loss.png", "epsilon.png"):
+    for f in ("model.pt", "best-model.pt", "last-model.pt", "checkpoints/round-0001.pt", "checkpoints/round-0002.pt",
+              "loss.png", "epsilon.png", "metrics.png", "governance.json", "governance.md", "config.yaml"):
         assert (out / f).is_file() and (out / f).stat().st_size > 0, f
     # per-round, per-hospital records
     for r in rounds:
@@ -116,13 +118,17 @@ def test_simulated_federation_learns_within_budget(e2e_run) -> None:
         assert pooled["sites"] == 3
         assert pooled["num_examples"] == sum(h["val_examples"] for h in r["hospitals"].values())
         assert 0 <= pooled["auc"] <= 1 and pooled["loss"] > 0 and 0 < pooled["threshold"] < 1
-    # the operating threshold: chosen on the last round's pooled validation, used on the test split, saved
+    # model.pt: the best round by pooled validation (AUC, then loss); last-model.pt: round 2
+    choice = m["model"]
+    best = max(rounds, key=lambda r: (r["pooled_validation"]["auc"], -r["pooled_validation"]["loss"]))
+    assert choice["round"] == best["round"] and choice["last_round"] == 2
+    assert choice["is"] == ("last" if best["round"] == 2 else "best")
+    assert torch.load(out / "last-model.pt", weights_only=True)["round"] == 2
+    # the operating threshold: chosen on that round's pooled validation, used on the test split, saved
     thr = m["operating_threshold"]
-    assert thr["round"] == 2 and thr["value"] == rounds[-1]["pooled_validation"]["threshold"]
+    assert thr["round"] == best["round"] and thr["value"] == best["pooled_validation"]["threshold"]
     assert m["global_test"]["threshold"] == thr["value"]
     assert 0 <= m["global_test"]["sensitivity"] <= 1 and 0 <= m["global_test"]["specificity"] <= 1
-    import torch
-
     assert torch.load(out / "model.pt", weights_only=True)["threshold"] == pytest.approx(thr["value"])
 
 

@@ -233,7 +233,7 @@ def test_console_shows_pooled_validation_and_test_at_the_threshold(tmp_path: Pat
     rng = np.random.default_rng(3)
     y = rng.integers(0, 2, 200)
     s = 1 / (1 + np.exp(-(rng.normal(size=200) + 3 * y - 1.5)))
-    strat.aggregate_train(1, [_train_reply(1, 0, 1.0)])
+    strat.aggregate_train(1, [_train_reply(1, 0, 1.0, epsilon_budget=20.0)])
     strat.aggregate_evaluate(1, [_eval_reply(1, 0, y, s)])
     history = strat._fedrad.history
     rec = history.round(1)
@@ -251,5 +251,5 @@ def test_console_shows_pooled_validation_and_test_at_the_threshold(tmp_path: Pat
     text = console.export_text()
 
     assert f"val AUC {rec.pooled['auc']:.3f} loss {rec.pooled['loss']:.3f}" in text
-    assert "hospital-1 eps 1.00" in text
+    assert "hospital-1 lifetime eps 1.00/20" in text  # the account named, with its own budget
     assert f"{rec.pooled['threshold']:.4g}" in text and "0.810" in text and "0.770" in text
