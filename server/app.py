@@ -27,7 +27,6 @@ import logging
 import time
 from pathlib import Path
 
-import yaml
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -36,6 +35,8 @@ from fedrad.common.errors import ConfigError, FederationError
 
 from .deploy_grid import FastPollGrid
 from .history import RoundRecord, StudyHistory
+from .names import RegistryNames
+from .resume import accept_run
 from .secagg import run_secagg_study
 from .study import run_study
 
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 STUDY_KEY = "study-config"
 RUN_DIR_KEY = "run-dir"
 POLL_KEY = "poll-interval"
+REGISTRY_KEY = "registry"
 
 app = ServerApp()
 
@@ -64,6 +66,9 @@ class LogReporter:
     def study_finished(self, history: StudyHistory) -> None:
         log.info("study finished: %s", history.status)
 
+    def note(self, text: str) -> None:
+        log.warning("%s", text)
+
 
 def resolve_run(run_config: dict[str, object]) -> tuple[Path, Path]:
     """(study YAML, run folder) from a run configuration; errors name the key."""
@@ -83,8 +88,9 @@ def resolve_run(run_config: dict[str, object]) -> tuple[Path, Path]:
 def main(grid: Grid, context: Context) -> None:
     study_file, run_dir = resolve_run(dict(context.run_config))
     study = load_study(study_file)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(yaml.safe_dump(study.to_dict(), sort_keys=False), encoding="utf-8")
+    accept_run(study, run_dir, rewrite_config=True)  # refuses another study's run folder before writing anything
+    registry = str(context.run_config.get(REGISTRY_KEY, "") or "")
+    names = RegistryNames(Path(registry)) if registry else None
     log.info("study %s from %s; outputs in %s", study.federation.name, study_file, run_dir)
     poll = float(context.run_config.get(POLL_KEY, 0.25) or 0.0)  # type: ignore[arg-type]
     if poll > 0:
@@ -92,7 +98,7 @@ def main(grid: Grid, context: Context) -> None:
     if study.secure_aggregation.enabled:
         history = run_secagg_study(grid, study=study, run_dir=run_dir, context=context, reporter=LogReporter())
     else:
-        history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter())
+        history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter(), names=names)
     for event in history.events:
         log.info("note: %s", event)
     if history.status != "completed":

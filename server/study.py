@@ -124,12 +124,14 @@ class FedradStrategyMixin:
         known = names.get(node)
         if known is not None:
             return known
-        if not msg.has_error() and METRICS_KEY in msg.content:
+        # Partition ids name simulated hospitals only. With a registry (deployment) a node is named by the
+        # key it authenticated with, never by what its reply claims: a hospital cannot file itself (or its
+        # receipts) under another hospital's name.
+        if isinstance(names, dict) and not msg.has_error() and METRICS_KEY in msg.content:
             pid = partition_id(msg.content[METRICS_KEY])
             if pid is not None:
                 name = f"hospital-{pid + 1}"
-                if isinstance(names, dict):
-                    names[node] = name
+                names[node] = name
                 return name
         return f"node-{node}"
 
