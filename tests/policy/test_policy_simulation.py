@@ -33,7 +33,7 @@ def test_hospitals_enforce_policy_and_audit_what_they_send(tmp_path: Path, epsil
     logs = sorted((out / "sites").glob("hospital-*/audit.jsonl"))
     assert len(logs) == 2
     for path in logs:
-        log = AuditLog(path)
+        log = AuditLog(path, key_file=path.parent / "audit.key")  # simulation: the site's own key
         assert log.verify() == []
         entries = log.entries()
         assert all(e["policy_version"] for e in entries)
