@@ -26,10 +26,10 @@ if TYPE_CHECKING:
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     k = sub.add_parser(
         "keygen", help="make this node's authentication key pair (private key stays here; send the .pub)",
-        description="Writes DIR/node-auth.key (EC P-384, OpenSSH format, mode 0600; never overwritten) and "
-        "DIR/node-auth.pub, and prints the public key and its fingerprint. Send ONLY node-auth.pub to the "
+        description="Writes DIR/node-auth.key (EC P-384, OpenSSH format, mode 0600; never overwritten), "
+        "DIR/node-auth.pub and DIR/audit.key (the key of the node's audit log, mode 0600, kept if present), and prints the public key and its fingerprint. Send ONLY node-auth.pub to the "
         "coordinator; confirm the fingerprint with them by another channel (phone).")
-    k.add_argument("--out", type=Path, required=True, help="folder for node-auth.key and node-auth.pub "
+    k.add_argument("--out", type=Path, required=True, help="folder for node-auth.key, node-auth.pub and audit.key "
                    "(normally the folder holding node.yaml)")
     k.add_argument("--comment", default="", help="comment appended to the public key (e.g. the hospital's name)")
     k.set_defaults(handler=run_keygen)
@@ -116,6 +116,7 @@ def preflight(config: Path, *, probe: bool = True, warnings: list[tuple[str, str
             raise PermissionError
     except OSError:
         problems.append((f"state folder {node.state_dir} is not writable", "create it and give the node's user write access"))
+    problems += _dicom_cache_problems(node)
     try:
         site = load_site(node, channels=1, image_size=28, class_names=None)
         if len(site.data.train) == 0:
@@ -132,6 +133,33 @@ def preflight(config: Path, *, probe: bool = True, warnings: list[tuple[str, str
         if warning is not None and warnings is not None:
             warnings.append(warning)
     return problems
+
+
+def _writable(folder: Path) -> bool:
+    """Whether ``folder`` is (or could be created as) a folder this user can write."""
+    p = folder
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    return p.is_dir() and os.access(p, os.W_OK | os.X_OK)
+
+
+def _dicom_cache_problems(node: NodeConfig) -> list[tuple[str, str]]:
+    """The DICOM cache (index, preprocessed images) must be writable: by default it is a folder under
+    the DICOM root, which containers and systemd mount read-only."""
+    if node.data.source != "dicom":
+        return []
+    from .dicom.config import load_dicom_config
+
+    try:
+        cache = load_dicom_config(node.data.path).cache_path
+    except FedradError:
+        return []  # reported by the site check below, with its file and field
+    if _writable(cache):
+        return []
+    return [(f"DICOM cache {cache} is not writable (the default is a folder under the DICOM root, which is "
+             "read-only in the containers and the systemd unit)",
+             f"set cache_dir in {node.data.path} to a folder under the node's state folder, e.g. "
+             f"{node.state_dir / 'dicom-cache'}")]
 
 
 def run_check(args: argparse.Namespace) -> int:
@@ -157,7 +185,11 @@ def run_keygen(args: argparse.Namespace) -> int:
     from .node_keys import generate
 
     pair = generate(args.out, comment=args.comment)
+    audit_key, created = make_audit_key(args.out)
     console.print(f"private key: {pair.private_path} (mode 0600: keep it on this machine, never send it)",
+                  markup=False, soft_wrap=True)
+    console.print(f"audit key:   {audit_key} (mode 0600, {'new' if created else 'kept'}: keys the node's audit log; "
+                  "never send it; node.yaml `audit: {key_file: ...}` names it, default audit.key beside node.yaml)",
                   markup=False, soft_wrap=True)
     console.print(f"public key:  {pair.public_path}", markup=False, soft_wrap=True)
     console.print(pair.public_openssh.decode("ascii"), markup=False, soft_wrap=True)
@@ -165,6 +197,17 @@ def run_keygen(args: argparse.Namespace) -> int:
     console.print("send ONLY the public key file to the coordinator and read them the fingerprint by phone; they "
                   "run `fedrad provision ... add-node <name> --public-key node-auth.pub`", markup=False, soft_wrap=True)
     return 0
+
+
+def make_audit_key(folder: Path) -> tuple[Path, bool]:
+    """Create ``folder/audit.key`` (32 random bytes, 0600, O_EXCL|O_NOFOLLOW) unless it exists (then it is
+    checked and kept): the key of the node's audit log, made with the node's key pair so that it exists
+    before the node first runs, also where node.yaml's folder is read-only at run time (containers, systemd)."""
+    from .audit_key import DEFAULT_KEY_NAME, load_key
+
+    path = Path(folder) / DEFAULT_KEY_NAME
+    _, created = load_key(path, create=True)
+    return path, created
 
 
 def _print_public_key(config: Path) -> None:
