@@ -439,8 +439,10 @@ def _supervise(cmd: list[str], *, env: dict[str, str], state: dict[str, object],
         proc = subprocess.Popen(cmd, env=env)
         state["proc"] = proc
         rc = _wait(proc, online=online, started_wall=started_wall)
-        if state["stop"] or rc == 0:
+        if state["stop"]:
             return 0
+        # rc 0 without our signal: Flower shut itself down (it signals itself on "401 Unauthorized",
+        # e.g. when the coordinator removed this node's key): restarted, and a refusal then ends it.
         now = time.monotonic()
         if failing_since is None or now - started > 60:
             failing_since = started
