@@ -283,6 +283,9 @@ def run_start(args: argparse.Namespace) -> int:
     bin_dir = node.state_dir / "bin"
     write_shim(bin_dir)
     env = gated_env(bin_dir=bin_dir, node_config=args.config)
+    # then Flower's commands of this environment, also when its virtual environment is not activated
+    gate_dir, _, rest = env["PATH"].partition(os.pathsep)
+    env["PATH"] = os.pathsep.join([gate_dir, str(Path(sys.executable).parent), rest])
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
     check_gated(env, bin_dir=bin_dir)
     if node.poll_interval_s is not None:
@@ -352,22 +355,37 @@ class ConnectionWatch(logging.Handler):
             pass
 
 
+def configure_supernode_logging(*, level_name: str, markers: Path | None) -> None:
+    """Logging of the SuperNode process: INFO (DEBUG with ``level_name`` "DEBUG"), no line per HTTP
+    request or runtime poll, every Flower line once; with ``markers``, :class:`ConnectionWatch` on."""
+    level = logging.DEBUG if level_name.upper() == "DEBUG" else logging.INFO
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    handler.setLevel(level)  # a handler, not only the root logger, filters: records propagate past levels
+    logging.basicConfig(level=level, handlers=[handler])
+    for name in ("httpx", "httpcore"):
+        logging.getLogger(name).setLevel(level if level == logging.DEBUG else logging.WARNING)
+    # Flower logs DEBUG lines per runtime request (e.g. "Runtime.AcquireTask") through its own console
+    # handler (INFO unless FLWR_LOG_LEVEL=DEBUG); passed on to the root handler too they would print
+    # at DEBUG, and every Flower line twice.
+    flower = logging.getLogger("flwr")
+    flower.propagate = False
+    if markers is not None:
+        markers.mkdir(parents=True, exist_ok=True)
+        flower.addHandler(ConnectionWatch(markers))
+
+
 def supernode_main() -> None:
     """``python -m fedrad.client.cmd_node FLOWER-SUPERNODE-ARGS``: what ``fedrad-node start`` runs.
 
-    Sets the log level (INFO unless ``--debug``: Flower's HTTP client would log every poll), watches
-    Flower's log for activation and refusal, then runs ``fedrad.client.node`` as the main module.
+    Sets up logging (:func:`configure_supernode_logging`), then runs ``fedrad.client.node`` as the
+    main module (its own ``basicConfig`` then changes nothing).
     """
     import runpy
 
-    level = logging.DEBUG if os.environ.get(LOG_LEVEL_ENV, "INFO").upper() == "DEBUG" else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s")
-    for name in ("httpx", "httpcore"):
-        logging.getLogger(name).setLevel(level if level == logging.DEBUG else logging.WARNING)
     folder = os.environ.get(MARKERS_ENV)
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        logging.getLogger("flwr").addHandler(ConnectionWatch(Path(folder)))
+    configure_supernode_logging(level_name=os.environ.get(LOG_LEVEL_ENV, "INFO"),
+                                markers=Path(folder) if folder else None)
     runpy.run_module("fedrad.client.node", run_name="__main__", alter_sys=True)
 
 

@@ -84,3 +84,33 @@ def test_other_failures_are_retried_until_the_rejoin_timeout(tmp_path: Path) -> 
         supervise(child, env=_env(), rejoin_timeout_s=1.0, markers=tmp_path / "run", pause_s=0.2)
     assert not isinstance(info.value, NodeRefusedError)
     assert "rejoin_timeout_s" in str(info.value)
+
+
+LOGGING_PROBE = """
+import logging, sys
+from pathlib import Path
+from fedrad.client.cmd_node import configure_supernode_logging
+configure_supernode_logging(level_name=sys.argv[1], markers=Path(sys.argv[2]))
+import flwr.supercore.logger  # Flower's own console handler, as in the SuperNode
+logging.getLogger("flwr").debug("Runtime.AcquireTask")
+logging.getLogger("flwr").info("SuperNode ID: %s", 42)
+logging.getLogger("httpx").info("HTTP Request: POST https://coordinator/v1/fleet/pull-messages")
+logging.getLogger("fedrad.client.app").info("train task (warm start)")
+"""
+
+
+@pytest.mark.parametrize("level", ["INFO", "DEBUG"])
+def test_the_supernode_logs_at_info_without_poll_lines_unless_debug(tmp_path: Path, level: str) -> None:
+    # act
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", LOGGING_PROBE, level, str(tmp_path)], capture_output=True,
+                          text=True, timeout=120, check=False, env={"PATH": "/usr/bin:/bin", "FLWR_LOG_LEVEL": level})
+    out = done.stdout + done.stderr
+    # assert
+    assert done.returncode == 0, out
+    assert out.count("SuperNode ID: 42") == 1  # once: not also through the root handler
+    assert "train task (warm start)" in out
+    assert ("Runtime.AcquireTask" in out) is (level == "DEBUG")
+    assert ("HTTP Request:" in out) is (level == "DEBUG")
+    assert (tmp_path / ONLINE_MARKER).exists()
