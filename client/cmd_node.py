@@ -418,14 +418,15 @@ def _wait(proc: subprocess.Popen[bytes], *, online: Path, started_wall: float, t
 
 def supervise(cmd: list[str], *, env: dict[str, str], rejoin_timeout_s: float, markers: Path,
               pause_s: float = 10.0, online_window_s: float = ONLINE_WINDOW_S,
-              refusal_grace_s: float = REFUSAL_GRACE_S) -> int:
+              refusal_grace_s: float = REFUSAL_GRACE_S, long_run_s: float = 60.0) -> int:
     """Run the SuperNode; restart it while it keeps failing for less than ``rejoin_timeout_s``.
 
     Flower refuses to activate a node whose previous connection the SuperLink still counts as
     online (a crash followed by a quick restart), with the same message as for an unknown or revoked
     key. So a refusal is retried only while this node may still count as online (its last sign of
     life, kept in ``markers``, is under ``online_window_s`` old) and for ``refusal_grace_s``; after
-    that it is final: :class:`NodeRefusedError`. SIGTERM/SIGINT are passed on and end the node
+    that it is final: :class:`NodeRefusedError`. A SuperNode that ran over ``long_run_s`` starts a
+    new streak of failures when it exits. SIGTERM/SIGINT are passed on and end the node
     cleanly (exit 0).
     """
     state: dict[str, object] = {"stop": False, "proc": None}
@@ -439,14 +440,16 @@ def supervise(cmd: list[str], *, env: dict[str, str], rejoin_timeout_s: float, m
     previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         return _supervise(cmd, env=env, state=state, rejoin_timeout_s=rejoin_timeout_s, markers=markers,
-                          pause_s=pause_s, online_window_s=online_window_s, refusal_grace_s=refusal_grace_s)
+                          pause_s=pause_s, online_window_s=online_window_s, refusal_grace_s=refusal_grace_s,
+                          long_run_s=long_run_s)
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
 
 def _supervise(cmd: list[str], *, env: dict[str, str], state: dict[str, object], rejoin_timeout_s: float,
-               markers: Path, pause_s: float, online_window_s: float, refusal_grace_s: float) -> int:
+               markers: Path, pause_s: float, online_window_s: float, refusal_grace_s: float,
+               long_run_s: float) -> int:
     markers.mkdir(parents=True, exist_ok=True)
     online, refused = markers / ONLINE_MARKER, markers / REFUSED_MARKER
     failing_since: float | None = None
@@ -462,8 +465,8 @@ def _supervise(cmd: list[str], *, env: dict[str, str], state: dict[str, object],
         # rc 0 without our signal: Flower shut itself down (it signals itself on "401 Unauthorized",
         # e.g. when the coordinator removed this node's key): restarted, and a refusal then ends it.
         now = time.monotonic()
-        if failing_since is None or now - started > 60:
-            failing_since = started
+        if failing_since is None or now - started > long_run_s:  # ran a while: a new streak of failures starts now
+            failing_since = now
         if refused.exists():
             refused_since = refused_since if refused_since is not None else now
             last_alive = _mtime(online)

@@ -114,3 +114,16 @@ def test_the_supernode_logs_at_info_without_poll_lines_unless_debug(tmp_path: Pa
     assert ("Runtime.AcquireTask" in out) is (level == "DEBUG")
     assert ("HTTP Request:" in out) is (level == "DEBUG")
     assert (tmp_path / ONLINE_MARKER).exists()
+
+
+def test_a_supernode_that_ran_a_while_starts_a_new_streak_of_failures(tmp_path: Path) -> None:
+    # arrange: the first SuperNode runs a while (e.g. hours, before a coordinator restart), later ones fail at once
+    attempts = tmp_path / "attempts"
+    child = [sys.executable, "-c",
+             "import pathlib, sys, time; a = pathlib.Path(sys.argv[1]); n = len(a.read_text()) if a.exists() else 0; "
+             "a.write_text('x' * (n + 1)); time.sleep(2.0 if n == 0 else 0); sys.exit(3)", str(attempts)]
+    # act
+    with pytest.raises(Exception, match="rejoin_timeout_s"):
+        supervise(child, env=_env(), rejoin_timeout_s=1.5, markers=tmp_path / "run", pause_s=0.2, long_run_s=1.0)
+    # assert: restarted after the long run (the rejoin timeout counts from its end, not its start)
+    assert len(attempts.read_text()) >= 2
