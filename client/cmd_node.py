@@ -27,7 +27,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     k = sub.add_parser(
         "keygen", help="make this node's authentication key pair (private key stays here; send the .pub)",
         description="Writes DIR/node-auth.key (EC P-384, OpenSSH format, mode 0600; never overwritten), "
-        "DIR/node-auth.pub and DIR/audit.key (the key of the node's audit log, mode 0600, kept if present), and prints the public key and its fingerprint. Send ONLY node-auth.pub to the "
+        "DIR/node-auth.pub and DIR/audit.key (the key of the node's audit log, mode 0600, kept if present), "
+        "and prints the public key and its fingerprint. Send ONLY node-auth.pub to the "
         "coordinator; confirm the fingerprint with them by another channel (phone).")
     k.add_argument("--out", type=Path, required=True, help="folder for node-auth.key, node-auth.pub and audit.key "
                    "(normally the folder holding node.yaml)")
