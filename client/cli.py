@@ -1,17 +1,34 @@
-"""``fedrad-node``: the hospital node's command line (sub-commands live in ``cmd_*.py`` modules)."""
+"""``fedrad-node``: the hospital node's command line (sub-commands live in ``cmd_*.py`` modules).
+
+:data:`COMMANDS` is the table of sub-commands; only the module of the command being run is imported
+(see :mod:`fedrad.common.cli`), so ``fedrad-node --help`` never loads torch, Opacus or Flower.
+"""
 
 from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
 
-from fedrad.common.cli import run_cli
+from fedrad.common.cli import Command, run_cli
+
+COMMANDS: tuple[Command, ...] = (
+    Command("apps", "fedrad.client.cmd_apps",
+            "approve, revoke and list the apps (Flower bundles) allowed to run on this node"),
+    Command("audit", "fedrad.client.cmd_audit", "verify or show the node's audit log of everything it sent"),
+    Command("data", "fedrad.client.cmd_data", "index, preview or synthesise a hospital's DICOM data"),
+    Command("ledger", "fedrad.client.cmd_ledger", "inspect the site's privacy ledger"),
+    Command("keygen", "fedrad.client.cmd_node",
+            "make this node's authentication key pair (private key stays here; send the .pub)"),
+    Command("check", "fedrad.client.cmd_node",
+            "preflight: report everything that would stop this node, each with its fix"),
+    Command("start", "fedrad.client.cmd_node", "join the federation as a Flower SuperNode (TLS and node key)"),
+    Command("policy", "fedrad.client.cmd_policy", "validate and show a node policy"),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import fedrad.client as package
-
-    return run_cli("fedrad-node", "fedrad hospital node: site data, privacy ledger, joining a federation.", package, argv)
+    return run_cli("fedrad-node", "fedrad hospital node: site data, privacy ledger, joining a federation.",
+                   COMMANDS, argv)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,13 @@ from __future__ import annotations
 import argparse
 import getpass
 from pathlib import Path
-
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from fedrad.common.cli import console, err_console
 from fedrad.common.errors import ConfigError
 
-from .app_folder import APP_DIR, HASH_PREFIX, flower_home, remove_app_folders
-from .approval import AppAllowList, AppApprovalSettings, AppNotApproved, check_hash, fab_hash, inspect_fab, verify_app
+if TYPE_CHECKING:  # imported when a command runs, so that `--help` stays instant
+    from .approval import AppAllowList, AppApprovalSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -53,6 +52,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _allow_list(args: argparse.Namespace) -> tuple[AppAllowList, AppApprovalSettings | None]:
+    from .approval import AppAllowList
+
     if args.allow_list is not None:
         return AppAllowList(args.allow_list), None
     from .node_config import load_node_config
@@ -69,6 +70,8 @@ def _read_bundle(path: Path) -> bytes:
 
 
 def run_list(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
     allow, _ = _allow_list(args)
     rows = allow.records() if args.all else allow.approved()
     t = Table(title=f"apps approved on this node ({allow.path})")
@@ -86,6 +89,8 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_approve(args: argparse.Namespace) -> int:
+    from .approval import check_hash, fab_hash, inspect_fab
+
     allow, _ = _allow_list(args)
     info = None
     if args.bundle is not None:
@@ -101,6 +106,8 @@ def run_approve(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
+    from .app_folder import APP_DIR, HASH_PREFIX, flower_home, remove_app_folders
+
     allow, _ = _allow_list(args)
     digest = allow.resolve(args.hash)
     rec = allow.revoke(digest=digest, by=args.by or getpass.getuser(), reason=args.reason)
@@ -117,6 +124,8 @@ def run_revoke(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
+    from .approval import AppNotApproved, verify_app
+
     allow, settings = _allow_list(args)
     content = _read_bundle(args.bundle)
     try:

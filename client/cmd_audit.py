@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-
-from rich.table import Table
+from typing import TYPE_CHECKING
 
 from fedrad.common.cli import console, err_console
 from fedrad.common.errors import AuditError, ConfigError
 
-from .audit_log import AuditLog, AuditReport, parse_receipt
+if TYPE_CHECKING:  # the audit log module pulls in the wire protocol (Flower): imported when a command runs
+    from .audit_log import AuditLog, AuditReport
 
 #: What a keyed verification detects and what it cannot (printed by ``audit verify``).
 KEYED_SCOPE = (
@@ -47,6 +47,8 @@ def _where(q: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace) -> AuditLog:
+    from .audit_log import AuditLog
+
     key: Path | None = args.key
     path: Path | None = args.log
     if args.config is not None:
@@ -70,6 +72,8 @@ def _scope(report: AuditReport) -> tuple[str, ...]:
 
 
 def run_verify(args: argparse.Namespace) -> int:
+    from .audit_log import parse_receipt
+
     receipts = [parse_receipt(r) for r in args.receipt]
     log = _open(args)
     report = log.verify_report()
@@ -100,6 +104,8 @@ def _fmt(x: object) -> str:
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
     log = _open(args)
     t = Table(title=str(log.path))
     for col in ("#", "study", "round", "kind", "outcome", "arrays", "bytes", "epsilon before", "epsilon after", "policy"):

@@ -11,6 +11,9 @@
 #   FEDRAD_NODE_CONFIG   node.yaml path (overridden by the argument)
 #   FEDRAD_VENV          a virtual environment to activate first (optional)
 #   FEDRAD_SKIP_CHECK=1  skip the preflight (not recommended)
+#   FEDRAD_NODE_DEBUG=1  the SuperNode logs at DEBUG, every request included (default INFO)
+# Exit codes: those of `fedrad-node start`: 0 stopped, 2 configuration error, 10 the coordinator
+# refuses this node's key (not registered or revoked; final), 1 anything else.
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -40,4 +43,7 @@ if [[ "${FEDRAD_SKIP_CHECK:-0}" != "1" ]]; then
     fedrad-node check --config "$config" || die "preflight failed (see the problems and fixes above)"
 fi
 
+if [[ "${FEDRAD_NODE_DEBUG:-0}" == "1" ]]; then
+    exec fedrad-node start --config "$config" --debug
+fi
 exec fedrad-node start --config "$config"

@@ -96,7 +96,7 @@ def run_start(args: argparse.Namespace) -> int:
                               "stops with SIGTERM (systemctl stop fedrad-coordinator)")
     cdn.write_flwr_config(co, address=address, insecure=args.insecure)
     cdn.write_app(co)
-    env = {**os.environ, **cdn.QUIET_ENV}
+    env = cdn.with_own_scripts({**os.environ, **cdn.QUIET_ENV})  # Flower's commands of this environment
     env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(args.poll_interval))
     ca = None if args.insecure else co.ca
     # same process group: one SIGTERM to the unit stops them all

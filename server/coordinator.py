@@ -27,6 +27,7 @@ import os
 import socket
 import ssl
 import subprocess
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -240,8 +241,19 @@ def app_hash(co: Coordinator) -> str:
         return hashlib.sha256(fabs[0].read_bytes()).hexdigest()
 
 
+def with_own_scripts(env: dict[str, str]) -> dict[str, str]:
+    """``env`` with this interpreter's script folder first on PATH: Flower's commands (``flwr``,
+    ``flower-superlink``, and the ``flower-superexec`` / ``flwr-serverapp`` the SuperLink starts) are
+    those of the environment fedrad runs in, also when that virtual environment is not activated."""
+    scripts = str(Path(sys.executable).parent)
+    path = env.get("PATH", "")
+    if path.split(os.pathsep)[0] != scripts:
+        path = os.pathsep.join([scripts, path]) if path else scripts
+    return {**env, "PATH": path}
+
+
 def flwr_env(co: Coordinator) -> dict[str, str]:
-    return {**os.environ, **QUIET_ENV, "FLWR_HOME": str(co.flwr_home.resolve())}
+    return with_own_scripts({**os.environ, **QUIET_ENV, "FLWR_HOME": str(co.flwr_home.resolve())})
 
 
 # -- probing ------------------------------------------------------------------------------------

@@ -3,8 +3,11 @@
 start`` (TLS, node authentication, SuperLink on loopback behind the Fleet gateway), three
 ``fedrad-node start`` hospitals, ``fedrad run``; then what must be refused.
 
-Every process runs in its own process group and is stopped by PID (fixture ``procs``), whatever
-happens. Servers bind 127.0.0.1 only, on free ports. Marked slow (a few minutes on 2 cores).
+The TLS scenarios share ONE provisioned federation and coordinator (module-scoped fixture
+``federation``) and run in file order, each starting whatever hospitals it needs that are not running;
+the plaintext scenario needs a coordinator of its own. Every process runs in its own process group and
+is stopped by PID (fixtures ``procs``/``module_procs``), whatever happens. Servers bind 127.0.0.1
+only, on free ports. Time limits cover the shared set-up on a loaded machine. Marked slow.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,9 +28,11 @@ import pytest
 import yaml
 from fedrad.server.provision import Provisioner, load_federation
 
-from .conftest import Procs, free_port, install_hospital_key, wait_for
+from .conftest import Procs, _raise_on_sigterm, free_port, install_hospital_key, wait_for
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+#: The first TLS test also pays for the shared set-up (keys, provisioning, approvals, coordinator).
+FIRST_TIMEOUT_S = 1500
 
 NPZ = Path(__file__).resolve().parents[2] / "fedrad" / "data" / "pneumoniamnist.npz"
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c")
@@ -125,6 +131,14 @@ class Federation:
         path.write_text(yaml.safe_dump(cfg, sort_keys=False))
         return self.procs.start(name, [NODE, "start", "--config", str(path), *extra], env=ENV)
 
+    def ensure_online(self, names: tuple[str, ...], timeout: float = 240) -> None:
+        """Start each of ``names`` that is not running, then wait until all are online."""
+        for name in names:
+            proc = self.procs.started.get(name)
+            if proc is None or proc.poll() is not None:
+                self.start_node(name)
+        self.wait_online(names, timeout=timeout)
+
     def wait_online(self, names: tuple[str, ...], timeout: float = 180) -> None:
         def ready() -> bool:
             for name in names:
@@ -140,19 +154,30 @@ class Federation:
         return {n["name"]: n["status"] for n in json.loads(out.stdout)["nodes"]}
 
 
-@pytest.fixture()
-def federation(tmp_path: Path, procs: Procs) -> Iterator[Federation]:
-    f = Federation(tmp_path, procs)
+@pytest.fixture(scope="module")
+def module_procs(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Procs]:
+    """Like ``procs``, for the processes of the module's shared federation."""
+    p = Procs(tmp_path_factory.mktemp("federation"))
+    previous = signal.signal(signal.SIGTERM, _raise_on_sigterm)
+    try:
+        yield p
+    finally:
+        p.stop_all()
+        signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.fixture(scope="module")
+def federation(module_procs: Procs) -> Federation:
+    f = Federation(module_procs.root, module_procs)
     f.start_coordinator()
-    yield f
+    return f
 
 
-def test_tls_federation_runs_a_dp_study_and_survives_a_node_killed_mid_round(federation: Federation) -> None:
+@pytest.mark.timeout(FIRST_TIMEOUT_S)
+def test_tls_federation_runs_a_dp_study(federation: Federation) -> None:
     f = federation
-    for name in HOSPITALS:
-        f.start_node(name)
-    f.wait_online(HOSPITALS)
-    # 1. a 2-round DP study completes and writes the same outputs as a simulation
+    f.ensure_online(HOSPITALS)
+    # a 2-round DP study completes and writes the same outputs as a simulation
     run1 = f.root / "runs" / "first"
     out = f.fedrad("run", "--config", str(_study(f.root / "s1.yaml", "first")), "--out", str(run1), "--wait", "30")
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:] + f.procs.log("coordinator")[-3000:]
@@ -166,13 +191,20 @@ def test_tls_federation_runs_a_dp_study_and_survives_a_node_killed_mid_round(fed
         ledger = json.loads((f.prov / "nodes" / name / "state" / "privacy-ledger.json").read_text())
         assert len(ledger["entries"]) == 2
         # every message ran in a process forked by the node's warm runtime (no cold imports)
-        assert "warm ClientApp runtime ready" in f.procs.log(name)
-        assert f.procs.log(name).count("train task (warm start)") >= 2, f.procs.log(name)[-3000:]
-        assert "(cold start)" not in f.procs.log(name)
+        log = f.procs.log(name)
+        assert "warm ClientApp runtime ready" in log
+        assert log.count("train task (warm start)") >= 2, log[-3000:]
+        assert "(cold start)" not in log
+        # the SuperNode logs at INFO: no line per poll request (Flower's HTTP client logs those at INFO)
+        assert "HTTP Request:" not in log and "Runtime.AcquireTask" not in log, log[-2000:]
 
-    # 2. hospital-c is killed while training in round 1: the round completes with the other two
-    #    (min_hospitals=2); hospital-c is restarted at once, is let back in once the coordinator has
-    #    noticed the old connection is gone (its launcher keeps retrying), and trains again.
+
+def test_a_node_killed_mid_round_is_let_back_in(federation: Federation) -> None:
+    # hospital-c is killed while training in round 1: the round completes with the other two
+    # (min_hospitals=2); hospital-c is restarted at once, is let back in once the coordinator has
+    # noticed the old connection is gone (its launcher keeps retrying), and trains again.
+    f = federation
+    f.ensure_online(HOSPITALS)
     run2 = f.root / "runs" / "second"
     study2 = _study(f.root / "s2.yaml", "second", rounds=3, timeout_s=60.0)
     follower = subprocess.Popen([FEDRAD, "run", "--config", str(study2), "--out", str(run2), "--wait", "30"],
@@ -193,22 +225,36 @@ def test_tls_federation_runs_a_dp_study_and_survives_a_node_killed_mid_round(fed
     rounds = json.loads((run2 / "metrics.json").read_text())["rounds"]
     c_id = json.loads((f.prov / "coordinator" / "state" / "nodes.json").read_text())["hospital-c"]
     first, later = rounds[0], rounds[1:]
-    trained = [k for k, h in first["hospitals"].items() if "train_loss" in h]
+    trained = [k for k, h in first["hospitals"].items() if _trained(h)]
     assert first["aggregated"] and len(trained) == 2 and f"node-{c_id}" not in trained, first
     assert all(r["aggregated"] for r in later)
-    assert any("train_loss" in r["hospitals"].get(f"node-{c_id}", {}) for r in later), later  # rejoined, same id
+    assert any(_trained(r["hospitals"].get(f"node-{c_id}", {})) for r in later), later  # rejoined, same id
 
-    # 3. the coordinator restarts (SIGTERM, then start again): its database keeps the registrations and
-    #    runs, and every hospital reconnects by itself
+
+def _trained(record: dict[str, Any]) -> bool:
+    """A hospital's round record says it trained (its update was used): status ok, DP steps taken."""
+    return record.get("status", "ok") == "ok" and int(record.get("steps") or 0) > 0
+
+
+def test_the_coordinator_restarts_and_every_hospital_reconnects(federation: Federation) -> None:
+    # SIGTERM, then start again: its database keeps the registrations and runs
+    f = federation
+    f.ensure_online(HOSPITALS)
+    runs_before = len(json.loads(f.fedrad("status", "--json").stdout)["runs"])
     assert f.procs.stop("coordinator") == 0
     f.start_coordinator()
-    f.wait_online(HOSPITALS)
+    f.wait_online(HOSPITALS, timeout=300)
     status = f.fedrad("status", "--json")
-    assert len(json.loads(status.stdout)["runs"]) == 2
+    assert len(json.loads(status.stdout)["runs"]) == runs_before
     logs = f.fedrad("logs")  # the latest run's ServerApp log
-    assert logs.returncode == 0 and logs.stdout.strip(), logs.stderr
+    assert logs.returncode == 0, logs.stderr
+    if runs_before:
+        assert logs.stdout.strip()
 
-    # 4. a submitted run can be stopped
+
+def test_a_submitted_run_can_be_stopped(federation: Federation) -> None:
+    f = federation
+    f.ensure_online(HOSPITALS)
     run3 = f.root / "runs" / "third"
     sub = f.fedrad("run", "--config", str(_study(f.root / "s3.yaml", "third", rounds=50)), "--out", str(run3),
                    "--wait", "120", "--detach")
@@ -222,6 +268,9 @@ def test_tls_federation_runs_a_dp_study_and_survives_a_node_killed_mid_round(fed
         return any(r["run-id"] == run_id and str(r["status"]).startswith("finished") for r in runs)
 
     wait_for(stopped, timeout=120, interval=3, what="the stopped run to finish")
+    status = json.loads((run3 / "metrics.json").read_text()).get("status") if (run3 / "metrics.json").exists() else None
+    if status == "running":  # written by the ServerApp (server/app.py, server/cmd_run.py): not this module's
+        pytest.xfail("`fedrad stop` leaves metrics.json saying 'running' (issue 11)")
 
 
 def test_what_must_be_refused(federation: Federation, tmp_path: Path) -> None:
@@ -231,7 +280,9 @@ def test_what_must_be_refused(federation: Federation, tmp_path: Path) -> None:
     install_hospital_key(f.root, f.prov / "nodes" / "hospital-x", "hospital-x")
     x_yaml = _kit(f.prov, "hospital-x", 3, f.arrays, rejoin_timeout_s=0)
     x = f.start_node("hospital-x", config=x_yaml)
-    assert x.wait(timeout=120) != 0
+    from fedrad.client.cmd_node import NodeRefusedError
+
+    assert x.wait(timeout=180) == NodeRefusedError.exit_code, f.procs.log("hospital-x")[-2000:]
     assert "activate" in f.procs.log("hospital-x").lower(), f.procs.log("hospital-x")[-2000:]
 
     # a node that trusts another federation's CA cannot connect (fails before joining, names the CA)
@@ -241,7 +292,8 @@ def test_what_must_be_refused(federation: Federation, tmp_path: Path) -> None:
     Provisioner(other / "prov").provision(load_federation(other / "f.yaml"))
     kit_a = f.node_yaml["hospital-a"].parent
     wrong = tmp_path / "wrong-ca"
-    shutil.copytree(kit_a, wrong)
+    live = shutil.ignore_patterns("state")  # hospital-a runs: its state folder holds live sockets
+    shutil.copytree(kit_a, wrong, ignore=live)
     shutil.copy(other / "prov" / "coordinator" / "ca.pem", wrong / "ca.pem")
     out = _node("start", "--config", str(wrong / "node.yaml"))
     assert out.returncode != 0 and "not signed by the CA" in out.stderr, out.stderr
@@ -252,12 +304,13 @@ def test_what_must_be_refused(federation: Federation, tmp_path: Path) -> None:
     out = _node("start", "--config", str(f.node_yaml["hospital-a"]), "--insecure")
     assert out.returncode != 0 and "both" in out.stderr
     plain = tmp_path / "plain"
-    shutil.copytree(kit_a, plain)
+    shutil.copytree(kit_a, plain, ignore=live)
     cfg = yaml.safe_load((plain / "node.yaml").read_text())
     (plain / "node.yaml").write_text(yaml.safe_dump({**cfg, "insecure": True}))
     out = _node("start", "--config", str(plain / "node.yaml"), "--insecure")
     assert out.returncode != 0 and "requires TLS" in out.stderr, out.stderr
-    assert all(status != "online" for status in f.nodes().values())  # nothing above ever joined
+    assert f.nodes().get("hospital-x") != "online"  # nothing above ever joined (the copies hold a's key: refused
+    # before joining, as their logs say)
 
     # a stranger on the public (Fleet) port cannot list or submit runs; the operator's CLI still can
     import http.client
@@ -283,6 +336,27 @@ def test_what_must_be_refused(federation: Federation, tmp_path: Path) -> None:
     listening = [ln.split() for ln in Path("/proc/net/tcp").read_text().splitlines()[1:]]
     control = [row for row in listening if row[3] == "0A" and int(row[1].split(":")[1], 16) == f.control_port]
     assert control and all(row[1].split(":")[0] == "0100007F" for row in control)  # 127.0.0.1 only
+
+
+def test_a_revoked_node_leaves_quickly_with_the_documented_exit_code(federation: Federation) -> None:
+    # arrange: hospital-b is online
+    f = federation
+    f.ensure_online(("hospital-b",))
+    node = f.procs.started["hospital-b"]
+    # act: the coordinator revokes it and unregisters its key at once
+    out = f.fedrad("provision", "--out", str(f.prov), "revoke", "hospital-b", "--reason", "test")
+    assert out.returncode == 0, out.stdout + out.stderr
+    t0 = time.monotonic()
+    reg = f.fedrad("coordinator", "register", "--prov", str(f.prov))
+    assert reg.returncode == 0, reg.stdout + reg.stderr
+    # assert: it leaves within Flower's online window plus a few retries, not after rejoin_timeout_s
+    # (300 s), with NodeRefusedError's code (the guide's "exit 10")
+    from fedrad.client.cmd_node import NodeRefusedError
+
+    rc = node.wait(timeout=400)
+    assert rc == NodeRefusedError.exit_code, f.procs.log("hospital-b")[-3000:]
+    assert time.monotonic() - t0 < 240, time.monotonic() - t0
+    assert "refuses this node" in f.procs.log("hospital-b")
 
 
 def test_plaintext_only_with_insecure_on_both_sides(tmp_path: Path, procs: Procs) -> None:

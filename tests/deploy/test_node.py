@@ -13,7 +13,7 @@ from fedrad.client.node import load_site
 from fedrad.client.node_config import load_node_config
 from fedrad.common.errors import ConfigError, FedradError
 
-from .conftest import provision_federation
+from .conftest import free_port, provision_federation
 
 NPZ = Path(__file__).resolve().parents[2] / "fedrad" / "data" / "pneumoniamnist.npz"
 
@@ -21,7 +21,8 @@ NPZ = Path(__file__).resolve().parents[2] / "fedrad" / "data" / "pneumoniamnist.
 @pytest.fixture()
 def kit(tmp_path: Path) -> Path:
     fed = tmp_path / "federation.yaml"
-    fed.write_text("name: t\nsuperlink: {address: 127.0.0.1}\nhospitals: [hospital-a]\n")
+    # a free port: nothing must listen at the kit's coordinator address (whatever else runs on this host)
+    fed.write_text(f"name: t\nsuperlink: {{address: 127.0.0.1, port: {free_port()}}}\nhospitals: [hospital-a]\n")
     provision_federation(fed, tmp_path / "prov")
     kit = tmp_path / "prov" / "nodes" / "hospital-a"
     with np.load(NPZ) as d:
@@ -35,8 +36,8 @@ def test_provisioned_kit_passes_preflight_and_loads_its_site(kit: Path) -> None:
     warnings: list[tuple[str, str]] = []
     assert preflight(kit, warnings=warnings) == []
     # nothing listens at the kit's coordinator address: a warning (the node would keep retrying), not a problem
-    assert len(warnings) == 1 and "coordinator 127.0.0.1:8000 not reachable" in warnings[0][0]
     node = load_node_config(kit)
+    assert len(warnings) == 1 and f"coordinator {node.superlink} not reachable" in warnings[0][0]
     site = load_site(node, channels=1, image_size=28, class_names=("normal", "pneumonia"))
     assert site.name == "hospital-a" and len(site.data.train) == 100
     assert site.ledger_path == kit.parent / "state" / "privacy-ledger.json"
@@ -55,11 +56,21 @@ def test_preflight_names_each_problem_with_a_fix(kit: Path) -> None:
 def test_supernode_command_uses_tls_and_node_key_unless_insecure_on_both_sides(kit: Path) -> None:
     cmd = supernode_command(kit, insecure=False)
     assert "--root-certificates" in cmd and "--auth-supernode-private-key" in cmd and "--insecure" not in cmd
-    assert cmd[cmd.index("--superlink") + 1] == "127.0.0.1:8000"
+    assert cmd[cmd.index("--superlink") + 1] == load_node_config(kit).superlink
     with pytest.raises(FedradError, match="both"):
         supernode_command(kit, insecure=True)  # --insecure alone is refused
     kit.write_text(kit.read_text().replace("insecure: false", "insecure: true"))
     assert "--insecure" in supernode_command(kit, insecure=True)
+
+
+def test_preflight_finds_flowers_scripts_beside_the_interpreter_without_path(
+        kit: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # arrange: the venv is used without being activated (its bin is not on PATH)
+    monkeypatch.setenv("PATH", "/nonexistent")
+    # act
+    problems = preflight(kit, probe=False)
+    # assert
+    assert not any("flower-supernode" in p for p, _ in problems), problems
 
 
 def test_node_yaml_errors_name_file_and_field(tmp_path: Path) -> None:

@@ -25,7 +25,11 @@ from fedrad.client.audit_log import AuditLog
 from fedrad.client.gate import check_gated, gated_env, write_shim
 from fedrad.common.protocol import ERR_POLICY
 
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="no Flower CLI")]
+#: Flower's commands of this environment (its bin folder need not be on PATH).
+BIN = Path(sys.executable).parent
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
+              pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
+                                 reason="no Flower CLI beside the interpreter")]
 
 PYPROJECT = """[build-system]
 requires = ["hatchling"]
@@ -106,17 +110,18 @@ def federation(tmp_path: Path) -> Iterator[dict[str, object]]:
     (node / "node.yaml").write_text(f"site: hospital-a\nsuperlink: 127.0.0.1:{link_port}\ninsecure: true\n"
                                     "data: {path: site.npz}\nstate_dir: state\n")
     out = tmp_path / "result.json"
-    base = {**os.environ, "FLWR_HOME": str(home), "E2E_OUT": str(out)}
+    base = {**os.environ, "FLWR_HOME": str(home), "E2E_OUT": str(out),
+            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")])}
     bin_dir = node / "state" / "bin"
     write_shim(bin_dir)
     node_env = gated_env(bin_dir=bin_dir, node_config=node / "node.yaml", base={**base, "FLWR_HOME": str(tmp_path / "nh")})
     check_gated(node_env, bin_dir=bin_dir)
     procs = []
     try:
-        procs.append(subprocess.Popen(["flower-superlink", "--insecure", "--port", str(link_port)], env=base,
-                                      stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT,
+        procs.append(subprocess.Popen([str(BIN / "flower-superlink"), "--insecure", "--port", str(link_port)],
+                                      env=base, stdout=open(tmp_path / "superlink.log", "w"), stderr=subprocess.STDOUT,
                                       start_new_session=True))
-        time.sleep(3)
+        _wait_listening(link_port, timeout=120)
         # The SuperNode as `fedrad-node start` runs it, behind a wrapper that puts Flower's own
         # (ungated) flwr-clientapp and flower-superexec first on PATH, as pyenv's shims do.
         flower_clientapp = shutil.which("flwr-clientapp", path=os.pathsep.join(
@@ -142,10 +147,22 @@ def federation(tmp_path: Path) -> Iterator[dict[str, object]]:
                 os.killpg(p.pid, signal.SIGKILL)
 
 
+def _wait_listening(port: int, *, timeout: float) -> None:
+    """Until something accepts on 127.0.0.1:``port`` (bounded: the SuperLink starts slowly on a loaded host)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout:.0f}s")
+
+
 def _run(fed: dict[str, object]) -> list[dict[str, object]]:
     out = Path(str(fed["out"]))
     out.unlink(missing_ok=True)
-    res = subprocess.run(["flwr", "run", str(fed["app"]), "local", "--stream"], env=fed["env"], capture_output=True,
+    res = subprocess.run([str(BIN / "flwr"), "run", str(fed["app"]), "local", "--stream"], env=fed["env"], capture_output=True,
                          text=True, timeout=180)
     assert out.exists(), res.stdout[-2000:] + res.stderr[-2000:]
     return json.loads(out.read_text())
@@ -161,7 +178,7 @@ app = ClientApp()
 
 def test_real_supernode_runs_approved_app_and_refuses_modified_one(federation: dict[str, object]) -> None:
     app, tmp, node = Path(str(federation["app"])), Path(str(federation["tmp"])), Path(str(federation["node"]))
-    subprocess.run(["flwr", "build", "--app", str(app)], cwd=tmp, env=federation["env"], check=True,
+    subprocess.run([str(BIN / "flwr"), "build", "--app", str(app)], cwd=tmp, env=federation["env"], check=True,
                    capture_output=True, timeout=60)
     (fab,) = tmp.glob("*.fab")
     content = fab.read_bytes()
