@@ -27,7 +27,6 @@ coordinator's message beyond the study it describes and the global weights. So:
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 import os
 import time
@@ -226,11 +225,9 @@ def _next_turn(ledger: PrivacyLedger, study: StudyConfig, site: Site, *, key: st
     return _Turn(key, done + 1, planned, turn)
 
 
-def _audit_log(site: Site) -> Any:
-    """The site's audit log, keyed where :class:`AuditLog` supports a key file."""
-    if "key_file" in inspect.signature(AuditLog).parameters:
-        return AuditLog(site.audit_path, key_file=site.audit_key_file)  # type: ignore[call-arg]
-    return AuditLog(site.audit_path)
+def _audit_log(site: Site) -> AuditLog:
+    """The site's audit log, keyed by the site's audit key (node.yaml ``audit.key_file``)."""
+    return AuditLog(site.audit_path, key_file=site.audit_key_file)
 
 
 def _audit(req: _Request, *, kind: str, content: RecordDict | None, epsilon_after: float | None, outcome: str) -> Any:
@@ -250,19 +247,29 @@ def _refusal(kind: str, req: _Request, msg: Message, *, code: int, reason: str, 
     return Message(Error(code=code, reason=reason), reply_to=msg)
 
 
+def simulated_name(context: Context) -> str | None:
+    """``hospital-N`` of a simulated hospital (its partition id), None for a deployed node."""
+    pid = context.node_config.get("partition-id")
+    return f"hospital-{int(pid) + 1}" if isinstance(pid, int) and not isinstance(pid, bool) else None
+
+
 def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], msg: Message, context: Context) -> Message:
     req = _Request()
     started = time.monotonic()
+    # A simulated hospital names itself in a refusal (the coordinator's records would otherwise only know
+    # its random node id); a deployed node is named by the key it authenticated with, never by its reply.
+    sim = simulated_name(context)
+    tag = f"[{sim}] " if sim else ""
     try:
         reply = body(msg, context, req)
     except FedradError as exc:
         log.warning("%s request refused: %s", kind, exc)
-        return _refusal(kind, req, msg, code=error_code(exc), reason=f"{type(exc).__name__}: {exc}",
+        return _refusal(kind, req, msg, code=error_code(exc), reason=f"{tag}{type(exc).__name__}: {exc}",
                         outcome=f"refused: {exc}")
     except Exception as exc:  # noqa: BLE001 - a node-side failure is audited and answered, never a silent crash
         log.exception("%s request failed on the node", kind)
         return _refusal(kind, req, msg, code=ERR_REFUSED, outcome=f"failed: {type(exc).__name__}",
-                        reason=f"{type(exc).__name__}: the node failed on this request (see the node's log)")
+                        reason=f"{tag}{type(exc).__name__}: the node failed on this request (see the node's log)")
     metrics = reply.content[METRICS_KEY]
     try:
         head = _audit(req, kind=kind, content=reply.content, epsilon_after=metrics.get("epsilon"),  # type: ignore[arg-type]

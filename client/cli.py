@@ -23,6 +23,10 @@ COMMANDS: tuple[Command, ...] = (
             "preflight: report everything that would stop this node, each with its fix"),
     Command("start", "fedrad.client.cmd_node", "join the federation as a Flower SuperNode (TLS and node key)"),
     Command("policy", "fedrad.client.cmd_policy", "validate and show a node policy"),
+    Command("predict", "fedrad.client.cmd_predict",
+            "run a study's final model on this hospital's images (nothing leaves the node)"),
+    Command("explain", "fedrad.client.cmd_predict",
+            "saliency maps (Grad-CAM, integrated gradients) for predictions, as PNG contact sheets"),
 )
 
 

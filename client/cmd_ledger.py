@@ -6,11 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from rich.table import Table
-
 from fedrad.common.cli import console
-
-from .ledger import ACCOUNTS, PrivacyLedger
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -23,6 +19,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from rich.table import Table  # heavy imports only when the command runs (help starts at once)
+
+    from .ledger import ACCOUNTS, PrivacyLedger
+
     path: Path = args.path
     ledger = PrivacyLedger.load(path)
     spent = {account: ledger.spent(account) for account in ACCOUNTS}  # type: ignore[arg-type]

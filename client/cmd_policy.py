@@ -7,8 +7,6 @@ from pathlib import Path
 
 from fedrad.common.cli import console
 
-from .node_policy import load_policy
-
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("policy", help="validate and show a node policy")
@@ -19,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run_show(args: argparse.Namespace) -> int:
+    from .node_policy import load_policy  # heavy imports only when the command runs
+
     policy = load_policy(args.policy)
     console.print(f"policy {args.policy} (version {policy.version()[:16]}):")
     for key, value in policy.model_dump().items():

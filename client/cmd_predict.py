@@ -16,8 +16,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from fedrad.common.cli import console
 from fedrad.common.errors import DataError
 
@@ -105,6 +103,8 @@ def run_predict_cmd(args: argparse.Namespace) -> int:
 
 
 def run_explain_cmd(args: argparse.Namespace) -> int:
+    import numpy as np  # heavy imports only when the command runs (help starts at once)
+
     from .explain import METHODS, PER_PAGE, Explained, explain_images, write_contact_sheets
     from .predict import check_compatible, decide
 

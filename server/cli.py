@@ -22,6 +22,7 @@ COMMANDS: tuple[Command, ...] = (
     Command("stop", "fedrad.server.cmd_run", "stop a run (default: the one running)", flower=True),
     Command("simulate", "fedrad.server.cmd_simulate",
             "run a simulated federation (default: the bundled PneumoniaMNIST demo)", flower=True),
+    Command("report", "fedrad.server.cmd_report", "build a run folder's study report (report.html, report.md)"),
 )
 
 

@@ -205,15 +205,10 @@ def _is_ip(s: str) -> bool:
         return False
 
 
-#: MERGE SWITCH: write ``audit: {key_file: audit.key}`` into the kits' node.yaml. Off until the node
-#: config (fedrad.client.node_config.NodeConfig) has its ``audit`` section (added by the node helper in
-#: parallel): before that, node.yaml parsing rejects the unknown key. The key file itself is made by
-#: ``fedrad-node keygen`` beside node-auth.key; ``audit.key`` beside node.yaml is also the default.
-KIT_NAMES_AUDIT_KEY = False
-
-
 def _node_yaml(cfg: FederationConfig, name: str) -> str:
-    audit = {"audit": {"key_file": "audit.key"}} if KIT_NAMES_AUDIT_KEY else {}
+    # The audit key (made by ``fedrad-node keygen`` beside node-auth.key) is named explicitly, so a reader
+    # of node.yaml sees where it lives: outside the state folder, with the node's other secrets.
+    audit = {"audit": {"key_file": "audit.key"}}
     return yaml.safe_dump({
         "site": name,
         "superlink": f"{cfg.superlink.address}:{cfg.superlink.port}",

@@ -8,6 +8,7 @@ against the wire protocol, refusals kept apart from failures, checkpoints, resum
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -44,6 +45,10 @@ log = logging.getLogger(__name__)
 
 #: Deliberate refusals by a hospital (as opposed to failures): they can end a study cleanly.
 REFUSALS = (ERR_BUDGET, ERR_POLICY)
+
+
+#: How a simulated hospital names itself at the start of a refusal's reason (deployment: never trusted).
+SIM_TAG = re.compile(r"^\[(hospital-\d{1,6})\] ")
 
 
 class StudyStopped(Exception):
@@ -127,10 +132,15 @@ class FedradStrategyMixin:
         # Partition ids name simulated hospitals only. With a registry (deployment) a node is named by the
         # key it authenticated with, never by what its reply claims: a hospital cannot file itself (or its
         # receipts) under another hospital's name.
-        if isinstance(names, dict) and not msg.has_error() and METRICS_KEY in msg.content:
-            pid = partition_id(msg.content[METRICS_KEY])
-            if pid is not None:
-                name = f"hospital-{pid + 1}"
+        if isinstance(names, dict):
+            name = None
+            if msg.has_error():  # a simulated hospital tags its refusals "[hospital-N] ..."
+                m = SIM_TAG.match(msg.error.reason or "")
+                name = m.group(1) if m else None
+            elif METRICS_KEY in msg.content:
+                pid = partition_id(msg.content[METRICS_KEY])
+                name = f"hospital-{pid + 1}" if pid is not None else None
+            if name is not None:
                 names[node] = name
                 return name
         return f"node-{node}"
@@ -162,7 +172,7 @@ class FedradStrategyMixin:
             name = self._site_name(msg)
             site = rec.site(name)
             if msg.has_error():
-                reason = msg.error.reason or f"error code {msg.error.code}"
+                reason = SIM_TAG.sub("", msg.error.reason or "", count=1) or f"error code {msg.error.code}"
                 site["status"] = ("refused: " if msg.error.code in REFUSALS else "failed: ") + reason
                 refused.append((name, int(msg.error.code), reason))
                 log.warning("round %d %s: %s %s", rec.round, kind, name, site["status"])

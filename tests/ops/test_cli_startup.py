@@ -23,7 +23,7 @@ CLIS = {"fedrad.server.cli": COORDINATOR_COMMANDS, "fedrad.client.cli": NODE_COM
 CPU_BOUND_S = 3.0
 #: Modules owned by another helper that still import torch/Opacus at module level (their imports must
 #: move inside their handlers); the CLI itself imports them only when their command is named.
-NOT_YET_LAZY = {"fedrad.client.cmd_ledger", "fedrad.client.cmd_policy"}
+NOT_YET_LAZY: set[str] = set()
 
 
 def probe(module: str, argv: list[str]) -> dict[str, object]:

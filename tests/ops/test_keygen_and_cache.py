@@ -63,7 +63,7 @@ def test_check_names_an_unwritable_dicom_cache_with_its_fix(tmp_path: Path) -> N
     assert str(tmp_path / "state" / "dicom-cache") in cache[0][1]
 
 
-def test_the_kit_node_yaml_parses_and_names_what_the_switch_says(tmp_path: Path) -> None:
+def test_the_kit_node_yaml_parses_and_names_the_audit_key(tmp_path: Path) -> None:
     # arrange
     fed = tmp_path / "federation.yaml"
     fed.write_text("name: t\nsuperlink: {address: 127.0.0.1, port: 1}\nhospitals: [hospital-a]\n")
@@ -72,6 +72,7 @@ def test_the_kit_node_yaml_parses_and_names_what_the_switch_says(tmp_path: Path)
     text = provision._node_yaml(cfg, "hospital-a")
     (tmp_path / "node.yaml").write_text(text.replace("/path/to/site-data.npz", "site.npz"))
     # assert
-    assert ("audit" in yaml.safe_load(text)) is provision.KIT_NAMES_AUDIT_KEY
+    assert yaml.safe_load(text)["audit"] == {"key_file": "audit.key"}
     node = load_node_config(tmp_path / "node.yaml")  # unknown keys would be errors
     assert node.site == "hospital-a"
+    assert node.audit.key_file == (tmp_path / "audit.key").resolve()
