@@ -16,6 +16,8 @@ Run-config keys:
   run folder of the same study resumes from its last checkpoint
 * ``poll-interval``: seconds between checks for hospital replies (default 0.25; Flower's own
   deployment Grid waits 3 s); 0 keeps Flower's Grid unchanged
+* ``registry``: the coordinator's node registry (``nodes.json``, hospital name -> node id): hospitals
+  are named by the key they authenticated with in every record
 
 ``fedrad run`` (see :mod:`fedrad.server.cmd_run`) fills all three from a TOML file it writes into
 the run folder (``run-config.toml``).
@@ -23,7 +25,10 @@ the run folder (``run-config.toml``).
 
 from __future__ import annotations
 
+import json
 import logging
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +36,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from fedrad.common.config import load_study
+from fedrad.common.durable import atomic_write_text
 from fedrad.common.errors import ConfigError, FederationError
 
 from .deploy_grid import FastPollGrid
@@ -84,6 +90,33 @@ def resolve_run(run_config: dict[str, object]) -> tuple[Path, Path]:
     return study_file, (Path(study.output.dir) / f"{study.federation.name}-{stamp}").resolve()
 
 
+class RunStopped(SystemExit):
+    """SIGTERM reached the ServerApp (``fedrad stop``, or the coordinator shutting down)."""
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise RunStopped(128 + signum)
+
+
+def mark_ended(metrics_file: Path, exc: BaseException) -> None:
+    """Make a run's metrics.json tell the truth when the study did not end by itself: a status still
+    "running" becomes "stopped: ..." (the operator or Flower ended the run) or "failed: ..." (a crash)."""
+    try:
+        data = json.loads(metrics_file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(data, dict) or data.get("status") not in (None, "running"):
+        return
+    name = type(exc).__name__
+    stopped = isinstance(exc, (RunStopped, KeyboardInterrupt)) or "NotRunning" in name or "Stopped" in name
+    data["status"] = ("stopped: the run was stopped (fedrad stop or coordinator shutdown)" if stopped
+                      else f"failed: {name}")
+    try:
+        atomic_write_text(metrics_file, json.dumps(data, indent=2, allow_nan=False) + "\n")
+    except (OSError, ValueError) as err:
+        log.warning("could not record the run's end in %s (%s)", metrics_file, err)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     study_file, run_dir = resolve_run(dict(context.run_config))
@@ -95,10 +128,18 @@ def main(grid: Grid, context: Context) -> None:
     poll = float(context.run_config.get(POLL_KEY, 0.25) or 0.0)  # type: ignore[arg-type]
     if poll > 0:
         grid = FastPollGrid(grid, interval=poll)
-    if study.secure_aggregation.enabled:
-        history = run_secagg_study(grid, study=study, run_dir=run_dir, context=context, reporter=LogReporter())
-    else:
-        history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter(), names=names)
+    previous = signal.signal(signal.SIGTERM, _raise_stop) if threading.current_thread() is threading.main_thread() else None
+    try:
+        if study.secure_aggregation.enabled:
+            history = run_secagg_study(grid, study=study, run_dir=run_dir, context=context, reporter=LogReporter())
+        else:
+            history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter(), names=names)
+    except BaseException as exc:  # fedrad stop (Flower ends the run), SIGTERM, or a crash: records say so
+        mark_ended(run_dir / "metrics.json", exc)
+        raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     for event in history.events:
         log.info("note: %s", event)
     if history.status != "completed":

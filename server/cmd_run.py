@@ -151,12 +151,13 @@ def _round_line(rec: dict[str, Any], names: dict[str, str]) -> str:
         if st != "ok":
             parts.append(f"{name} [yellow]{st.split(':')[0]}[/]")
         else:
-            eps = h.get("epsilon")
-            what = "masked" if h.get("secure_aggregation") == "masked update" else (
-                f"loss {h['train_loss']:.3f}" if isinstance(h.get("train_loss"), (int, float)) else "ok")
-            parts.append(f"{name} {what}" + (f" eps {eps:.2f}" if eps else ""))
+            eps = h.get("study_epsilon", h.get("epsilon"))
+            what = "masked" if h.get("secure_aggregation") == "masked update" else "ok"
+            parts.append(f"{name} {what}" + (f" eps {eps:.2f}" if isinstance(eps, (int, float)) else ""))
     test = rec.get("global_test") or {}
-    tail = f" | test AUC {test['auc']:.3f}" if isinstance(test.get("auc"), (int, float)) else ""
+    val = rec.get("pooled_validation") or {}
+    tail = f" | val AUC {val['auc']:.3f}" if isinstance(val.get("auc"), (int, float)) else ""
+    tail += f" | test AUC {test['auc']:.3f}" if isinstance(test.get("auc"), (int, float)) else ""
     return f"round {rec.get('round')} ({float(rec.get('seconds') or 0):.1f}s): " + "; ".join(parts) + tail
 
 

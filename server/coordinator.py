@@ -67,6 +67,7 @@ clientapp = "fedrad.client.secagg_app:app"
 study-config = ""
 run-dir = ""
 poll-interval = 0.25
+registry = ""
 """
 
 #: Environment for every Flower process fedrad starts: no package installs, no phoning home.
@@ -413,7 +414,8 @@ def submit(co: Coordinator, *, study_file: Path, run_dir: Path, poll_interval: f
     run_dir.mkdir(parents=True, exist_ok=True)
     overrides = run_dir / "run-config.toml"
     overrides.write_text(f"study-config = {json.dumps(str(study_file))}\nrun-dir = {json.dumps(str(run_dir))}\n"
-                         f"poll-interval = {float(poll_interval)}\n", encoding="utf-8")
+                         f"poll-interval = {float(poll_interval)}\n"
+                         f"registry = {json.dumps(str(co.registry_path.resolve()))}\n", encoding="utf-8")
     data = flwr_json(co, ["run", str(app), CONNECTION, "--run-config", str(overrides)], timeout=120)
     run_id = str(data["run-id"])
     (run_dir / "flower-run-id").write_text(run_id + "\n", encoding="utf-8")
