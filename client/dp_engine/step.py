@@ -32,7 +32,7 @@ from torch import nn
 
 from fedrad.common.errors import PrivacyError
 
-from .mixed import MODES, LayerRule, Mode, clip_coefficients, rule_for
+from .mixed import MODES, LayerNorms, LayerRule, Mode, clip_coefficients, rule_for
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +98,9 @@ class DPStep:
         self._records: dict[nn.Module, _Record] = {}
         self._capturing = False
         self._handles = [m.register_forward_hook(self._capture) for _, m, _ in self.layers]
-        self.ghost_parameters: list[str] = []  # filled on the first step: "<layer>.<param>" by ghost norm
+        #: Filled on the first step: "<layer>.<param>" whose norm is taken by the ghost path.
+        self.ghost_parameters: list[str] = []
+        self._planned = False
 
     # ---- hooks -------------------------------------------------------------------------------------
     def _capture(self, module: nn.Module, inputs: tuple[Any, ...], output: Any) -> None:
@@ -131,10 +133,7 @@ class DPStep:
         finally:
             self._capturing = False
         try:
-            losses = self.loss_fn(logits, y)
-            if losses.shape != (x.shape[0],):
-                raise PrivacyError(f"loss_fn must return one loss per sample, shape ({x.shape[0]},); "
-                                   f"got {tuple(losses.shape)}")
+            losses = self._per_sample_losses(logits, y)
             self._clip_and_accumulate(losses)
         finally:
             self._records.clear()
@@ -148,18 +147,42 @@ class DPStep:
             p.grad = torch.zeros_like(p)
         self.optimizer.step()
 
-    def _clip_and_accumulate(self, losses: torch.Tensor) -> None:
+    def per_sample_norms(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Per-sample gradient norms ``(B,)`` of ``(x, y)`` by this engine's path, without a step.
+
+        For tests and diagnostics on the node only: the norms are NOT DP-protected.
+        """
+        self._records.clear()
+        self._capturing = True
+        try:
+            logits = self.model(x)
+        finally:
+            self._capturing = False
+        try:
+            norm2, _ = self._norms(self._per_sample_losses(logits, y))
+        finally:
+            self._records.clear()
+        return norm2.sqrt()
+
+    def _per_sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        losses = self.loss_fn(logits, y)
+        if losses.shape != (y.shape[0],):
+            raise PrivacyError(f"loss_fn must return one loss per sample, shape ({y.shape[0]},); "
+                               f"got {tuple(losses.shape)}")
+        return losses
+
+    def _norms(self, losses: torch.Tensor) -> tuple[torch.Tensor, list[LayerNorms]]:
+        """Squared per-sample norms over all layers, and each layer's pending clipped sum."""
         recorded = [(name, m, rule) for name, m, rule in self.layers if m in self._records]
-        outputs = [self._records[m].output for _, m, _ in recorded]
         for name, m, _ in recorded:
             if self._records[m].output._version != self._records[m].version:
                 raise PrivacyError(f"layer {name!r}: its output was modified in place; "
                                    "per-sample gradients would be wrong")
+        outputs = [self._records[m].output for _, m, _ in recorded]
         backprops = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
-        b = losses.shape[0]
-        norm2 = torch.zeros(b, device=losses.device, dtype=losses.dtype)
-        pending = []
-        first = not self.ghost_parameters and self.mode != "per-sample"
+        norm2 = torch.zeros(losses.shape[0], device=losses.device, dtype=losses.dtype)
+        pending: list[LayerNorms] = []
+        first = not self._planned
         for (name, m, rule), g in zip(recorded, backprops):
             if g is None:  # output not used by the loss: zero gradient for this layer
                 continue
@@ -169,8 +192,13 @@ class DPStep:
             if first:
                 self.ghost_parameters += [f"{name}.{p}" for p in result.ghost]
         if first:
+            self._planned = True
             log.debug("DP engine (%s): ghost norm for %d parameter(s): %s", self.mode,
                       len(self.ghost_parameters), self.ghost_parameters)
+        return norm2, pending
+
+    def _clip_and_accumulate(self, losses: torch.Tensor) -> None:
+        norm2, pending = self._norms(losses)
         coef = clip_coefficients(norm2, max_grad_norm=self.max_grad_norm)
         for result in pending:
             for p, s in result.finish(coef).items():
