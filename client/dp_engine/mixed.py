@@ -53,11 +53,16 @@ def _weighted(coef: torch.Tensor, per_sample: torch.Tensor) -> torch.Tensor:
     return torch.einsum("i,i...", coef.to(per_sample.dtype), per_sample)
 
 
+def _sq_norms(per_sample: torch.Tensor, b: int) -> torch.Tensor:
+    """Squared per-sample norms ``(B,)`` of a ``(B, ...)`` tensor (no squared copy in memory)."""
+    return torch.linalg.vector_norm(per_sample.reshape(b, -1), dim=1).square()
+
+
 def _materialised(grads: dict[nn.Parameter, torch.Tensor], b: int,
                   ref: torch.Tensor) -> tuple[torch.Tensor, dict[nn.Parameter, torch.Tensor]]:
     norm2 = torch.zeros(b, device=ref.device, dtype=ref.dtype)
     for gs in grads.values():
-        norm2 = norm2 + gs.reshape(b, -1).pow(2).sum(dim=1)
+        norm2 = norm2 + _sq_norms(gs, b)
     return norm2, grads
 
 
@@ -98,7 +103,7 @@ class LinearRule(LayerRule):
         if layer.bias is not None and layer.bias.requires_grad:
             per_sample[layer.bias] = g3.sum(dim=1)
         for gs in per_sample.values():
-            norm2 = norm2 + gs.reshape(b, -1).pow(2).sum(dim=1)
+            norm2 = norm2 + _sq_norms(gs, b)
 
         def finish(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
             out = {p: _weighted(coef, gs) for p, gs in per_sample.items()}
@@ -132,7 +137,7 @@ class Conv2dRule(LayerRule):
         if layer.bias is not None and layer.bias.requires_grad:
             per_sample[layer.bias] = ns.conv2d_bias_grad_sample(g)
         for gs in per_sample.values():
-            norm2 = norm2 + gs.reshape(b, -1).pow(2).sum(dim=1)
+            norm2 = norm2 + _sq_norms(gs, b)
 
         def finish(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
             out = {p: _weighted(coef, gs) for p, gs in per_sample.items()}

@@ -167,15 +167,27 @@ def compute_conv2d_norm_sample(
 def group_norm_grad_sample(
     layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor
 ) -> dict[nn.Parameter, torch.Tensor]:
-    """Per-sample gradients ``(B, C)`` of GroupNorm's affine weight and bias."""
-    a = activations[0]
+    """Per-sample gradients ``(B, C)`` of GroupNorm's affine weight and bias.
+
+    ``dW_i[c] = sum_s xhat_i[c, s] g_i[c, s] = rstd_i[k] * (sum_s x g - mean_i[k] * sum_s g)`` for
+    channel ``c`` in group ``k``: two reductions over the inputs, no normalised copy of them.
+    """
+    a = activations[0].to(backprops.dtype)
     ret: dict[nn.Parameter, torch.Tensor] = {}
     b, c = backprops.shape[0], backprops.shape[1]
+    g = backprops.reshape(b, c, -1)
+    sum_g = g.sum(dim=2)
     if layer.weight is not None and layer.weight.requires_grad:
-        normed = F.group_norm(a, layer.num_groups, eps=layer.eps)
-        ret[layer.weight] = (normed * backprops).reshape(b, c, -1).sum(dim=2)
+        groups = layer.num_groups
+        var, mean = torch.var_mean(a.reshape(b, groups, -1), dim=2, unbiased=False)
+        rstd = (var + layer.eps).rsqrt()
+        x = a.reshape(b * c, 1, -1)
+        sum_xg = torch.bmm(x, g.reshape(b * c, -1, 1)).view(b, c)
+        per_group = c // groups
+        ret[layer.weight] = (rstd.repeat_interleave(per_group, dim=1)
+                             * (sum_xg - mean.repeat_interleave(per_group, dim=1) * sum_g))
     if layer.bias is not None and layer.bias.requires_grad:
-        ret[layer.bias] = backprops.reshape(b, c, -1).sum(dim=2)
+        ret[layer.bias] = sum_g
     return ret
 
 
