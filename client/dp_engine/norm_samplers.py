@@ -1,0 +1,203 @@
+"""Per-sample gradients and per-sample gradient norms for Conv2d and GroupNorm, Opacus-style.
+
+Every function here has Opacus' sampler signature ``f(layer, activations, backprops)``:
+``activations`` is the list of the layer's forward inputs (batch first) and ``backprops`` the
+gradient of the loss (summed over the batch, i.e. per-sample) with respect to the layer's output.
+
+Two registrations in Opacus' own registry (``opacus.grad_sample.register_norm_sampler``) make
+Opacus' ``grad_sample_mode="ghost"`` handle the layers of fedrad's models (Opacus 1.6 ships norm
+samplers for Linear and Embedding only):
+
+- :func:`compute_conv2d_norm_sample`: "mixed ghost clipping" (Bu et al. 2022). A convolution's
+  per-sample weight gradient is ``G_i U_i^T`` (``G_i``: p x T output gradients, ``U_i``: D x T
+  unfolded input, T output positions, D = in_channels/groups * kernel area, p = out_channels).
+  Its norm is either read off the materialised gradient, or, without materialising it, from two
+  T x T Gram matrices: ``||G_i U_i^T||^2 = <G_i^T G_i, U_i^T U_i>`` (the "ghost norm"). Which one
+  is cheaper depends on the shapes only: see :func:`prefer_ghost`.
+- :func:`compute_group_norm_norm_sample`: GroupNorm's per-sample gradients are tiny (one number
+  per channel), so they are materialised and their norms taken.
+
+Nothing here depends on the data other than through the tensors passed in; the ghost-or-not
+decision depends on layer and input *shapes* only (never on the batch size), so it is the same on
+every step of a training run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from opacus.grad_sample import register_norm_sampler
+from torch import nn
+from torch.nn.grad import conv2d_weight
+
+log = logging.getLogger(__name__)
+
+#: Cost, in multiply-add equivalents, of materialising one element of a per-sample gradient
+#: (writing it, reading it for the norm, reading it again for the clipped sum) on top of the
+#: arithmetic that produces it. Measured on a 2-core x86 CPU with torch 2.13 (see
+#: benchmarks/dp_engine.py --layers): grouped per-sample convolutions with small outputs and many
+#: channels run far below the dense kernels' speed. Bu et al. 2022 compare space instead
+#: (``2 T^2`` against ``p D``); that criterion picks the ghost norm for layers where the Gram
+#: matrices cost more arithmetic than the per-sample gradient saves on a CPU.
+MATERIALISE_COST = 200.0
+
+
+@dataclass(frozen=True)
+class ConvShape:
+    """The shapes that decide a convolution's cost (all per sample)."""
+
+    positions: int  # T: output positions (H_out * W_out)
+    fan_in: int  # D: in_channels / groups * kernel area
+    fan_out: int  # p: out_channels
+    groups: int
+
+
+def prefer_ghost(*, positions: int, fan_in: int, fan_out: int, groups: int = 1) -> bool:
+    """True if the ghost norm is cheaper than the materialised per-sample gradient (per sample).
+
+    Costs per sample, counting multiply-adds (Bu et al. 2022, with a materialisation term):
+
+    - ghost norm: two Gram matrices, ``T^2 (D + p/groups)`` per group, then the weighted
+      gradient sum afterwards (a plain weight-gradient, ``T D p``);
+    - per-sample gradient: ``T D p`` plus :data:`MATERIALISE_COST` per stored element (``D p``).
+
+    A layer without spatial extent (Linear on 2-D input: ``T = 1``) always prefers the ghost norm.
+    """
+    t, d, p = positions, fan_in, fan_out
+    ghost = groups * t * t * (d + p / groups) + t * d * p
+    per_sample = t * d * p + MATERIALISE_COST * d * p
+    return ghost < per_sample
+
+
+def conv_shape(layer: nn.Conv2d, backprops: torch.Tensor) -> ConvShape:
+    kernel = math.prod(layer.kernel_size)
+    return ConvShape(
+        positions=math.prod(backprops.shape[2:]),
+        fan_in=layer.in_channels // layer.groups * kernel,
+        fan_out=layer.out_channels,
+        groups=layer.groups,
+    )
+
+
+def conv_fast_path(layer: nn.Module) -> bool:
+    """Whether the native-kernel paths below apply (zero padding given as numbers)."""
+    return (
+        type(layer) is nn.Conv2d
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+    )
+
+
+def conv2d_weight_grad_sample(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Per-sample weight gradients ``(B, *weight.shape)`` in one grouped weight-gradient kernel.
+
+    The batch is folded into the channels (groups = B * layer.groups), so the native convolution
+    backward computes every sample's gradient at once (no unfolded input in memory).
+    """
+    b = a.shape[0]
+    w = layer.weight
+    grads = conv2d_weight(
+        a.reshape(1, b * a.shape[1], *a.shape[2:]),
+        (b * w.shape[0], *w.shape[1:]),
+        g.reshape(1, b * g.shape[1], *g.shape[2:]),
+        stride=layer.stride,
+        padding=layer.padding,  # type: ignore[arg-type]
+        dilation=layer.dilation,
+        groups=b * layer.groups,
+    )
+    return grads.view(b, *w.shape)
+
+
+def conv2d_weight_ghost_norm2(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Squared per-sample weight-gradient norms ``(B,)`` from Gram matrices (no per-sample gradient)."""
+    b, groups = a.shape[0], layer.groups
+    u = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,  # type: ignore[arg-type]
+                 stride=layer.stride)  # (B, Cin*k, T)
+    t = u.shape[-1]
+    u = u.view(b * groups, -1, t)
+    go = g.reshape(b * groups, -1, t)
+    gram_u = torch.bmm(u.transpose(1, 2), u)
+    gram_g = torch.bmm(go.transpose(1, 2), go)
+    return (gram_u * gram_g).view(b, -1).sum(dim=1).clamp(min=0)
+
+
+def conv2d_weighted_weight_grad(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor,
+                                coef: torch.Tensor) -> torch.Tensor:
+    """``sum_i coef_i * grad_i`` of the weight: one plain weight-gradient kernel on rescaled backprops."""
+    scaled = g * coef.view(-1, *([1] * (g.dim() - 1))).to(g.dtype)
+    return conv2d_weight(a, layer.weight.shape, scaled, stride=layer.stride,
+                         padding=layer.padding,  # type: ignore[arg-type]
+                         dilation=layer.dilation, groups=layer.groups)
+
+
+def conv2d_bias_grad_sample(g: torch.Tensor) -> torch.Tensor:
+    return g.reshape(g.shape[0], g.shape[1], -1).sum(dim=2)
+
+
+def compute_conv2d_norm_sample(
+    layer: nn.Conv2d, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of a Conv2d's parameters, by ghost norm or materialised gradient,
+    whichever :func:`prefer_ghost` says is cheaper for this layer's shapes."""
+    a = activations[0].to(backprops.dtype)
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    if layer.weight.requires_grad:
+        if not conv_fast_path(layer):
+            from opacus.grad_sample.conv import compute_conv_grad_sample
+
+            gs = compute_conv_grad_sample(layer, [a], backprops)[layer.weight]
+            ret[layer.weight] = gs.reshape(len(gs), -1).norm(2, dim=1)
+        else:
+            s = conv_shape(layer, backprops)
+            if prefer_ghost(positions=s.positions, fan_in=s.fan_in, fan_out=s.fan_out, groups=s.groups):
+                ret[layer.weight] = conv2d_weight_ghost_norm2(layer, a, backprops).sqrt()
+            else:
+                gs = conv2d_weight_grad_sample(layer, a, backprops)
+                ret[layer.weight] = gs.reshape(len(gs), -1).norm(2, dim=1)
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = conv2d_bias_grad_sample(backprops).norm(2, dim=1)
+    return ret
+
+
+def group_norm_grad_sample(
+    layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradients ``(B, C)`` of GroupNorm's affine weight and bias.
+
+    ``dW_i[c] = sum_s xhat_i[c, s] g_i[c, s] = rstd_i[k] * (sum_s x g - mean_i[k] * sum_s g)`` for
+    channel ``c`` in group ``k``: two reductions over the inputs, no normalised copy of them.
+    """
+    a = activations[0].to(backprops.dtype)
+    ret: dict[nn.Parameter, torch.Tensor] = {}
+    b, c = backprops.shape[0], backprops.shape[1]
+    g = backprops.reshape(b, c, -1)
+    sum_g = g.sum(dim=2)
+    if layer.weight is not None and layer.weight.requires_grad:
+        groups = layer.num_groups
+        var, mean = torch.var_mean(a.reshape(b, groups, -1), dim=2, unbiased=False)
+        rstd = (var + layer.eps).rsqrt()
+        x = a.reshape(b * c, 1, -1)
+        sum_xg = torch.bmm(x, g.reshape(b * c, -1, 1)).view(b, c)
+        per_group = c // groups
+        ret[layer.weight] = (rstd.repeat_interleave(per_group, dim=1)
+                             * (sum_xg - mean.repeat_interleave(per_group, dim=1) * sum_g))
+    if layer.bias is not None and layer.bias.requires_grad:
+        ret[layer.bias] = sum_g
+    return ret
+
+
+def compute_group_norm_norm_sample(
+    layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+) -> dict[nn.Parameter, torch.Tensor]:
+    """Per-sample gradient norms of GroupNorm's affine parameters (materialised: C numbers each)."""
+    return {p: gs.norm(2, dim=1) for p, gs in group_norm_grad_sample(layer, activations, backprops).items()}
+
+
+# Registration in Opacus' own registry: Opacus' ghost clipping then handles these layers too.
+register_norm_sampler(nn.Conv2d)(compute_conv2d_norm_sample)
+register_norm_sampler(nn.GroupNorm)(compute_group_norm_norm_sample)
