@@ -18,7 +18,7 @@ from pathlib import Path
 
 from fedrad.common.config import StudyConfig
 from fedrad.common.datasets import SiteData, load_npz
-from fedrad.common.errors import DataError, ProtocolError
+from fedrad.common.errors import DataError, PolicyViolation, ProtocolError
 from flwr.app import Context
 
 from .node_config import NodeConfig, load_node_config
@@ -31,7 +31,8 @@ NODE_CONFIG_KEY = "fedrad-node-config"
 
 
 @functools.lru_cache(maxsize=2)
-def _site_data(source: str, path: Path, channels: int, image_size: int, class_names: tuple[str, ...] | None) -> SiteData:
+def _site_data(source: str, path: Path, channels: int, image_size: int, class_names: tuple[str, ...] | None,
+               default_cache: Path | None = None) -> SiteData:
     if source == "npz":
         splits = load_npz(path, channels=channels, image_size=image_size)
         k = int(max(splits["train"].labels.max(), splits["val"].labels.max())) + 1
@@ -40,13 +41,19 @@ def _site_data(source: str, path: Path, channels: int, image_size: int, class_na
     from .dicom.config import load_dicom_config
     from .dicom.dataset import load_dicom_site
 
-    return load_dicom_site(load_dicom_config(path), progress=False)
+    cfg = load_dicom_config(path)
+    if cfg.cache_dir is None and default_cache is not None:
+        # The archive is often mounted read-only (containers, systemd ProtectSystem=strict): by default the
+        # node keeps its pixel cache under its own state folder, not inside the archive.
+        cfg = cfg.model_copy(update={"cache_dir": default_cache})
+    return load_dicom_site(cfg, progress=False)
 
 
 def load_site(node: NodeConfig, *, channels: int, image_size: int, class_names: tuple[str, ...] | None) -> Site:
     if not node.data.path.exists():
         raise DataError(f"{node.data.path}: the node's data ({node.data.source}) does not exist")
-    data = _site_data(node.data.source, node.data.path, channels, image_size, class_names)
+    data = _site_data(node.data.source, node.data.path, channels, image_size, class_names,
+                      node.state_dir / "dicom-cache")
     return Site(name=node.site, data=data, ledger_path=node.ledger_path, dataset_id=dataset_fingerprint(data),
                 budget=(node.privacy.epsilon, node.privacy.delta), accountant=node.privacy.accountant,
                 policy=node.policy, max_evaluations=node.evaluation.max_per_study, audit_key=node.audit.key_file)
@@ -57,8 +64,18 @@ def deployed_site(context: Context, study: StudyConfig) -> Site:
     if not path:
         raise ProtocolError(f"this SuperNode was started without --node-config '{NODE_CONFIG_KEY}=\"...node.yaml\"'")
     node = load_node_config(str(path))
-    return load_site(node, channels=study.data.channels, image_size=study.data.image_size,
+    site = load_site(node, channels=study.data.channels, image_size=study.data.image_size,
                      class_names=study.data.class_names)
+    # A cap that would cut the node's data is refused, never applied: a coordinator-chosen subset would be
+    # another dataset, with a fresh ledger and budget each time. A cap the data already fits changes nothing.
+    binding = [f"{k}={cap} (this node has {n})" for k, cap, n in (
+        ("data.max_train_per_hospital", study.data.max_train_per_hospital, len(site.data.train)),
+        ("data.max_val_per_hospital", study.data.max_val_per_hospital, len(site.data.val))) if cap is not None and cap < n]
+    if binding:
+        raise PolicyViolation(
+            "whole_dataset", "data caps are a simulation setting; a deployed node trains and evaluates on its whole "
+            f"dataset (node.yaml): remove {', '.join(binding)} from the study")
+    return site
 
 
 def split_address(address: str) -> tuple[str, int]:

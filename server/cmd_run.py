@@ -56,7 +56,7 @@ def _running(co: Any) -> dict[str, Any]:
 
 def run_run(args: argparse.Namespace) -> int:
     from fedrad.common.config import load_study
-    from fedrad.common.errors import FederationError
+    from fedrad.common.errors import ConfigError, FederationError
     from fedrad.server import coordinator as cdn
 
     co = cdn.Coordinator(prov_dir(args.prov))
@@ -64,15 +64,23 @@ def run_run(args: argparse.Namespace) -> int:
     study = load_study(study_file)  # every config problem surfaces here, before anything is submitted
     fed = study.federation
     least = fed.min_hospitals
+    problems = [f"{study_file}: data.{k}: a simulation setting; deployed hospitals train on their whole dataset "
+                f"and refuse such a study (got {v!r})"
+                for k, v in (("max_train_per_hospital", study.data.max_train_per_hospital),
+                             ("max_val_per_hospital", study.data.max_val_per_hospital)) if v is not None]
+    if study.simulation.reproducible_randomness:
+        problems.append(f"{study_file}: simulation.reproducible_randomness: deployed hospitals draw all DP "
+                        "randomness from OS entropy and refuse such a study (got True)")
     if study.secure_aggregation.enabled:  # SecAgg+ in deployment: its settings are checked before submitting
-        from fedrad.common.errors import ConfigError
         from fedrad.server.secagg import MIN_SURVIVORS, SecAggSettings
 
         try:
             SecAggSettings.from_study(study).check(study)
         except ConfigError as exc:
-            raise ConfigError(str(study_file), [f"{study_file}: {p}" for p in exc.problems]) from None
+            problems += [f"{study_file}: {p}" for p in exc.problems]
         least = max(least, MIN_SURVIVORS)  # a masked sum of fewer hospitals is never unmasked
+    if problems:  # every problem in one report, before anything is submitted
+        raise ConfigError(str(study_file), problems)
     info = _running(co)
     if not info.get("insecure"):
         registered = len(co.registry())

@@ -26,6 +26,7 @@ from fedrad.common.datasets import ImageSplit, load_npz, npz_source_path
 from fedrad.common.device import resolve_device
 from fedrad.common.errors import FederationError, ProtocolError
 from fedrad.common.evaluation import evaluate
+from fedrad.common.model_card import CARD_KEY, model_card
 from fedrad.common.models import build_model
 from fedrad.common.protocol import ARRAYS_KEY, ERR_BUDGET, ERR_POLICY, METRICS_KEY, check_reply
 
@@ -480,11 +481,19 @@ def finish_study(
         ev = evaluate(model, test, device=resolve_device(study.training.device),
                       batch_size=study.training.eval_batch_size, threshold=threshold)
         history.final_test = ev.test_metrics()
+    card = model_card(study_dict=study.to_dict(), class_names=class_names, threshold=threshold,
+                      state_dict=model.state_dict(), study_id=history.study_id)
     save_checkpoint(run_dir / MODEL, state_dict=model.state_dict(), study=study.to_dict(),
                     round=choice["round"], class_names=class_names,
-                    extra={**common_extra, "threshold": threshold, "selected": choice["is"]})
+                    extra={**common_extra, "threshold": threshold, "selected": choice["is"], CARD_KEY: card})
     history.save()
     write_plots(history, run_dir)
     write_report(history=history, run_dir=run_dir, study=study, fab_hash=_fab_hash(grid))
+    try:  # the study report a person opens (fedrad report RUN_DIR rebuilds it)
+        from .report_html import build_report
+
+        build_report(run_dir)
+    except Exception as exc:  # noqa: BLE001 - the study's results are already saved
+        log.warning("report.html not written (%s); run `fedrad report %s`", exc, run_dir)
     reporter.study_finished(history)
     return history

@@ -19,6 +19,8 @@ from tests.deploy.test_coordinator import prov  # noqa: F401 - the provisioned-c
 
 def _study(path: Path, **overrides: Any) -> Path:
     d = small_study_dict(secure_aggregation={"enabled": True, **overrides.pop("secure_aggregation", {})}, **overrides)
+    d["data"].pop("max_train_per_hospital", None)  # a deployed study has no data caps (hospitals refuse them)
+    d["data"].pop("max_val_per_hospital", None)
     path.write_text(yaml.safe_dump(d))
     return path
 
