@@ -64,7 +64,8 @@ from .audit_log import AuditLog
 from .gate import require_gate, task_age
 from .ledger import PrivacyLedger, StudyRecord, StudyTurn
 from .node_policy import check_request, check_study
-from .privacy import gaussian_histograms, plan_evaluation, plan_round, released_size, reserve_round, study_delta
+from .privacy import (balanced_class_weights, check_useful, gaussian_histograms, released_class_counts, plan_evaluation, plan_round, released_size, reserve_round,
+                      study_delta)
 from .site import Site, simulated_site
 from .train import train_local
 from .warm import WARM_TASK_ENV
@@ -321,15 +322,23 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
     metrics: dict[str, float | int] = {"round": nxt.number}
     sigma: float | None = None
     plan = None
+    weights: list[float] | None = None
     if priv.enabled:
         req.epsilon_before = ledger.spent()
-        n_released = released_size(ledger=ledger, true_size=len(site.data.train),
-                                   seed=_seed(study, site, 0, 3))
+        size_seed = _seed(study, site, 0, 3)
+        n_released = released_size(ledger=ledger, true_size=len(site.data.train), seed=size_seed)
+        if study.training.class_weighting == "balanced":  # the once-released noisy class counts (charged)
+            counts = released_class_counts(ledger=ledger, labels=np.asarray(site.data.train.labels),
+                                           num_classes=site.data.num_classes,
+                                           seed=None if size_seed is None else size_seed + 2**40)
+            weights = balanced_class_weights(counts=counts)
         sdelta = study_delta(ledger=ledger, privacy=priv)
         plan = plan_round(
             ledger=ledger, privacy=priv, training=study.training, num_examples=n_released,
-            server_round=nxt.number, total_rounds=nxt.planned, study_id=key, study_delta=sdelta,
+            server_round=nxt.number, total_rounds=nxt.planned, study_id=key, study_delta=sdelta, site=site.name,
         )
+        # a budget that cannot buy useful training is refused here, before any step is reserved
+        check_useful(plan, site=site.name, server_round=nxt.number, total_rounds=nxt.planned)
         if policy is not None:  # the hospital's own limits, checked before anything is spent or trained
             check_request(policy=policy, study=study, study_id=key, ledger=ledger, plan=plan,
                           secure_aggregation=secure_aggregation, study_delta=sdelta)
@@ -348,6 +357,9 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
                           secure_aggregation=secure_aggregation)
         ledger.count_turn(nxt.turn)
         metrics["num-examples"] = len(site.data.train)
+    if weights is None and study.training.class_weighting == "balanced":  # a non-DP study: exact counts
+        weights = balanced_class_weights(counts=np.bincount(np.asarray(site.data.train.labels, dtype=np.int64),
+                                                            minlength=site.data.num_classes).tolist())
     device = resolve_device(study.training.device)
     stats = train_local(
         model=model,
@@ -361,6 +373,7 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
         sample_rate=plan.sample_rate if plan else None,
         steps=plan.steps if plan else None,
         expected_batch_size=plan.expected_batch_size if plan else None,
+        class_weights=weights,
     )
     req.stats = {"seconds": stats.seconds}
     metrics["steps"] = stats.steps

@@ -25,7 +25,8 @@ import numpy as np
 
 from fedrad.common.config import PrivacyConfig, TrainingConfig
 from fedrad.common.errors import BudgetExceededError, PrivacyError
-from fedrad.common.privacy import HistoryEntry, calibrate_noise, sample_rate_for, steps_per_epoch
+from fedrad.common.planning import Assessment, assess, sampling_plan
+from fedrad.common.privacy import HistoryEntry, calibrate_noise
 
 from .ledger import Account, PrivacyLedger, Reservation, StudyTurn
 
@@ -44,6 +45,15 @@ class RoundPlan:
     steps: int
     #: The DP optimiser's divisor: sample rate x released size (data-independent). 0 for evaluations.
     expected_batch_size: float = 0.0
+    #: Whether the plan can be expected to learn (training plans only; see fedrad.common.planning).
+    assessment: Assessment | None = None
+
+    def record(self) -> dict[str, float | str]:
+        """The plan as the ledger entry records it (data-independent numbers only)."""
+        out: dict[str, float | str] = {"expected_batch_size": float(self.expected_batch_size)}
+        if self.assessment is not None:
+            out.update(verdict=self.assessment.verdict, noise_per_example=float(self.assessment.noise_per_example))
+        return out
 
 
 def released_size(*, ledger: PrivacyLedger, true_size: int, seed: int | None = None) -> int:
@@ -62,6 +72,40 @@ def released_size(*, ledger: PrivacyLedger, true_size: int, seed: int | None = N
     return value
 
 
+#: Noise multiplier of the one-off release of the training set's per-class counts (class weighting):
+#: a histogram of L2 sensitivity 1, charged like the size release.
+CLASS_COUNTS_NOISE_MULTIPLIER = 8.0
+
+
+def released_class_counts(*, ledger: PrivacyLedger, labels: np.ndarray, num_classes: int,
+                          seed: int | None = None) -> list[int]:
+    """The training set's DP-released per-class counts: released once per dataset (Gaussian noise,
+    std :data:`CLASS_COUNTS_NOISE_MULTIPLIER`, charged to the ledger), stored and reused ever after.
+    Rounded and clipped at 0 (post-processing). ``seed``: reproducible simulation only."""
+    stored = ledger.released_class_counts
+    if stored is not None:
+        if len(stored) != num_classes:
+            raise PrivacyError(f"the ledger's released class counts have {len(stored)} classes, the data {num_classes}")
+        return stored
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes]
+    rng = np.random.default_rng(seed)  # None: 128 bits of OS entropy
+    noisy = counts + CLASS_COUNTS_NOISE_MULTIPLIER * rng.standard_normal(num_classes)
+    values = [int(v) for v in np.clip(np.rint(noisy), 0, None)]
+    ledger.release_class_counts(values=values, noise_multiplier=CLASS_COUNTS_NOISE_MULTIPLIER)
+    return values
+
+
+def balanced_class_weights(*, counts: list[int]) -> list[float]:
+    """Per-class weights in (0, 1] from (released) counts: the rarest class 1, class k
+    ``min_count / count_k`` (each count floored at 1, so an empty class gets weight 1 and the
+    others stay positive). Post-processing of a DP release; costs nothing."""
+    if not counts:
+        raise PrivacyError("class weights need at least one class count")
+    c = [max(1, int(v)) for v in counts]
+    m = min(c)
+    return [m / v for v in c]
+
+
 def plan_round(
     *,
     ledger: PrivacyLedger,
@@ -72,8 +116,13 @@ def plan_round(
     total_rounds: int,
     study_id: str | None = None,
     study_delta: float | None = None,
+    site: str = "this site",
 ) -> RoundPlan:
     """Noise multiplier, sampling rate and step count for this round (nothing is written).
+
+    Sampling follows :func:`fedrad.common.planning.sampling_plan` (q <= 1/4 and at least 4 steps per
+    round and local epoch on every site); the plan carries its usefulness assessment (see
+    :func:`check_useful`).
 
     ``num_examples``: the training set's *released* size; ``server_round`` / ``total_rounds``: the
     node's own round of the study and the study's planned rounds (never the coordinator's word).
@@ -86,15 +135,29 @@ def plan_round(
         raise PrivacyError("plan_round called for a study without DP")
     if not 1 <= server_round <= total_rounds:
         raise PrivacyError(f"round {server_round} outside 1..{total_rounds}")
-    q = sample_rate_for(num_examples=num_examples, batch_size=training.batch_size)
-    steps = steps_per_epoch(num_examples=num_examples, batch_size=training.batch_size) * training.local_epochs
-    expected = q * num_examples
+    s = sampling_plan(num_examples=num_examples, batch_size=training.batch_size, local_epochs=training.local_epochs)
+    q, steps, expected = s.sample_rate, s.steps, s.expected_batch_size
     if privacy.noise_multiplier is not None:
-        return RoundPlan(privacy.noise_multiplier, q, steps, expected)
-    remaining_rounds = total_rounds - server_round + 1
-    sigma = _calibrate(ledger=ledger, privacy=privacy, study_id=study_id, study_delta=study_delta, account="train",
-                       sample_rate=q, steps=steps * remaining_rounds)
-    return RoundPlan(sigma, q, steps, expected)
+        sigma = privacy.noise_multiplier
+    else:
+        remaining_rounds = total_rounds - server_round + 1
+        sigma = _calibrate(ledger=ledger, privacy=privacy, study_id=study_id, study_delta=study_delta,
+                           account="train", sample_rate=q, steps=steps * remaining_rounds)
+    verdict = assess(noise_multiplier=sigma, expected_batch_size=expected, site=site)
+    return RoundPlan(sigma, q, steps, expected, verdict)
+
+
+def check_useful(plan: RoundPlan, *, site: str, server_round: int, total_rounds: int) -> None:
+    """Refuse a hopeless plan (before anything is reserved); log a marginal one. Every plan is logged."""
+    a = plan.assessment
+    log.info("%s plan round %d/%d: q %.4f (expected batch %.1f), %d steps, noise multiplier %.4f, noise/example "
+             "%.4f: %s", site, server_round, total_rounds, plan.sample_rate, plan.expected_batch_size, plan.steps,
+             plan.noise_multiplier, a.noise_per_example if a else float("nan"), a.verdict if a else "-")
+    if a is None or a.verdict == "ok":
+        return
+    if a.verdict == "hopeless":
+        raise BudgetExceededError(a.message)
+    log.warning("%s", a.message)
 
 
 def plan_evaluation(
@@ -173,6 +236,7 @@ def reserve_round(
             account=account,
             study_delta=study_delta,
             turn=turn,
+            plan=plan.record() if account == "train" else None,
         )
     except BudgetExceededError:
         log.warning("%s %d refused: privacy budget", "evaluation" if account == "val" else "round", server_round)

@@ -1,0 +1,147 @@
+"""Per-site DP training plan: sampling rate, steps and noise from a site's (released) size and budget.
+
+Pure functions over data-independent inputs (the study's configuration, the site's DP-released
+training-set size and its ledger history), so the hospital node plans with them and the
+coordinator's dry run can show the same plan from the sizes it assumes.
+
+Sampling (:func:`sampling_plan`): ``k = max(ceil(n / batch_size), MIN_BATCHES_PER_EPOCH)``
+Poisson batches per epoch at rate ``q = 1 / k``, ``k x local_epochs`` steps per round. A large
+site gets exactly Opacus' ``batch_size`` plan; a site with fewer than ``MIN_BATCHES_PER_EPOCH x
+batch_size`` examples gets smaller expected batches instead of one full-batch step at q = 1,
+so every site has real subsampling (``q <= MAX_SAMPLE_RATE``, privacy amplification) and at
+least ``MIN_BATCHES_PER_EPOCH`` noisy steps per round.
+
+Usefulness (:func:`assess`): the Gaussian noise DP-SGD adds to the *averaged* clipped gradient
+has standard deviation ``noise_multiplier x max_grad_norm / expected_batch_size`` per
+coordinate, while the signal is at most ``max_grad_norm``. Their ratio
+``noise_per_example = noise_multiplier / expected_batch_size`` decides whether training can
+learn anything; thresholds (measured on PneumoniaMNIST, see BENCHMARKS.md, issue 10):
+
+* ``<= MARGINAL_NOISE_PER_EXAMPLE`` (0.05): ok;
+* above it: marginal (a logged warning and a dry-run line: "expect little learning; raise
+  epsilon or rounds"); the demo at epsilon 0.5 sits at 0.05-0.07 and ends one-class;
+* above ``HOPELESS_NOISE_PER_EXAMPLE`` (0.5), or a noise multiplier above
+  ``HOPELESS_NOISE_MULTIPLIER`` (25): hopeless; the node refuses the study before training
+  (nothing but the one-off size release has been spent).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from .errors import BudgetExceededError, PrivacyError
+from .privacy import HistoryEntry, calibrate_noise, epsilon_for
+
+#: Largest Poisson sampling rate a plan uses (1 / MIN_BATCHES_PER_EPOCH).
+MIN_BATCHES_PER_EPOCH = 4
+MAX_SAMPLE_RATE = 1.0 / MIN_BATCHES_PER_EPOCH
+MARGINAL_NOISE_PER_EXAMPLE = 0.05
+HOPELESS_NOISE_PER_EXAMPLE = 0.5
+HOPELESS_NOISE_MULTIPLIER = 25.0
+
+Verdict = Literal["ok", "marginal", "hopeless"]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    sample_rate: float
+    steps: int
+    expected_batch_size: float
+
+
+@dataclass(frozen=True)
+class Assessment:
+    verdict: Verdict
+    noise_per_example: float
+    message: str
+
+
+@dataclass(frozen=True)
+class SitePlan:
+    """One site's whole-study plan (for a dry run and the node's log)."""
+
+    site: str
+    released_size: int
+    sample_rate: float
+    steps_per_round: int
+    expected_batch_size: float
+    noise_multiplier: float
+    rounds: int
+    #: The site's epsilon after the whole study (its size release included), at ``delta``.
+    expected_epsilon: float
+    delta: float
+    assessment: Assessment
+
+    def line(self) -> str:
+        return (f"{self.site}: released size {self.released_size}, q {self.sample_rate:.4f} "
+                f"(expected batch {self.expected_batch_size:.1f}), {self.steps_per_round} steps/round x {self.rounds} "
+                f"rounds, noise multiplier {self.noise_multiplier:.3f}, expected epsilon "
+                f"{self.expected_epsilon:.3f} (delta {self.delta:g}): {self.assessment.verdict}"
+                + (f" ({self.assessment.message})" if self.assessment.verdict != "ok" else ""))
+
+
+def sampling_plan(*, num_examples: int, batch_size: int, local_epochs: int) -> Sampling:
+    """Poisson sampling rate, steps per round and expected batch size for a site of ``num_examples``
+    (its released size: data-independent). See the module docstring for the rule."""
+    if num_examples < 1 or batch_size < 1 or local_epochs < 1:
+        raise PrivacyError(f"num_examples, batch_size and local_epochs must be >= 1 "
+                           f"(got {num_examples}, {batch_size}, {local_epochs})")
+    k = max(math.ceil(num_examples / batch_size), MIN_BATCHES_PER_EPOCH)
+    q = 1.0 / k
+    return Sampling(sample_rate=q, steps=k * local_epochs, expected_batch_size=q * num_examples)
+
+
+def assess(*, noise_multiplier: float, expected_batch_size: float, site: str = "this site") -> Assessment:
+    """Whether a plan can be expected to learn (thresholds in the module docstring)."""
+    if not expected_batch_size > 0:
+        raise PrivacyError(f"expected_batch_size must be > 0, got {expected_batch_size!r}")
+    ratio = noise_multiplier / expected_batch_size
+    if ratio > HOPELESS_NOISE_PER_EXAMPLE or noise_multiplier > HOPELESS_NOISE_MULTIPLIER:
+        return Assessment("hopeless", ratio, (
+            f"noise multiplier {noise_multiplier:.3g} at {site} on expected batches of {expected_batch_size:.1f} "
+            f"(noise {ratio:.3g} x the clipping norm per example, limit {HOPELESS_NOISE_PER_EXAMPLE:g}): the budget "
+            "cannot buy useful training; raise epsilon or lower rounds/local epochs"))
+    if ratio > MARGINAL_NOISE_PER_EXAMPLE:
+        return Assessment("marginal", ratio, (
+            f"noise multiplier {noise_multiplier:.3g} at {site} on expected batches of {expected_batch_size:.1f} "
+            f"(noise {ratio:.3g} x the clipping norm per example, above {MARGINAL_NOISE_PER_EXAMPLE:g}): expect "
+            "little learning; raise epsilon or rounds"))
+    return Assessment("ok", ratio, "")
+
+
+def plan_site(
+    *,
+    site: str,
+    released_size: int,
+    batch_size: int,
+    local_epochs: int,
+    rounds: int,
+    epsilon: float,
+    delta: float,
+    accountant: str = "rdp",
+    max_noise_multiplier: float = 50.0,
+    noise_multiplier: float | None = None,
+    prior_history: Sequence[HistoryEntry] = (),
+) -> SitePlan:
+    """A site's whole-study plan on a ledger holding ``prior_history`` (for a new site: its size
+    release), as the node will compute it in round 1. Raises nothing for a hopeless plan (it is in
+    the assessment); :class:`BudgetExceededError` when the budget cannot fit the study at all."""
+    s = sampling_plan(num_examples=released_size, batch_size=batch_size, local_epochs=local_epochs)
+    prior = list(prior_history)
+    if noise_multiplier is None:
+        try:
+            sigma = calibrate_noise(prior_history=prior, sample_rate=s.sample_rate, steps=s.steps * rounds,
+                                    target_epsilon=epsilon, delta=delta, accountant=accountant,
+                                    max_noise_multiplier=max_noise_multiplier)
+        except BudgetExceededError as exc:
+            raise BudgetExceededError(f"{site}: {exc}") from None
+    else:
+        sigma = noise_multiplier
+    eps = epsilon_for(history=prior + [(sigma, s.sample_rate, s.steps * rounds)], delta=delta, accountant=accountant)
+    return SitePlan(site=site, released_size=released_size, sample_rate=s.sample_rate, steps_per_round=s.steps,
+                    expected_batch_size=s.expected_batch_size, noise_multiplier=sigma, rounds=rounds,
+                    expected_epsilon=eps, delta=delta,
+                    assessment=assess(noise_multiplier=sigma, expected_batch_size=s.expected_batch_size, site=site))
