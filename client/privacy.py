@@ -25,7 +25,7 @@ import numpy as np
 
 from fedrad.common.config import PrivacyConfig, TrainingConfig
 from fedrad.common.errors import BudgetExceededError, PrivacyError
-from fedrad.common.planning import Assessment, assess, sampling_plan
+from fedrad.common.planning import DATASET_RELEASE_NOISE_MULTIPLIER, Assessment, assess, sampling_plan
 from fedrad.common.privacy import HistoryEntry, calibrate_noise
 
 from .ledger import Account, PrivacyLedger, Reservation, StudyTurn
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 #: Noise multiplier of the one-off release of the training set's size (a count: sensitivity 1, so
 #: the noise std is 8 examples). Charged to the training account as (8, q=1, 1 step): alone about
 #: epsilon 0.48 at delta 1e-5, but composed with a typical study (epsilon 8) it adds about 0.015.
-SIZE_NOISE_MULTIPLIER = 8.0
+SIZE_NOISE_MULTIPLIER = DATASET_RELEASE_NOISE_MULTIPLIER
 
 
 @dataclass(frozen=True)
@@ -74,7 +74,7 @@ def released_size(*, ledger: PrivacyLedger, true_size: int, seed: int | None = N
 
 #: Noise multiplier of the one-off release of the training set's per-class counts (class weighting):
 #: a histogram of L2 sensitivity 1, charged like the size release.
-CLASS_COUNTS_NOISE_MULTIPLIER = 8.0
+CLASS_COUNTS_NOISE_MULTIPLIER = DATASET_RELEASE_NOISE_MULTIPLIER
 
 
 def released_class_counts(*, ledger: PrivacyLedger, labels: np.ndarray, num_classes: int,

@@ -30,10 +30,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from .errors import BudgetExceededError, PrivacyError
 from .privacy import HistoryEntry, calibrate_noise, epsilon_for
+
+if TYPE_CHECKING:
+    from .config import StudyConfig
 
 #: Largest Poisson sampling rate a plan uses (1 / MIN_BATCHES_PER_EPOCH).
 MIN_BATCHES_PER_EPOCH = 4
@@ -145,3 +148,29 @@ def plan_site(
                     expected_batch_size=s.expected_batch_size, noise_multiplier=sigma, rounds=rounds,
                     expected_epsilon=eps, delta=delta,
                     assessment=assess(noise_multiplier=sigma, expected_batch_size=s.expected_batch_size, site=site))
+
+
+#: Noise multiplier of a node's one-off dataset releases (its training set's noisy size, and with
+#: class weighting its noisy per-class counts): sensitivity 1, so the noise std is 8 examples.
+DATASET_RELEASE_NOISE_MULTIPLIER = 8.0
+
+
+def dry_run_plans(study: "StudyConfig", sizes: dict[str, int]) -> list[SitePlan]:
+    """Every site's plan for ``study`` on a fresh ledger, from the training-set sizes the caller
+    assumes (``{site name: size}``; a node plans from its DP-released size, within about +-16 of
+    the true one). The prior history is what a new node spends before round 1: its size release,
+    and its class-count release when ``training.class_weighting`` is on. For ``fedrad simulate
+    --dry-run``: print :meth:`SitePlan.line` for each."""
+    priv, tr = study.privacy, study.training
+    if not priv.enabled:
+        raise PrivacyError("a study without DP has no privacy plan")
+    prior: list[HistoryEntry] = [(DATASET_RELEASE_NOISE_MULTIPLIER, 1.0, 1)]
+    if tr.class_weighting != "none":
+        prior.append((DATASET_RELEASE_NOISE_MULTIPLIER, 1.0, 1))
+    return [
+        plan_site(site=name, released_size=max(1, int(n)), batch_size=tr.batch_size, local_epochs=tr.local_epochs,
+                  rounds=study.federation.rounds, epsilon=priv.epsilon, delta=priv.delta, accountant=priv.accountant,
+                  max_noise_multiplier=priv.max_noise_multiplier, noise_multiplier=priv.noise_multiplier,
+                  prior_history=prior)
+        for name, n in sizes.items()
+    ]
