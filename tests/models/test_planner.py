@@ -137,3 +137,18 @@ def test_dry_run_plans_every_site() -> None:
     assert all(p.expected_epsilon <= 1.0 * (1 + 1e-9) for p in plans)
     assert plans[0].assessment.verdict == "hopeless" and "hospital-1" in plans[0].line()
     assert plans[1].assessment.verdict == "ok" and "noise multiplier" in plans[1].line()
+
+
+def test_dry_run_lines_for_the_demo_and_a_starved_budget() -> None:
+    from fedrad import bundled_path
+    from fedrad.common.config import load_study
+    from fedrad.common.planning import dry_run_lines
+
+    demo = load_study(bundled_path("configs", "demo.yaml"))
+    starved = demo.model_copy(update={"privacy": demo.privacy.model_copy(update={"epsilon": 0.3})})
+
+    ok, bad = dry_run_lines(demo), dry_run_lines(starved)
+
+    assert len(ok) == demo.federation.num_hospitals + 1 and ok[-1] == "all 3 sites: ok"
+    assert all("noise multiplier" in line and "q 0." in line for line in ok[:-1])
+    assert bad[-1].startswith("refused:") and "hospital-1" in bad[-1]
