@@ -43,7 +43,7 @@ from flwr.clientapp import ClientApp
 
 from fedrad.common.config import PrivacyConfig, StudyConfig, study_from_json, study_key
 from fedrad.common.device import resolve_device
-from fedrad.common.errors import BudgetExceededError, FedradError, PolicyViolation, ProtocolError
+from fedrad.common.errors import BudgetExceededError, DataError, FedradError, PolicyViolation, ProtocolError
 from fedrad.common.evaluation import evaluate
 from fedrad.common.metrics import HIST_BINS
 from fedrad.common.models import build_model
@@ -162,6 +162,20 @@ def _seed(study: StudyConfig, site: Site, turn: int, stream: int) -> int | None:
     if not study.simulation.reproducible_randomness or site.partition_id is None:
         return None
     return (study.federation.seed * 100_003 + turn * 1009 + site.partition_id) * 4 + stream
+
+
+def _check_classes(site: Site) -> None:
+    """Refuse a study whose class names do not cover this site's labels, before anything is read
+    into training or spent (else the run fails mid-way with an IndexError). The reason sent names
+    no count from the data: it says no more than a failed request would."""
+    n = site.data.num_classes
+    for split in (site.data.train, site.data.val):
+        labels = np.asarray(split.labels)
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n):
+            log.warning("%s: the study's %d class_names do not cover the labels of this site's data (max label %d)",
+                        site.name, n, int(labels.max()))
+            raise DataError(f"the study's data.class_names ({n} names) do not match this site's labels; refused "
+                            "before training (see the node's log)")
 
 
 def _log_claims(cfg: dict[str, object], *, key: str, kind: str, turn: int, planned: int) -> None:
@@ -309,6 +323,7 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
     site = req.site = _site(context, study, cfg)
     require_gate(context=context)  # deployment: only behind the node's app-approval gate (no-op in simulation)
     _check_randomness(study, site)
+    _check_classes(site)
     policy = site.policy
     req.policy_version = policy.version() if policy else ""
     if policy is not None:  # the hospital's static rules, before anything is read from its data or written
@@ -402,6 +417,7 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
     site = req.site = _site(context, study, cfg)
     require_gate(context=context)  # deployment: only behind the node's app-approval gate (no-op in simulation)
     _check_randomness(study, site)
+    _check_classes(site)
     policy = site.policy
     req.policy_version = policy.version() if policy else ""
     if policy is not None:  # a study the hospital would not train for gets nothing from its data either
