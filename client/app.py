@@ -433,8 +433,10 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
     if priv.enabled:
         req.epsilon_before = ledger.spent("val")
         sdelta = study_delta(ledger=ledger, privacy=priv)
+        rec = ledger.study(key)
         plan = plan_evaluation(ledger=ledger, privacy=priv, evaluation=nxt.number, planned_evaluations=nxt.planned,
-                               study_id=key, study_delta=sdelta)
+                               study_id=key, study_delta=sdelta, planned_rounds=nxt.turn.planned_rounds,
+                               rounds_trained=rec.train_rounds if rec else 0)
         if policy is not None:
             check_request(policy=policy, study=study, study_id=key, ledger=ledger, plan=plan,
                           secure_aggregation=study.secure_aggregation.enabled, account="val", study_delta=sdelta)

@@ -170,17 +170,48 @@ def plan_evaluation(
     planned_evaluations: int,
     study_id: str,
     study_delta: float | None = None,
+    planned_rounds: int | None = None,
+    rounds_trained: int | None = None,
 ) -> RoundPlan:
     """Noise multiplier of the node's ``evaluation``-th histogram release for a study (nothing is
     written): its remaining planned evaluations, each a Gaussian mechanism (q = 1, one step), fit
-    the study's epsilon and the lifetime budget on the ``val`` account."""
+    the study's epsilon and the lifetime budget on the ``val`` account.
+
+    With ``planned_rounds`` and ``rounds_trained`` (the node's own record), the evaluation after
+    the node's last training round (the one the coordinator's operating threshold and final
+    validation figures come from) gets :data:`FINAL_EVALUATION_SHARE` of the study's validation
+    budget: it is planned as ``m = planned_rounds - 1`` units, a Gaussian mechanism of noise
+    ``sigma / sqrt(m)`` whose RDP is exactly that of ``m`` releases at ``sigma`` (RDP of the
+    Gaussian mechanism is linear in 1 / sigma^2), and every earlier evaluation is calibrated so that
+    it, the earlier ones still to come and those ``m`` units fit. Without them: equal shares.
+    """
     if not privacy.enabled:
         raise PrivacyError("plan_evaluation called for a study without DP")
     if not 1 <= evaluation <= planned_evaluations:
         raise PrivacyError(f"evaluation {evaluation} outside 1..{planned_evaluations}")
-    sigma = _calibrate(ledger=ledger, privacy=privacy, study_id=study_id, study_delta=study_delta, account="val",
-                       sample_rate=1.0, steps=planned_evaluations - evaluation + 1)
-    return RoundPlan(sigma, 1.0, 1, 0.0)
+    remaining = planned_evaluations - evaluation + 1
+
+    def calibrate(steps: int) -> float:
+        return _calibrate(ledger=ledger, privacy=privacy, study_id=study_id, study_delta=study_delta, account="val",
+                          sample_rate=1.0, steps=steps)
+
+    if planned_rounds is None or rounds_trained is None:
+        return RoundPlan(calibrate(remaining), 1.0, 1, 0.0)
+    units = final_evaluation_units(planned_rounds)
+    if rounds_trained >= planned_rounds or remaining == 1:  # the final evaluation
+        return RoundPlan(calibrate(units) / math.sqrt(units), 1.0, 1, 0.0)
+    others = max(0, min(planned_rounds - 1 - rounds_trained, remaining - 2))
+    return RoundPlan(calibrate(1 + others + units), 1.0, 1, 0.0)
+
+
+#: Share of a study's validation budget kept for the evaluation after the node's last training round.
+FINAL_EVALUATION_SHARE = 0.5
+
+
+def final_evaluation_units(planned_rounds: int) -> int:
+    """How many equal-noise releases the final evaluation's budget is worth: as many as all the
+    earlier evaluations together (:data:`FINAL_EVALUATION_SHARE` = 1/2), at least 1."""
+    return max(1, round((planned_rounds - 1) * FINAL_EVALUATION_SHARE / (1 - FINAL_EVALUATION_SHARE)))
 
 
 def _calibrate(*, ledger: PrivacyLedger, privacy: PrivacyConfig, study_id: str | None, study_delta: float | None,

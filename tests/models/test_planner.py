@@ -152,3 +152,28 @@ def test_dry_run_lines_for_the_demo_and_a_starved_budget() -> None:
     assert len(ok) == demo.federation.num_hospitals + 1 and ok[-1] == "all 3 sites: ok"
     assert all("noise multiplier" in line and "q 0." in line for line in ok[:-1])
     assert bad[-1].startswith("refused:") and "hospital-1" in bad[-1]
+
+
+def test_the_final_evaluation_gets_half_the_validation_budget_and_the_study_fits_it(tmp_path: Path) -> None:
+    from fedrad.client.privacy import plan_evaluation
+
+    rounds, epsilon = 10, 1.0
+    ledger = _ledger(tmp_path, epsilon)
+    privacy = PrivacyConfig(epsilon=epsilon, delta=DELTA)
+    sigmas = []
+    for k in range(1, rounds + 1):  # one evaluation after each training round, as the coordinator asks
+        plan = plan_evaluation(ledger=ledger, privacy=privacy, evaluation=k, planned_evaluations=rounds + 1,
+                               study_id="s", study_delta=DELTA, planned_rounds=rounds, rounds_trained=k)
+        reserve_round(ledger=ledger, plan=plan, study_id="s", server_round=k, study_budget=epsilon, account="val")
+        sigmas.append(plan.noise_multiplier)
+
+    spent = ledger.spent("val")
+    assert spent <= epsilon * (1 + 1e-9) and spent >= 0.99 * epsilon
+    acc = RDPAccountant()
+    acc.history = [(s, 1.0, 1) for s in sigmas]
+    assert acc.get_epsilon(delta=DELTA) == pytest.approx(spent, rel=1e-12)
+    assert max(sigmas[:-1]) == pytest.approx(min(sigmas[:-1]), rel=2e-3)  # equal noise for monitoring
+    assert sigmas[-1] < sigmas[0] / 2.5  # the final one (threshold and final figures) is much less noisy
+    with pytest.raises(BudgetExceededError):  # nothing is left for an 11th release
+        plan_evaluation(ledger=ledger, privacy=privacy, evaluation=rounds + 1, planned_evaluations=rounds + 1,
+                        study_id="s", study_delta=DELTA, planned_rounds=rounds, rounds_trained=rounds)
