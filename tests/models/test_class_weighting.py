@@ -115,3 +115,16 @@ def test_weighting_leaves_the_training_plan_and_its_accounting_unchanged(tmp_pat
     assert mb["study_epsilon"] <= weighted.privacy.epsilon * (1 + 1e-9)
     assert mb["epsilon"] == pytest.approx(epsilon_for(
         history=[(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in lb["entries"]], delta=1e-5), rel=1e-9)
+
+
+def test_weighting_off_keeps_study_fingerprints_and_on_changes_the_study() -> None:
+    from fedrad.common.config import parse_study, study_key
+    from tests.conftest import small_study_dict
+
+    plain = parse_study(small_study_dict())
+    off = parse_study(small_study_dict(training={"class_weighting": "none"}))
+    on = parse_study(small_study_dict(training={"class_weighting": "balanced"}))
+
+    assert "class_weighting" not in plain.to_dict()["training"]
+    assert plain.fingerprint() == off.fingerprint() and study_key(plain) == study_key(off)
+    assert study_key(on) != study_key(plain)
