@@ -33,10 +33,11 @@ from .ledger import Account, PrivacyLedger, Reservation, StudyTurn
 log = logging.getLogger(__name__)
 
 #: Noise multiplier of the one-off release of the training set's size (a count: sensitivity 1, so
-#: the noise std is 20 examples). Charged to the training account as (20, q=1, 1 step). Issue 10:
-#: at 8 it took most of a small budget (demo at epsilon 0.5: noise multiplier 21.3 instead of 6.3
-#: without the release; at epsilon 1: 3.90 instead of 3.42); at 20 it costs 6.7 and 3.48 there,
-#: and nothing visible at epsilon 3-8. The size only sets sampling and the optimiser's divisor.
+#: the noise std is 8 examples). Charged to the training account as (8, q=1, 1 step). The
+#: trade-off (issue 10): at small budgets it costs noise (demo at epsilon 1: noise multiplier 3.90
+#: instead of 3.42 without the release; at epsilon 0.5: 21.3 instead of 6.25; at 20 it would be
+#: 3.48 and 6.74), but a larger std makes a small site's plan unreliable (a 64-image site released
+#: as 18 plans batches of 4.5 and is refused as hopeless): 8 was kept.
 SIZE_NOISE_MULTIPLIER = DATASET_RELEASE_NOISE_MULTIPLIER
 
 
