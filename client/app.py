@@ -42,7 +42,7 @@ from flwr.clientapp import ClientApp
 
 from fedrad.common.config import PrivacyConfig, StudyConfig, study_from_json, study_key
 from fedrad.common.device import resolve_device
-from fedrad.common.errors import BudgetExceededError, FedradError, PolicyViolation, ProtocolError
+from fedrad.common.errors import BudgetExceededError, DataError, FedradError, PolicyViolation, ProtocolError
 from fedrad.common.evaluation import evaluate
 from fedrad.common.metrics import HIST_BINS
 from fedrad.common.models import build_model
@@ -63,7 +63,8 @@ from .audit_log import AuditLog
 from .gate import require_gate, task_age
 from .ledger import PrivacyLedger, StudyRecord, StudyTurn
 from .node_policy import check_request, check_study
-from .privacy import gaussian_histograms, plan_evaluation, plan_round, released_size, reserve_round, study_delta
+from .privacy import (balanced_class_weights, check_useful, gaussian_histograms, released_class_counts, plan_evaluation, plan_round, released_size, reserve_round,
+                      study_delta)
 from .site import Site, simulated_site
 from .train import train_local
 from .warm import WARM_TASK_ENV
@@ -160,6 +161,20 @@ def _seed(study: StudyConfig, site: Site, turn: int, stream: int) -> int | None:
     if not study.simulation.reproducible_randomness or site.partition_id is None:
         return None
     return (study.federation.seed * 100_003 + turn * 1009 + site.partition_id) * 4 + stream
+
+
+def _check_classes(site: Site) -> None:
+    """Refuse a study whose class names do not cover this site's labels, before anything is read
+    into training or spent (else the run fails mid-way with an IndexError). The reason sent names
+    no count from the data: it says no more than a failed request would."""
+    n = site.data.num_classes
+    for split in (site.data.train, site.data.val):
+        labels = np.asarray(split.labels)
+        if len(labels) and (int(labels.min()) < 0 or int(labels.max()) >= n):
+            log.warning("%s: the study's %d class_names do not cover the labels of this site's data (max label %d)",
+                        site.name, n, int(labels.max()))
+            raise DataError(f"the study's data.class_names ({n} names) do not match this site's labels; refused "
+                            "before training (see the node's log)")
 
 
 def _log_claims(cfg: dict[str, object], *, key: str, kind: str, turn: int, planned: int) -> None:
@@ -315,6 +330,7 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
     site = req.site = _site(context, study, cfg)
     require_gate(context=context)  # deployment: only behind the node's app-approval gate (no-op in simulation)
     _check_randomness(study, site)
+    _check_classes(site)
     policy = site.policy
     req.policy_version = policy.version() if policy else ""
     if policy is not None:  # the hospital's static rules, before anything is read from its data or written
@@ -328,15 +344,23 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
     metrics: dict[str, float | int] = {"round": nxt.number}
     sigma: float | None = None
     plan = None
+    weights: list[float] | None = None
     if priv.enabled:
         req.epsilon_before = ledger.spent()
-        n_released = released_size(ledger=ledger, true_size=len(site.data.train),
-                                   seed=_seed(study, site, 0, 3))
+        size_seed = _seed(study, site, 0, 3)
+        n_released = released_size(ledger=ledger, true_size=len(site.data.train), seed=size_seed)
+        if study.training.class_weighting == "balanced":  # the once-released noisy class counts (charged)
+            counts = released_class_counts(ledger=ledger, labels=np.asarray(site.data.train.labels),
+                                           num_classes=site.data.num_classes,
+                                           seed=None if size_seed is None else size_seed + 2**40)
+            weights = balanced_class_weights(counts=counts)
         sdelta = study_delta(ledger=ledger, privacy=priv)
         plan = plan_round(
             ledger=ledger, privacy=priv, training=study.training, num_examples=n_released,
-            server_round=nxt.number, total_rounds=nxt.planned, study_id=key, study_delta=sdelta,
+            server_round=nxt.number, total_rounds=nxt.planned, study_id=key, study_delta=sdelta, site=site.name,
         )
+        # a budget that cannot buy useful training is refused here, before any step is reserved
+        check_useful(plan, site=site.name, server_round=nxt.number, total_rounds=nxt.planned)
         if policy is not None:  # the hospital's own limits, checked before anything is spent or trained
             check_request(policy=policy, study=study, study_id=key, ledger=ledger, plan=plan,
                           secure_aggregation=secure_aggregation, study_delta=sdelta)
@@ -355,6 +379,9 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
                           secure_aggregation=secure_aggregation)
         ledger.count_turn(nxt.turn)
         metrics["num-examples"] = len(site.data.train)
+    if weights is None and study.training.class_weighting == "balanced":  # a non-DP study: exact counts
+        weights = balanced_class_weights(counts=np.bincount(np.asarray(site.data.train.labels, dtype=np.int64),
+                                                            minlength=site.data.num_classes).tolist())
     device = resolve_device(study.training.device)
     stats = train_local(
         model=model,
@@ -368,6 +395,7 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
         sample_rate=plan.sample_rate if plan else None,
         steps=plan.steps if plan else None,
         expected_batch_size=plan.expected_batch_size if plan else None,
+        class_weights=weights,
     )
     req.stats = {"seconds": stats.seconds}
     metrics["steps"] = stats.steps
@@ -396,6 +424,7 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
     site = req.site = _site(context, study, cfg)
     require_gate(context=context)  # deployment: only behind the node's app-approval gate (no-op in simulation)
     _check_randomness(study, site)
+    _check_classes(site)
     policy = site.policy
     req.policy_version = policy.version() if policy else ""
     if policy is not None:  # a study the hospital would not train for gets nothing from its data either
@@ -411,8 +440,10 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
     if priv.enabled:
         req.epsilon_before = ledger.spent("val")
         sdelta = study_delta(ledger=ledger, privacy=priv)
+        rec = ledger.study(key)
         plan = plan_evaluation(ledger=ledger, privacy=priv, evaluation=nxt.number, planned_evaluations=nxt.planned,
-                               study_id=key, study_delta=sdelta)
+                               study_id=key, study_delta=sdelta, planned_rounds=nxt.turn.planned_rounds,
+                               rounds_trained=rec.train_rounds if rec else 0)
         if policy is not None:
             check_request(policy=policy, study=study, study_id=key, ledger=ledger, plan=plan,
                           secure_aggregation=study.secure_aggregation.enabled, account="val", study_delta=sdelta)

@@ -45,6 +45,10 @@ ACCOUNTS: tuple[str, ...] = ("train", "val")
 #: ``study`` of the entry that charges the one-off release of the training set's noisy size. It
 #: belongs to the dataset, so it counts in every study's own account too (each study re-sends it).
 SIZE_RELEASE = "<dataset-size>"
+#: ``study`` of the entry that charges the one-off release of the training set's noisy per-class
+#: counts (class weighting); like the size, it belongs to the dataset and counts in every study.
+CLASS_COUNTS_RELEASE = "<dataset-class-counts>"
+DATASET_RELEASES = (SIZE_RELEASE, CLASS_COUNTS_RELEASE)
 
 
 @dataclass(frozen=True)
@@ -224,7 +228,7 @@ class PrivacyLedger:
         account includes the dataset's size release, which every study re-sends."""
         _check_account(account)
         return [_triple(e) for e in self._data["entries"] if e.get("account", "train") == account
-                and (e["study"] == study or (account == "train" and e["study"] == SIZE_RELEASE))]
+                and (e["study"] == study or (account == "train" and e["study"] in DATASET_RELEASES))]
 
     def spent_by(self, study: str, account: Account = "train", *, delta: float | None = None) -> float:
         """Epsilon of one study's own work on this dataset (at ``delta``, default the ledger's)."""
@@ -261,14 +265,15 @@ class PrivacyLedger:
     def reserve(
         self, *, noise_multiplier: float, sample_rate: float, steps: int, study: str, round: int,
         study_budget: float | None = None, account: Account = "train", study_delta: float | None = None,
-        turn: StudyTurn | None = None,
+        turn: StudyTurn | None = None, plan: dict[str, float | str] | None = None,
     ) -> Reservation:
         """Record the work *before* it runs; refuse it if it would exceed the dataset's lifetime
         budget or (when given) ``study_budget`` for this study's own work in this account.
 
         ``study_delta``: the delta at which the study's own epsilon is evaluated (the smaller of the
         study's and the node's; default the ledger's). ``turn``: count the study's round or
-        evaluation in the same atomic write.
+        evaluation in the same atomic write. ``plan``: the round's data-independent plan details
+        (expected batch size, usefulness verdict), kept in the entry for the record.
         """
         _check_account(account)
         if study_budget is not None and not study_budget > 0:
@@ -307,6 +312,7 @@ class PrivacyLedger:
                     "steps": int(steps),
                     "epsilon_before": before,
                     "epsilon_after": after,
+                    **({"plan": dict(plan)} if plan else {}),
                 }
             )
             if turn is not None:
@@ -350,6 +356,41 @@ class PrivacyLedger:
             self._data["released_size"] = {"value": int(value), "noise_multiplier": float(noise_multiplier), "time": now}
             atomic_write_json(self.path, self._data)
         log.info("ledger %s: training-set size released once (noise multiplier %g)", self.path.name, noise_multiplier)
+        return Reservation(before, after, self.budget, float(noise_multiplier), 1.0, 1)
+
+    @property
+    def released_class_counts(self) -> list[int] | None:
+        """The training set's DP-released per-class counts, once released (None before)."""
+        rel = self._data.get("released_class_counts")
+        return None if not rel else [int(v) for v in rel["values"]]
+
+    def release_class_counts(self, *, values: list[int], noise_multiplier: float) -> Reservation:
+        """Record the one-off release of the training set's noisy per-class counts (a histogram:
+        adding or removing one example changes one count by 1, so L2 sensitivity 1; charged to the
+        training account as one Gaussian mechanism). Refused if already released."""
+        if not values or not all(isinstance(v, int) and v >= 0 for v in values):
+            raise PrivacyError(f"released class counts must be ints >= 0, got {values!r}")
+        with locked(self.path):
+            self._reload()
+            if self._data.get("released_class_counts"):
+                raise LedgerError(f"{self.path}: the class counts are already released; they are never re-drawn")
+            before = self.spent("train")
+            after = self.preview(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
+            if after > self.budget * (1 + 1e-9):
+                raise BudgetExceededError(
+                    f"releasing the training set's noisy class counts would take the dataset's epsilon from "
+                    f"{before:.4g} to {after:.4g}, over the site's lifetime budget of {self.budget:g}; refused"
+                )
+            now = time.time()
+            self._data["entries"].append({
+                "time": now, "account": "train", "study": CLASS_COUNTS_RELEASE, "round": 0,
+                "noise_multiplier": float(noise_multiplier), "sample_rate": 1.0, "steps": 1,
+                "epsilon_before": before, "epsilon_after": after,
+            })
+            self._data["released_class_counts"] = {"values": [int(v) for v in values],
+                                                   "noise_multiplier": float(noise_multiplier), "time": now}
+            atomic_write_json(self.path, self._data)
+        log.info("ledger %s: class counts released once (noise multiplier %g)", self.path.name, noise_multiplier)
         return Reservation(before, after, self.budget, float(noise_multiplier), 1.0, 1)
 
     def adopt_legacy(self, *, key: str, legacy_id: str, name: str, planned_rounds: int,

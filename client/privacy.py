@@ -25,16 +25,20 @@ import numpy as np
 
 from fedrad.common.config import PrivacyConfig, TrainingConfig
 from fedrad.common.errors import BudgetExceededError, PrivacyError
-from fedrad.common.privacy import HistoryEntry, calibrate_noise, sample_rate_for, steps_per_epoch
+from fedrad.common.planning import DATASET_RELEASE_NOISE_MULTIPLIER, Assessment, assess, sampling_plan
+from fedrad.common.privacy import HistoryEntry, calibrate_noise
 
 from .ledger import Account, PrivacyLedger, Reservation, StudyTurn
 
 log = logging.getLogger(__name__)
 
 #: Noise multiplier of the one-off release of the training set's size (a count: sensitivity 1, so
-#: the noise std is 8 examples). Charged to the training account as (8, q=1, 1 step): alone about
-#: epsilon 0.48 at delta 1e-5, but composed with a typical study (epsilon 8) it adds about 0.015.
-SIZE_NOISE_MULTIPLIER = 8.0
+#: the noise std is 8 examples). Charged to the training account as (8, q=1, 1 step). The
+#: trade-off (issue 10): at small budgets it costs noise (demo at epsilon 1: noise multiplier 3.90
+#: instead of 3.42 without the release; at epsilon 0.5: 21.3 instead of 6.25; at 20 it would be
+#: 3.48 and 6.74), but a larger std makes a small site's plan unreliable (a 64-image site released
+#: as 18 plans batches of 4.5 and is refused as hopeless): 8 was kept.
+SIZE_NOISE_MULTIPLIER = DATASET_RELEASE_NOISE_MULTIPLIER
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,15 @@ class RoundPlan:
     steps: int
     #: The DP optimiser's divisor: sample rate x released size (data-independent). 0 for evaluations.
     expected_batch_size: float = 0.0
+    #: Whether the plan can be expected to learn (training plans only; see fedrad.common.planning).
+    assessment: Assessment | None = None
+
+    def record(self) -> dict[str, float | str]:
+        """The plan as the ledger entry records it (data-independent numbers only)."""
+        out: dict[str, float | str] = {"expected_batch_size": float(self.expected_batch_size)}
+        if self.assessment is not None:
+            out.update(verdict=self.assessment.verdict, noise_per_example=float(self.assessment.noise_per_example))
+        return out
 
 
 def released_size(*, ledger: PrivacyLedger, true_size: int, seed: int | None = None) -> int:
@@ -62,6 +75,40 @@ def released_size(*, ledger: PrivacyLedger, true_size: int, seed: int | None = N
     return value
 
 
+#: Noise multiplier of the one-off release of the training set's per-class counts (class weighting):
+#: a histogram of L2 sensitivity 1, charged like the size release.
+CLASS_COUNTS_NOISE_MULTIPLIER = DATASET_RELEASE_NOISE_MULTIPLIER
+
+
+def released_class_counts(*, ledger: PrivacyLedger, labels: np.ndarray, num_classes: int,
+                          seed: int | None = None) -> list[int]:
+    """The training set's DP-released per-class counts: released once per dataset (Gaussian noise,
+    std :data:`CLASS_COUNTS_NOISE_MULTIPLIER`, charged to the ledger), stored and reused ever after.
+    Rounded and clipped at 0 (post-processing). ``seed``: reproducible simulation only."""
+    stored = ledger.released_class_counts
+    if stored is not None:
+        if len(stored) != num_classes:
+            raise PrivacyError(f"the ledger's released class counts have {len(stored)} classes, the data {num_classes}")
+        return stored
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes)[:num_classes]
+    rng = np.random.default_rng(seed)  # None: 128 bits of OS entropy
+    noisy = counts + CLASS_COUNTS_NOISE_MULTIPLIER * rng.standard_normal(num_classes)
+    values = [int(v) for v in np.clip(np.rint(noisy), 0, None)]
+    ledger.release_class_counts(values=values, noise_multiplier=CLASS_COUNTS_NOISE_MULTIPLIER)
+    return values
+
+
+def balanced_class_weights(*, counts: list[int]) -> list[float]:
+    """Per-class weights in (0, 1] from (released) counts: the rarest class 1, class k
+    ``min_count / count_k`` (each count floored at 1, so an empty class gets weight 1 and the
+    others stay positive). Post-processing of a DP release; costs nothing."""
+    if not counts:
+        raise PrivacyError("class weights need at least one class count")
+    c = [max(1, int(v)) for v in counts]
+    m = min(c)
+    return [m / v for v in c]
+
+
 def plan_round(
     *,
     ledger: PrivacyLedger,
@@ -72,8 +119,13 @@ def plan_round(
     total_rounds: int,
     study_id: str | None = None,
     study_delta: float | None = None,
+    site: str = "this site",
 ) -> RoundPlan:
     """Noise multiplier, sampling rate and step count for this round (nothing is written).
+
+    Sampling follows :func:`fedrad.common.planning.sampling_plan` (q <= 1/4 and at least 4 steps per
+    round and local epoch on every site); the plan carries its usefulness assessment (see
+    :func:`check_useful`).
 
     ``num_examples``: the training set's *released* size; ``server_round`` / ``total_rounds``: the
     node's own round of the study and the study's planned rounds (never the coordinator's word).
@@ -86,15 +138,29 @@ def plan_round(
         raise PrivacyError("plan_round called for a study without DP")
     if not 1 <= server_round <= total_rounds:
         raise PrivacyError(f"round {server_round} outside 1..{total_rounds}")
-    q = sample_rate_for(num_examples=num_examples, batch_size=training.batch_size)
-    steps = steps_per_epoch(num_examples=num_examples, batch_size=training.batch_size) * training.local_epochs
-    expected = q * num_examples
+    s = sampling_plan(num_examples=num_examples, batch_size=training.batch_size, local_epochs=training.local_epochs)
+    q, steps, expected = s.sample_rate, s.steps, s.expected_batch_size
     if privacy.noise_multiplier is not None:
-        return RoundPlan(privacy.noise_multiplier, q, steps, expected)
-    remaining_rounds = total_rounds - server_round + 1
-    sigma = _calibrate(ledger=ledger, privacy=privacy, study_id=study_id, study_delta=study_delta, account="train",
-                       sample_rate=q, steps=steps * remaining_rounds)
-    return RoundPlan(sigma, q, steps, expected)
+        sigma = privacy.noise_multiplier
+    else:
+        remaining_rounds = total_rounds - server_round + 1
+        sigma = _calibrate(ledger=ledger, privacy=privacy, study_id=study_id, study_delta=study_delta,
+                           account="train", sample_rate=q, steps=steps * remaining_rounds)
+    verdict = assess(noise_multiplier=sigma, expected_batch_size=expected, site=site)
+    return RoundPlan(sigma, q, steps, expected, verdict)
+
+
+def check_useful(plan: RoundPlan, *, site: str, server_round: int, total_rounds: int) -> None:
+    """Refuse a hopeless plan (before anything is reserved); log a marginal one. Every plan is logged."""
+    a = plan.assessment
+    log.info("%s plan round %d/%d: q %.4f (expected batch %.1f), %d steps, noise multiplier %.4f, noise/example "
+             "%.4f: %s", site, server_round, total_rounds, plan.sample_rate, plan.expected_batch_size, plan.steps,
+             plan.noise_multiplier, a.noise_per_example if a else float("nan"), a.verdict if a else "-")
+    if a is None or a.verdict == "ok":
+        return
+    if a.verdict == "hopeless":
+        raise BudgetExceededError(a.message)
+    log.warning("%s", a.message)
 
 
 def plan_evaluation(
@@ -105,17 +171,48 @@ def plan_evaluation(
     planned_evaluations: int,
     study_id: str,
     study_delta: float | None = None,
+    planned_rounds: int | None = None,
+    rounds_trained: int | None = None,
 ) -> RoundPlan:
     """Noise multiplier of the node's ``evaluation``-th histogram release for a study (nothing is
     written): its remaining planned evaluations, each a Gaussian mechanism (q = 1, one step), fit
-    the study's epsilon and the lifetime budget on the ``val`` account."""
+    the study's epsilon and the lifetime budget on the ``val`` account.
+
+    With ``planned_rounds`` and ``rounds_trained`` (the node's own record), the evaluation after
+    the node's last training round (the one the coordinator's operating threshold and final
+    validation figures come from) gets :data:`FINAL_EVALUATION_SHARE` of the study's validation
+    budget: it is planned as ``m = planned_rounds - 1`` units, a Gaussian mechanism of noise
+    ``sigma / sqrt(m)`` whose RDP is exactly that of ``m`` releases at ``sigma`` (RDP of the
+    Gaussian mechanism is linear in 1 / sigma^2), and every earlier evaluation is calibrated so that
+    it, the earlier ones still to come and those ``m`` units fit. Without them: equal shares.
+    """
     if not privacy.enabled:
         raise PrivacyError("plan_evaluation called for a study without DP")
     if not 1 <= evaluation <= planned_evaluations:
         raise PrivacyError(f"evaluation {evaluation} outside 1..{planned_evaluations}")
-    sigma = _calibrate(ledger=ledger, privacy=privacy, study_id=study_id, study_delta=study_delta, account="val",
-                       sample_rate=1.0, steps=planned_evaluations - evaluation + 1)
-    return RoundPlan(sigma, 1.0, 1, 0.0)
+    remaining = planned_evaluations - evaluation + 1
+
+    def calibrate(steps: int) -> float:
+        return _calibrate(ledger=ledger, privacy=privacy, study_id=study_id, study_delta=study_delta, account="val",
+                          sample_rate=1.0, steps=steps)
+
+    if planned_rounds is None or rounds_trained is None:
+        return RoundPlan(calibrate(remaining), 1.0, 1, 0.0)
+    units = final_evaluation_units(planned_rounds)
+    if rounds_trained >= planned_rounds or remaining == 1:  # the final evaluation
+        return RoundPlan(calibrate(units) / math.sqrt(units), 1.0, 1, 0.0)
+    others = max(0, min(planned_rounds - 1 - rounds_trained, remaining - 2))
+    return RoundPlan(calibrate(1 + others + units), 1.0, 1, 0.0)
+
+
+#: Share of a study's validation budget kept for the evaluation after the node's last training round.
+FINAL_EVALUATION_SHARE = 0.5
+
+
+def final_evaluation_units(planned_rounds: int) -> int:
+    """How many equal-noise releases the final evaluation's budget is worth: as many as all the
+    earlier evaluations together (:data:`FINAL_EVALUATION_SHARE` = 1/2), at least 1."""
+    return max(1, round((planned_rounds - 1) * FINAL_EVALUATION_SHARE / (1 - FINAL_EVALUATION_SHARE)))
 
 
 def _calibrate(*, ledger: PrivacyLedger, privacy: PrivacyConfig, study_id: str | None, study_delta: float | None,
@@ -173,6 +270,7 @@ def reserve_round(
             account=account,
             study_delta=study_delta,
             turn=turn,
+            plan=plan.record() if account == "train" else None,
         )
     except BudgetExceededError:
         log.warning("%s %d refused: privacy budget", "evaluation" if account == "val" else "round", server_round)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from opacus.grad_sample.utils import prepare_module
 from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
 from torch.utils.data import Dataset
@@ -33,7 +34,8 @@ from fedrad.common.augment import augment_batch
 from fedrad.common.config import AugmentationConfig, PrivacyConfig, TrainingConfig
 from fedrad.common.datasets import ImageSplit
 from fedrad.common.errors import PrivacyError
-from fedrad.common.privacy import sample_rate_for, steps_per_epoch
+from fedrad.common.planning import sampling_plan
+from fedrad.common.privacy import steps_per_epoch
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +73,39 @@ class TrainStats:
     noise_multiplier: float
     sample_rate: float
     seconds: float
+
+
+class WeightedDPOptimizer(DPOptimizer):
+    """Opacus' DP optimiser with per-example weights applied *after* clipping.
+
+    Each example's gradient is clipped to ``max_grad_norm`` exactly as in :class:`DPOptimizer`,
+    then multiplied by its weight ``w_i`` in [0, 1] before summing, so every example still moves
+    the sum by at most ``max_grad_norm``: the sensitivity, the noise and the accounting are those
+    of plain DP-SGD. (Weighting the loss instead would be undone by clipping.) ``sample_weights``
+    is set before each step; None means all ones.
+    """
+
+    sample_weights: torch.Tensor | None = None
+
+    def clip_and_accumulate(self) -> None:
+        w = self.sample_weights
+        if w is None or len(self.grad_samples[0]) == 0:
+            super().clip_and_accumulate()
+            return
+        if bool((w < 0).any()) or bool((w > 1).any()):
+            raise PrivacyError("per-example weights must lie in [0, 1] (they may not raise the sensitivity)")
+        per_sample_norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples],
+                                       dim=1).norm(2, dim=1)
+        factor = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0) * w.to(per_sample_norms)
+        for p in self.params:
+            _check_processed_flag(p.grad_sample)
+            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad = torch.einsum("i,i...", factor.to(grad_sample.device).to(p.dtype), grad_sample)
+            if p.summed_grad is not None:
+                p.summed_grad += grad
+            else:
+                p.summed_grad = grad
+            _mark_as_processed(p.grad_sample)
 
 
 def _optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.Optimizer:
@@ -130,6 +165,7 @@ def train_local(
     steps: int | None = None,
     expected_batch_size: float | None = None,
     progress: Callable[[int, int, float], None] | None = None,
+    class_weights: list[float] | None = None,
 ) -> TrainStats:
     """Train ``model`` in place on ``split``.
 
@@ -141,7 +177,9 @@ def train_local(
     shuffled epochs of plain SGD.
 
     ``seed``: None (always, on a node) draws all randomness from OS entropy; an int only for a
-    reproducible simulation or a test.
+    reproducible simulation or a test. ``class_weights`` (one per class, each in (0, 1]): under DP
+    each example's clipped gradient is scaled by its class's weight (:class:`WeightedDPOptimizer`);
+    without DP the loss is weighted.
     """
     if privacy.enabled and noise_multiplier is None:
         raise PrivacyError("DP training needs an explicit noise_multiplier (calibrate and reserve it first)")
@@ -159,9 +197,9 @@ def train_local(
     hooks: Any = None
     forward: nn.Module = model
     if privacy.enabled:
-        q = sample_rate if sample_rate is not None else sample_rate_for(num_examples=n, batch_size=training.batch_size)
-        total = steps if steps is not None else (
-            steps_per_epoch(num_examples=n, batch_size=training.batch_size) * training.local_epochs)
+        default = sampling_plan(num_examples=n, batch_size=training.batch_size, local_epochs=training.local_epochs)
+        q = sample_rate if sample_rate is not None else default.sample_rate
+        total = steps if steps is not None else default.steps
         ebs = expected_batch_size if expected_batch_size is not None else q * n
         if not (0 < q <= 1) or total < 1 or not ebs > 0:
             raise PrivacyError(f"bad DP plan: sample_rate={q!r}, steps={total!r}, expected_batch_size={ebs!r}")
@@ -170,7 +208,7 @@ def train_local(
         hooks = prepare_module(model, grad_sample_mode=mode, wrap_model=mode == "ew", batch_first=True,
                                loss_reduction="mean")
         forward = hooks if mode == "ew" else model
-        optimizer = DPOptimizer(optimizer, noise_multiplier=float(noise_multiplier or 0.0),
+        optimizer = WeightedDPOptimizer(optimizer, noise_multiplier=float(noise_multiplier or 0.0),
                                 max_grad_norm=privacy.max_grad_norm, expected_batch_size=ebs,  # type: ignore[arg-type]
                                 loss_reduction="mean", generator=noise_gen)
         batches = (torch.nonzero(torch.rand(n, generator=gen) < q).flatten().numpy() for _ in range(total))
@@ -179,6 +217,11 @@ def train_local(
         b = training.batch_size
         batches = (np.sort(perm[i: i + b]) for _ in range(training.local_epochs)
                    for perm in [torch.randperm(n, generator=gen).numpy()] for i in range(0, n, b))
+    weights: torch.Tensor | None = None
+    if class_weights is not None:
+        weights = torch.tensor([float(w) for w in class_weights], dtype=torch.float32, device=device)
+        if not bool(((weights > 0) & (weights <= 1)).all()):
+            raise PrivacyError(f"class weights must lie in (0, 1], got {class_weights!r}")
     # Loss is summed on the device: no host sync per step (it stalls the GPU queue).
     total_loss, total_n, taken = torch.zeros((), device=device), 0, 0
     try:
@@ -188,7 +231,13 @@ def train_local(
                 x, y = dataset.batch(idx)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
                 x = augment_batch(x, augmentation, gen)
-                loss = F.cross_entropy(forward(x), y)
+                if weights is not None and privacy.enabled:
+                    optimizer.sample_weights = weights[y]
+                    loss = F.cross_entropy(forward(x), y)
+                elif weights is not None:
+                    loss = (F.cross_entropy(forward(x), y, reduction="none") * weights[y]).mean()
+                else:
+                    loss = F.cross_entropy(forward(x), y)
                 loss.backward()
                 optimizer.step()
                 total_loss += loss.detach() * len(y)

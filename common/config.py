@@ -117,6 +117,11 @@ class TrainingConfig(_Frozen):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     num_threads: int | None = Field(None, ge=1)
     eval_batch_size: int = Field(256, ge=1)
+    #: DP-compatible class weighting: "balanced" scales each example's *clipped* gradient by its
+    #: class weight (the rarest class 1, others min_count / count <= 1, from the node's noisy
+    #: per-class counts, released once per dataset and charged to its ledger), so no example's
+    #: contribution exceeds max_grad_norm and the accounting is unchanged. "none": unweighted.
+    class_weighting: Literal["none", "balanced"] = "none"
 
 
 class OutputConfig(_Frozen):
@@ -176,6 +181,8 @@ class StudyConfig(_Frozen):
             # Off: left out, so that studies without it keep their fingerprint (study id, ledger
             # entries, checkpoints) from before the block existed.
             d.pop("secure_aggregation")
+        if self.training.class_weighting == "none":
+            d["training"].pop("class_weighting")  # off: fingerprints from before the option stay
         if not self.simulation.reproducible_randomness:
             d["simulation"].pop("reproducible_randomness")  # off: fingerprints from before the switch stay
         return d

@@ -102,6 +102,7 @@ def test_train_local_update_is_bounded_by_clip_norm_without_noise() -> None:
     stats = train_local(
         model=model, split=_split(n), training=training, augmentation=AugmentationConfig(),
         privacy=PrivacyConfig(max_grad_norm=clip), noise_multiplier=0.0, device=torch.device("cpu"), seed=0,
+        sample_rate=1.0, steps=1, expected_batch_size=float(n),
     )
 
     delta = (_flat(p.detach() for p in model.parameters()) - before).norm().item()
@@ -136,6 +137,7 @@ def test_train_local_noise_matches_configuration() -> None:
     train_local(
         model=model, split=_split(n), training=training, augmentation=AugmentationConfig(),
         privacy=PrivacyConfig(max_grad_norm=clip), noise_multiplier=sigma, device=torch.device("cpu"), seed=5,
+        sample_rate=1.0, steps=1, expected_batch_size=float(n),
     )
 
     delta = _flat(p.detach() for p in model.parameters()) - before

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from fedrad.client import app as client_app
-from fedrad.client.privacy import gaussian_histograms
+from fedrad.client.privacy import SIZE_NOISE_MULTIPLIER, gaussian_histograms
+from fedrad.common.planning import sampling_plan
 from fedrad.common.metrics import HIST_BINS
 from fedrad.common.protocol import ERR_BUDGET, ERR_POLICY, EVAL_METRICS, TRAIN_METRICS
 from tests.adversarial.test_node_kit import deployed_node, message, sim_context, sim_ledger, study
@@ -42,10 +43,11 @@ def test_train_reply_carries_no_loss_and_only_the_released_size(tmp_path: Path) 
     assert sizes[0] == sizes[1] == ledger["released_size"]["value"]  # released once, re-sent unchanged
     size_entries = [e for e in ledger["entries"] if e["study"] == "<dataset-size>"]
     assert len(size_entries) == 1 and size_entries[0]["account"] == "train"  # charged once, to training
-    assert (size_entries[0]["noise_multiplier"], size_entries[0]["sample_rate"], size_entries[0]["steps"]) == (8.0, 1.0, 1)
+    assert (size_entries[0]["noise_multiplier"], size_entries[0]["sample_rate"], size_entries[0]["steps"]) == (
+        SIZE_NOISE_MULTIPLIER, 1.0, 1)
     # the plan (and so every number sent) is computed from the released size, not the true one
     steps = [e["steps"] for e in ledger["entries"] if e["study"] != "<dataset-size>"]
-    assert steps == [math.ceil(sizes[0] / 16)] * 2
+    assert steps == [sampling_plan(num_examples=sizes[0], batch_size=16, local_epochs=1).steps] * 2
 
 
 def test_evaluate_reply_is_noisy_histograms_only_and_charged_first(tmp_path: Path) -> None:
