@@ -44,7 +44,7 @@ from .history import RoundRecord, StudyHistory
 from .names import RegistryNames
 from .resume import accept_run
 from .secagg import run_secagg_study
-from .study import run_study
+from .study import check_study_data, run_study
 
 log = logging.getLogger(__name__)
 
@@ -121,6 +121,7 @@ def mark_ended(metrics_file: Path, exc: BaseException) -> None:
 def main(grid: Grid, context: Context) -> None:
     study_file, run_dir = resolve_run(dict(context.run_config))
     study = load_study(study_file)
+    check_study_data(study)  # class names against the data, before anything is written
     accept_run(study, run_dir, rewrite_config=True)  # refuses another study's run folder before writing anything
     registry = str(context.run_config.get(REGISTRY_KEY, "") or "")
     names = RegistryNames(Path(registry)) if registry else None

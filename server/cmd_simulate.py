@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--config", type=Path, help="study YAML (default: the run's own config.yaml when --out "
                    "names an earlier run, else the bundled demo)")
     p.add_argument("--out", type=Path, help="run folder (default: <output.dir>/<name>-<timestamp>)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="print every simulated hospital's DP plan (released size, sampling rate, steps, noise, "
+                   "expected epsilon, warnings) and exit without training or spending anything")
     p.set_defaults(handler=run)
 
 
@@ -61,6 +64,16 @@ def run(args: argparse.Namespace) -> int:
     from fedrad.server.simulation import simulate
 
     study, source = choose_study(args.config, args.out)
+    if args.dry_run:  # nothing is written: no run folder, no ledger
+        from fedrad.common.planning import dry_run_lines
+
+        lines = dry_run_lines(study)
+        for line in lines:
+            console.print(line, soft_wrap=True, markup=False)
+        return 1 if lines and lines[-1].startswith("refused:") else 0
+    from fedrad.server.study import check_study_data
+
+    check_study_data(study)  # every data problem before anything is written or started
     run_dir = run_folder(study, args.out).resolve()
     # checked before anything is written: a refused resume leaves the run folder as it was
     resumed_id = accept_run(study, run_dir, rewrite_config=args.config is not None)

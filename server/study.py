@@ -24,7 +24,7 @@ from flwr.serverapp.strategy.strategy import Strategy
 from fedrad.common.config import StudyConfig
 from fedrad.common.datasets import ImageSplit, load_npz, npz_source_path
 from fedrad.common.device import resolve_device
-from fedrad.common.errors import FederationError, ProtocolError
+from fedrad.common.errors import ConfigError, FederationError, ProtocolError
 from fedrad.common.evaluation import evaluate
 from fedrad.common.model_card import CARD_KEY, model_card
 from fedrad.common.models import build_model
@@ -264,12 +264,22 @@ def _num_classes_and_test(study: StudyConfig) -> tuple[list[str], ImageSplit | N
         if data.max_test is not None and len(test) > data.max_test:
             rng = np.random.default_rng(study.federation.seed)
             test = test.subset(rng.choice(len(test), size=data.max_test, replace=False))
-        k = int(max(splits["train"].labels.max(), test.labels.max())) + 1
+        k = int(max(splits["train"].labels.max(), splits["test"].labels.max())) + 1
+        if data.class_names is not None and len(data.class_names) != k:
+            where = str(npz_source_path(data.path))
+            raise ConfigError(where, [f"data.class_names: {len(data.class_names)} names {list(data.class_names)} "
+                                      f"but the data set {where} has labels 0..{k - 1} ({k} classes)"])
         names = list(data.class_names or [f"class-{i}" for i in range(k)])
         return names, test
     if not data.class_names:
         raise FederationError("data.class_names is required when the coordinator holds no data set")
     return list(data.class_names), None
+
+
+def check_study_data(study: StudyConfig) -> None:
+    """Refuse, before anything is written or started, a study whose ``data.class_names`` do not
+    match the coordinator's data set (hospitals check their own data again)."""
+    _num_classes_and_test(study)
 
 
 @dataclass

@@ -30,7 +30,7 @@ from fedrad.server.provision import Provisioner, load_federation
 
 from .conftest import Procs, _raise_on_sigterm, free_port, install_hospital_key, wait_for
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(900)]
 #: The first TLS test also pays for the shared set-up (keys, provisioning, approvals, coordinator).
 FIRST_TIMEOUT_S = 1500
 

@@ -27,7 +27,7 @@ from fedrad.common.protocol import ERR_POLICY
 
 #: Flower's commands of this environment (its bin folder need not be on PATH).
 BIN = Path(sys.executable).parent
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(600),
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(600),
               pytest.mark.skipif(not (BIN / "flower-superlink").exists(),
                                  reason="no Flower CLI beside the interpreter")]
 

@@ -28,7 +28,7 @@ import yaml
 import tests.deploy.test_e2e_cli as e2e
 from tests.deploy.conftest import Procs, procs, wait_for  # noqa: F401 - procs is the fixture
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(1400)]
+pytestmark = [pytest.mark.slow, pytest.mark.e2e, pytest.mark.timeout(1400)]
 
 HOSPITALS = ("hospital-a", "hospital-b", "hospital-c", "hospital-d")
 VICTIM = "hospital-d"
