@@ -23,6 +23,8 @@ COMMANDS: tuple[Command, ...] = (
     Command("simulate", "fedrad.server.cmd_simulate",
             "run a simulated federation (default: the bundled PneumoniaMNIST demo)", flower=True),
     Command("report", "fedrad.server.cmd_report", "build a run folder's study report (report.html, report.md)"),
+    Command("sweep", "fedrad.server.cmd_sweep",
+            "run a study once per value of one field (e.g. --lr 0.01 0.03 0.1) and plot them together", flower=True),
 )
 
 
