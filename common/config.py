@@ -6,6 +6,7 @@ field and the bad value. Unknown keys are errors.
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from pathlib import Path
@@ -230,12 +231,36 @@ def study_key(study: StudyConfig) -> str:
     return hashlib.sha256(json.dumps(d, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def format_validation_errors(source: str, err: ValidationError) -> list[str]:
+#: The coordinator's aggregation strategies (fedrad.server.strategies.STRATEGIES holds the classes; a test
+#: keeps the two in step). Listed here so a study's strategy is checked when it is loaded.
+STRATEGY_NAMES: tuple[str, ...] = ("fedavg", "fedprox", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "fedmedian",
+                                   "fedtrimmedavg", "krum")
+
+
+def did_you_mean(word: str, known: Any) -> str:
+    """``; did you mean 'x'?`` for the closest known name, or nothing."""
+    close = difflib.get_close_matches(str(word), [str(k) for k in known], n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _keys_at(model: type[BaseModel] | None, path: tuple[Any, ...]) -> list[str]:
+    """The field names of the (nested) model at ``path`` (empty when it cannot be followed)."""
+    for part in path:
+        if model is None:
+            return []
+        field_info = model.model_fields.get(str(part))
+        ann = field_info.annotation if field_info is not None else None
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return list(model.model_fields) if model is not None else []
+
+
+def format_validation_errors(source: str, err: ValidationError, *, model: type[BaseModel] | None = None) -> list[str]:
     problems = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"]) or "<top level>"
         if e["type"] == "extra_forbidden":
-            problems.append(f"{source}: {loc}: unknown key (value {e.get('input')!r})")
+            hint = did_you_mean(e["loc"][-1], _keys_at(model, tuple(e["loc"][:-1]))) if e["loc"] else ""
+            problems.append(f"{source}: {loc}: unknown key (value {e.get('input')!r}){hint}")
             continue
         msg = e["msg"].removeprefix("Value error, ")
         problems.append(f"{source}: {loc}: {msg} (got {e.get('input')!r})")
@@ -248,10 +273,13 @@ def parse_study(data: Any, *, source: str = "<config>", base_dir: Path | None = 
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, [f"{source}: <top level>: expected a mapping, got {type(data).__name__}"])
+    problems = _registry_problems(data, source)  # reported together with every schema problem
     try:
         cfg = StudyConfig.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(source, format_validation_errors(source, err)) from None
+        raise ConfigError(source, format_validation_errors(source, err, model=StudyConfig) + problems) from None
+    if problems:
+        raise ConfigError(source, problems)
     if base_dir is not None:
         updates: dict[str, Any] = {}
         if cfg.data.path is not None and not Path(cfg.data.path).is_absolute():
@@ -267,15 +295,24 @@ def parse_study(data: Any, *, source: str = "<config>", base_dir: Path | None = 
     return cfg
 
 
-def _check_registries(cfg: StudyConfig, source: str) -> None:
-    """Names that refer to registries are checked here so all problems surface at load time."""
+def _registry_problems(data: dict[str, Any], source: str) -> list[str]:
+    """Names that refer to registries (model, strategy), checked on the raw mapping so they are reported
+    in the same pass as every schema problem, each with the closest valid name."""
     from .models import MODELS  # local import: models import torch
 
     problems = []
-    if cfg.model.name not in MODELS:
-        problems.append(
-            f"{source}: model.name: unknown model (got {cfg.model.name!r}; known: {', '.join(sorted(MODELS))})"
-        )
+    for section, known, default in (("model", sorted(MODELS), "cnn"), ("strategy", STRATEGY_NAMES, "fedavg")):
+        sec = data.get(section)
+        name = sec.get("name", default) if isinstance(sec, dict) else default
+        if isinstance(name, str) and name not in known:
+            problems.append(f"{source}: {section}.name: unknown {section} (got {name!r}; known: "
+                            f"{', '.join(known)}){did_you_mean(name, known)}")
+    return problems
+
+
+def _check_registries(cfg: StudyConfig, source: str) -> None:
+    """Checks that need the validated study (registry names are checked with the schema)."""
+    problems = []
     if cfg.data.source == "dicom" and cfg.data.path is None:
         problems.append(f"{source}: data.path: required when data.source is 'dicom' (got None)")
     if problems:
@@ -313,7 +350,7 @@ def load_yaml_model(path: str | Path, model: type[M], *, section: str | None = N
     try:
         return model.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(str(path), format_validation_errors(str(path), err)) from None
+        raise ConfigError(str(path), format_validation_errors(str(path), err, model=model)) from None
 
 
 def load_study(path: str | Path) -> StudyConfig:

@@ -237,3 +237,29 @@ def test_reproducible_randomness_switch_is_off_by_default_and_typed(study_dict) 
     assert parse_study(study_dict(simulation={"reproducible_randomness": True})).simulation.reproducible_randomness
     with pytest.raises(ConfigError, match="simulation.reproducible_randomness"):
         parse_study(study_dict(simulation={"reproducible_randomness": "sometimes"}))
+
+
+def test_every_config_error_in_one_report_with_the_closest_valid_name(tmp_path: Path) -> None:
+    # arrange: a schema error, two misspelt keys, a misspelt model and a misspelt strategy
+    f = tmp_path / "study.yaml"
+    f.write_text("federation: {rounds: 0, num_hospitls: 3}\nstrategy: {name: fedavgg}\nmodel: {name: resnt}\n"
+                 "privacy: {epsilonn: 3}\n")
+    # act
+    with pytest.raises(ConfigError) as ei:
+        load_study(f)
+    # assert: all five at once, each naming the file and the dotted field, with a suggestion where one exists
+    text = "\n".join(ei.value.problems)
+    assert len(ei.value.problems) == 5
+    assert "federation.rounds" in text
+    assert "federation.num_hospitls: unknown key (value 3); did you mean 'num_hospitals'?" in text
+    assert "privacy.epsilonn: unknown key (value 3); did you mean 'epsilon'?" in text
+    assert "model.name: unknown model (got 'resnt'" in text and "did you mean 'resnet'?" in text
+    assert "strategy.name: unknown strategy (got 'fedavgg'" in text and "did you mean 'fedavg'?" in text
+    assert all(p.startswith(str(f)) for p in ei.value.problems)
+
+
+def test_strategy_names_known_to_the_config_are_the_coordinators_registry() -> None:
+    from fedrad.common.config import STRATEGY_NAMES
+    from fedrad.server.strategies import STRATEGIES
+
+    assert set(STRATEGY_NAMES) == set(STRATEGIES)
