@@ -331,32 +331,39 @@ class PrivacyLedger:
             self._take_turn(turn)
             atomic_write_json(self.path, self._data)
 
+    def _release_once(self, *, key: str, study: str, what: str, record: dict[str, Any],
+                      noise_multiplier: float) -> Reservation:
+        """Charge one Gaussian release of sensitivity 1 to the training account and keep its value under
+        ``key``; refused if already released (a released statistic is never re-drawn)."""
+        with locked(self.path):
+            self._reload()
+            if self._data.get(key):
+                raise LedgerError(f"{self.path}: the {what} is already released; it is never re-drawn")
+            before = self.spent("train")
+            after = self.preview(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
+            if after > self.budget * (1 + 1e-9):
+                raise BudgetExceededError(
+                    f"releasing the {what} would take the dataset's epsilon from {before:.4g} to {after:.4g}, over "
+                    f"the site's lifetime budget of {self.budget:g}; refused"
+                )
+            now = time.time()
+            self._data["entries"].append({
+                "time": now, "account": "train", "study": study, "round": 0,
+                "noise_multiplier": float(noise_multiplier), "sample_rate": 1.0, "steps": 1,
+                "epsilon_before": before, "epsilon_after": after,
+            })
+            self._data[key] = {**record, "noise_multiplier": float(noise_multiplier), "time": now}
+            atomic_write_json(self.path, self._data)
+        log.info("ledger %s: %s released once (noise multiplier %g)", self.path.name, what, noise_multiplier)
+        return Reservation(before, after, self.budget, float(noise_multiplier), 1.0, 1)
+
     def release_size(self, *, value: int, noise_multiplier: float) -> Reservation:
         """Record the one-off release of the training set's noisy size (charged to the training
         account as one Gaussian mechanism of sensitivity 1). Refused if it is already released."""
         if not isinstance(value, int) or value < 1:
             raise PrivacyError(f"released size must be an int >= 1, got {value!r}")
-        with locked(self.path):
-            self._reload()
-            if self._data.get("released_size"):
-                raise LedgerError(f"{self.path}: the training set's size is already released; it is never re-drawn")
-            before = self.spent("train")
-            after = self.preview(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
-            if after > self.budget * (1 + 1e-9):
-                raise BudgetExceededError(
-                    f"releasing the training set's noisy size would take the dataset's epsilon from {before:.4g} to "
-                    f"{after:.4g}, over the site's lifetime budget of {self.budget:g}; refused"
-                )
-            now = time.time()
-            self._data["entries"].append({
-                "time": now, "account": "train", "study": SIZE_RELEASE, "round": 0,
-                "noise_multiplier": float(noise_multiplier), "sample_rate": 1.0, "steps": 1,
-                "epsilon_before": before, "epsilon_after": after,
-            })
-            self._data["released_size"] = {"value": int(value), "noise_multiplier": float(noise_multiplier), "time": now}
-            atomic_write_json(self.path, self._data)
-        log.info("ledger %s: training-set size released once (noise multiplier %g)", self.path.name, noise_multiplier)
-        return Reservation(before, after, self.budget, float(noise_multiplier), 1.0, 1)
+        return self._release_once(key="released_size", study=SIZE_RELEASE, what="training set's noisy size",
+                                  record={"value": int(value)}, noise_multiplier=noise_multiplier)
 
     @property
     def released_class_counts(self) -> list[int] | None:
@@ -370,28 +377,9 @@ class PrivacyLedger:
         training account as one Gaussian mechanism). Refused if already released."""
         if not values or not all(isinstance(v, int) and v >= 0 for v in values):
             raise PrivacyError(f"released class counts must be ints >= 0, got {values!r}")
-        with locked(self.path):
-            self._reload()
-            if self._data.get("released_class_counts"):
-                raise LedgerError(f"{self.path}: the class counts are already released; they are never re-drawn")
-            before = self.spent("train")
-            after = self.preview(noise_multiplier=noise_multiplier, sample_rate=1.0, steps=1)
-            if after > self.budget * (1 + 1e-9):
-                raise BudgetExceededError(
-                    f"releasing the training set's noisy class counts would take the dataset's epsilon from "
-                    f"{before:.4g} to {after:.4g}, over the site's lifetime budget of {self.budget:g}; refused"
-                )
-            now = time.time()
-            self._data["entries"].append({
-                "time": now, "account": "train", "study": CLASS_COUNTS_RELEASE, "round": 0,
-                "noise_multiplier": float(noise_multiplier), "sample_rate": 1.0, "steps": 1,
-                "epsilon_before": before, "epsilon_after": after,
-            })
-            self._data["released_class_counts"] = {"values": [int(v) for v in values],
-                                                   "noise_multiplier": float(noise_multiplier), "time": now}
-            atomic_write_json(self.path, self._data)
-        log.info("ledger %s: class counts released once (noise multiplier %g)", self.path.name, noise_multiplier)
-        return Reservation(before, after, self.budget, float(noise_multiplier), 1.0, 1)
+        return self._release_once(key="released_class_counts", study=CLASS_COUNTS_RELEASE,
+                                  what="training set's noisy class counts", record={"values": [int(v) for v in values]},
+                                  noise_multiplier=noise_multiplier)
 
     def adopt_legacy(self, *, key: str, legacy_id: str, name: str, planned_rounds: int,
                      planned_evaluations: int) -> int:

@@ -26,6 +26,7 @@ import torch
 
 from fedrad.common.config import StudyConfig, parse_study
 from fedrad.common.errors import FederationError
+from fedrad.common.model_card import state_dict_sha256
 
 from .checkpoints import load_checkpoint
 from .history import StudyHistory, write_json_atomic
@@ -50,13 +51,8 @@ def package_hash(packages: tuple[str, ...] = PACKAGES) -> dict[str, Any]:
 
 
 def state_dict_hash(state_dict: dict[str, torch.Tensor]) -> str:
-    """sha256 over a state dict's tensors (name, dtype, shape and raw bytes of each, in name order)."""
-    h = hashlib.sha256()
-    for name in sorted(state_dict):
-        t = state_dict[name].detach().cpu().contiguous()
-        h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """sha256 over a state dict's tensors: the same hash the model card records (one definition)."""
+    return state_dict_sha256(state_dict)
 
 
 def model_summary(path: Path) -> dict[str, Any]:
