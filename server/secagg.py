@@ -115,7 +115,7 @@ from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
 from .deploy_grid import DelegatingGrid, attribute_superlink_errors
 from .history import StudyHistory
 from .progress import NullReporter, Reporter
-from .study import REFUSALS, FedradStrategyMixin, StudyStopped, _Wiring, finish_study, prepare_study
+from .study import REFUSALS, SIM_TAG, FedradStrategyMixin, StudyStopped, _Wiring, finish_study, prepare_study
 
 log = logging.getLogger(__name__)
 
@@ -260,6 +260,8 @@ class SecAggRound:
     threshold: int = 0
     #: node id -> (stage, error code, reason) of the first failed reply.
     failures: dict[int, tuple[str, int, str]] = field(default_factory=dict)
+    #: simulation: node id -> the hospital name a refusal was tagged with ("[hospital-N] ...")
+    tagged: dict[int, str] = field(default_factory=dict)
     #: node ids whose masked vector entered the sum.
     survivors: list[int] = field(default_factory=list)
     #: node id -> the masked integer vectors as received (kept only when an observer is set).
@@ -380,8 +382,12 @@ class _RecordingGrid(DelegatingGrid):
             if not msg.has_error() and self._stage == "collect_masked_vectors":
                 msg = replies[i] = self._screen_masked(msg)
             if msg.has_error():
+                tag = SIM_TAG.match(msg.error.reason or "")
+                if tag is not None:  # a simulated hospital names itself in a refusal (deployment: never)
+                    self._record.tagged.setdefault(node, tag.group(1))
                 self._record.failures.setdefault(
-                    node, (self._stage, int(msg.error.code), msg.error.reason or f"error code {msg.error.code}"))
+                    node, (self._stage, int(msg.error.code),
+                           SIM_TAG.sub("", msg.error.reason or "", count=1) or f"error code {msg.error.code}"))
         for msg in messages:
             node = msg.metadata.dst_node_id
             if node not in answered:
@@ -553,8 +559,11 @@ def _record_train_round(rec: SecAggRound, *, wiring: _Wiring, n: int) -> list[tu
     """Per-hospital entries of round ``n`` in the history; returns the refusals/failures."""
     hist = wiring.history.round(n)
     for node, (_num, metrics) in rec.reports.items():
-        if "partition-id" in metrics:
+        if "partition-id" in metrics and isinstance(wiring.names, dict):
             wiring.names[node] = f"hospital-{int(cast(int, metrics['partition-id'])) + 1}"
+    if isinstance(wiring.names, dict):  # simulation only: a deployment names nodes from its registry
+        for node, tagged in rec.tagged.items():
+            wiring.names.setdefault(node, tagged)
 
     def name(node: int) -> str:
         return wiring.names.get(node, f"node-{node}")

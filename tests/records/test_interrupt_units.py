@@ -67,6 +67,8 @@ def test_a_stop_ends_a_wait_for_replies_within_a_poll(tmp_path: Path, server_ide
 
 
 def test_signals_request_a_stop_instead_of_raising() -> None:
+    # arrange: Python's own Ctrl-C handler (a shell's background job starts with SIGINT ignored)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     stop = StopRequest()
     with stop_on_signals(stop):
         os.kill(os.getpid(), signal.SIGINT)
@@ -74,8 +76,10 @@ def test_signals_request_a_stop_instead_of_raising() -> None:
         deadline = time.monotonic() + 5
         while stop.signals < 2 and time.monotonic() < deadline:
             time.sleep(0.01)
+    restored = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, before)
     assert stop.is_set() and stop.signals == 2 and "SIGINT" in stop.reason
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    assert restored is signal.default_int_handler  # restored
 
 
 @pytest.mark.timeout(300)
