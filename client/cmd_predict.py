@@ -47,7 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", type=Path, required=True, help="model.pt of a finished study")
     p.add_argument("--root", type=Path, required=True, help="folder of DICOM files, or a MedMNIST-style .npz")
-    p.add_argument("--labels", type=Path, help="DICOM: labels CSV (relative to --root), as for 'data index'; "
+    p.add_argument("--labels", type=Path, help="DICOM: labels CSV (a command-line path: relative to the current "
+                   "directory, as for 'data index'); "
                    "with labels, local metrics are written (npz: labels come from the archive)")
     p.add_argument("--label-key", default="path", choices=["path", "sop_instance_uid", "study_instance_uid", "patient_id"])
     p.add_argument("--dicom-config", type=Path, help="this node's DICOM settings YAML (default: the model card's "
@@ -73,7 +74,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
             log.warning("--labels is ignored for an .npz archive (its labels are used)")
         inputs = load_npz_inputs(root, card=card, split=args.split)
     elif root.is_dir():
-        cfg = dicom_config(root, card=card, labels_csv=args.labels, settings_file=args.dicom_config,
+        labels = args.labels.resolve() if args.labels is not None else None  # relative to the current directory
+        cfg = dicom_config(root, card=card, labels_csv=labels, settings_file=args.dicom_config,
                            cache_dir=args.cache_dir, workers=args.workers)
         if args.labels is not None and args.label_key != "path":
             cfg = cfg.model_copy(update={"label_key": args.label_key})

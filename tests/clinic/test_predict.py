@@ -97,7 +97,7 @@ def test_predict_on_converted_dicom_gives_the_coordinators_metrics(trained: Trai
     model_pt = save_model(tmp_path / "model.pt", trained.model)
     out = tmp_path / "pred"
 
-    rc = main(["predict", "--model", str(model_pt), "--root", str(hospital), "--labels", "labels.csv",
+    rc = main(["predict", "--model", str(model_pt), "--root", str(hospital), "--labels", str(hospital / "labels.csv"),
                "--out", str(out), "--workers", "1", "--device", "cpu"])
 
     assert rc == 0
@@ -167,7 +167,7 @@ def test_predict_with_the_cards_dicom_preprocessing_runs(trained: Trained, hospi
                       preprocess_hash=cfg.preprocess_hash())
     model_pt = save_model(tmp_path / "model.pt", trained.model, card=card)
 
-    rc = main(["predict", "--model", str(model_pt), "--root", str(hospital), "--labels", "labels.csv",
+    rc = main(["predict", "--model", str(model_pt), "--root", str(hospital), "--labels", str(hospital / "labels.csv"),
                "--out", str(tmp_path / "p"), "--workers", "1"])
 
     assert rc == 0
@@ -198,11 +198,11 @@ def test_a_card_without_a_chosen_threshold_says_so() -> None:
 
 def test_explain_takes_the_hashed_ids_of_predictions_csv(trained: Trained, hospital: Path, tmp_path: Path) -> None:
     model_pt = save_model(tmp_path / "model.pt", trained.model)
-    assert main(["predict", "--model", str(model_pt), "--root", str(hospital), "--labels", "labels.csv",
+    assert main(["predict", "--model", str(model_pt), "--root", str(hospital), "--labels", str(hospital / "labels.csv"),
                  "--out", str(tmp_path / "p"), "--workers", "1"]) == 0
     ids = [r["image_id"] for r in _rows(tmp_path / "p" / "predictions.csv")][:3]
 
-    rc = main(["explain", "--model", str(model_pt), "--root", str(hospital), "--labels", "labels.csv",
+    rc = main(["explain", "--model", str(model_pt), "--root", str(hospital), "--labels", str(hospital / "labels.csv"),
                "--ids", ",".join(ids), "--methods", "gradcam", "--out", str(tmp_path / "ex"), "--workers", "1"])
 
     assert rc == 0

@@ -202,5 +202,6 @@ def test_quick_start_simulate_then_report_then_predict_on_converted_dicom(tmp_pa
     convert_npz_to_dicom(bundled_path("data", "pneumoniamnist.npz"), tmp_path / "sites", num_hospitals=1,
                          max_images_per_hospital=40)
     assert node_main(["predict", "--model", str(run / "model.pt"), "--root", str(tmp_path / "sites" / "hospital-1"),
-                      "--labels", "labels.csv", "--out", str(tmp_path / "pred"), "--workers", "1"]) == 0
+                      "--labels", str(tmp_path / "sites" / "hospital-1" / "labels.csv"), "--out", str(tmp_path / "pred"),
+                      "--workers", "1"]) == 0
     assert (tmp_path / "pred" / "metrics.json").is_file() and (tmp_path / "pred" / "roc.png").is_file()
