@@ -66,9 +66,11 @@ def federation(tmp_path: Path, procs: Procs, monkeypatch: pytest.MonkeyPatch) ->
 
 
 def _ledger_entries(f: e2e.Federation, name: str) -> int:
+    """Training rounds the node has reserved (not its one-off dataset releases, not evaluations)."""
     path = f.prov / "nodes" / name / "state" / "privacy-ledger.json"
     try:
-        return len(json.loads(path.read_text())["entries"])
+        entries = json.loads(path.read_text())["entries"]
+        return len([e for e in entries if e.get("account") == "train" and not str(e.get("study")).startswith("<")])
     except (FileNotFoundError, json.JSONDecodeError, KeyError):
         return 0
 
