@@ -224,12 +224,13 @@ def test_a_node_killed_mid_round_is_let_back_in(federation: Federation) -> None:
             follower.wait()
     assert follower.returncode == 0, text[-3000:]
     rounds = json.loads((run2 / "metrics.json").read_text())["rounds"]
-    c_id = json.loads((f.prov / "coordinator" / "state" / "nodes.json").read_text())["hospital-c"]
     first, later = rounds[0], rounds[1:]
     trained = [k for k, h in first["hospitals"].items() if _trained(h)]
-    assert first["aggregated"] and len(trained) == 2 and f"node-{c_id}" not in trained, first
+    assert first["aggregated"] and len(trained) == 2 and "hospital-c" not in trained, first
     assert all(r["aggregated"] for r in later)
-    assert any(_trained(r["hospitals"].get(f"node-{c_id}", {})) for r in later), later  # rejoined, same id
+    # rejoined with the same key: the same row, named from the coordinator's registry (no phantom node-<id>)
+    assert any(_trained(r["hospitals"].get("hospital-c", {})) for r in later), later
+    assert all(set(r["hospitals"]) <= set(HOSPITALS) for r in rounds), rounds
 
 
 def _trained(record: dict[str, Any]) -> bool:
