@@ -16,6 +16,7 @@ import stat
 from pathlib import Path
 from typing import Any
 
+from fedrad.common.durable import fsync_dir, write_all
 from fedrad.common.errors import AuditError, ConfigError
 
 log = logging.getLogger(__name__)
@@ -81,17 +82,10 @@ def _create(p: Path) -> bytes:
         raise AuditError(_refusal(p, exc)) from None
     try:
         os.fchmod(fd, 0o600)  # whatever the umask
-        view = memoryview(key)
-        while view:
-            view = view[os.write(fd, view):]
-        os.fsync(fd)
+        write_all(fd, key)
     finally:
         os.close(fd)
-    dir_fd = os.open(p.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(p.parent)
     log.info("created the node's audit key %s (keep it; the audit log cannot be verified without it)", p)
     return key
 

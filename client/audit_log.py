@@ -53,7 +53,7 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedrad.common.durable import atomic_write_json, locked
+from fedrad.common.durable import atomic_write_json, locked, write_all
 from fedrad.common.errors import AuditError
 
 from .audit_key import load_key
@@ -352,10 +352,7 @@ class AuditLog:
         try:
             _checked_fd(fd, self.path)
             os.fchmod(fd, 0o600)
-            view = memoryview(line)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_all(fd, line)
         finally:
             os.close(fd)
 

@@ -21,6 +21,23 @@ from typing import Any
 from fedrad.common.errors import FedradError
 
 
+def write_all(fd: int, data: bytes) -> None:
+    """Write every byte of ``data`` to ``fd`` and fsync it (``os.write`` may write less than asked)."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.fsync(fd)
+
+
+def fsync_dir(folder: Path) -> None:
+    """fsync a folder, so a file created or renamed in it survives a crash."""
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
 def atomic_write_text(path: Path, text: str, *, mode: int | None = 0o600) -> None:
     """Replace ``path`` with ``text`` atomically (readers see the old or the new file, never a mix)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -37,11 +54,7 @@ def atomic_write_text(path: Path, text: str, *, mode: int | None = 0o600) -> Non
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def atomic_write_json(path: Path, data: Any, *, mode: int | None = 0o600, **dump: Any) -> None:

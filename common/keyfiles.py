@@ -17,6 +17,7 @@ import secrets
 import stat
 from pathlib import Path
 
+from .durable import fsync_dir, write_all
 from .errors import FedradError
 
 PRIVATE_MODE = 0o600
@@ -51,10 +52,7 @@ def write_file(path: Path, data: bytes, *, mode: int, exclusive: bool = False) -
     try:
         try:
             os.fchmod(fd, mode)  # the umask may have removed bits; never adds any beyond ``mode``
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
+            write_all(fd, data)
         finally:
             os.close(fd)
         if exclusive:
@@ -71,11 +69,7 @@ def write_file(path: Path, data: bytes, *, mode: int, exclusive: bool = False) -
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    fsync_dir(path.parent)
 
 
 def ssh_fingerprint(public_openssh: bytes) -> str:
