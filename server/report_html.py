@@ -20,7 +20,6 @@ import io
 import json
 import logging
 import math
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -634,8 +633,3 @@ def _write(path: Path, text: str) -> None:
     tmp.write_text(text, encoding="utf-8")
     tmp.replace(path)
 
-
-if __name__ == "__main__":
-    from fedrad.server.cmd_report import main
-
-    sys.exit(main())

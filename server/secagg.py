@@ -799,7 +799,7 @@ def simulate_secagg(
     observer: RoundObserver | None = None,
 ) -> StudyHistory:
     """:func:`fedrad.server.simulation.simulate` for a study under secure aggregation."""
-    from .simulation import run_engine
+    from .engine import run_engine
 
     settings = settings or SecAggSettings.from_study(study)
     settings.check(study)
