@@ -103,8 +103,11 @@ class PrivacyConfig(_Frozen):
     accountant: Literal["rdp", "prv"] = "rdp"
     #: Give up (refuse) rather than train with more noise than this.
     max_noise_multiplier: float = Field(50.0, gt=0.0)
-    #: Opacus per-sample-gradient engine ("ew" was fastest on CPU in our measurements).
-    grad_sample_mode: Literal["hooks", "ew", "functorch"] = "ew"
+    #: Per-sample clipping engine. Opacus' own: "hooks", "ew", "functorch" (materialise per-sample
+    #: gradients). fedrad's (:mod:`fedrad.client.training.dp_engine`): "ghost" (per-sample gradient norms from
+    #: activations and output gradients, no per-sample gradients), "per-sample", and "mixed" (per
+    #: layer, whichever of the two is cheaper; Bu et al. 2022). All give the same clipped gradients.
+    grad_sample_mode: Literal["hooks", "ew", "functorch", "mixed", "ghost", "per-sample"] = "ew"
 
 
 class TrainingConfig(_Frozen):
@@ -123,6 +126,10 @@ class TrainingConfig(_Frozen):
     #: per-class counts, released once per dataset and charged to its ledger), so no example's
     #: contribution exceeds max_grad_norm and the accounting is unchanged. "none": unweighted.
     class_weighting: Literal["none", "balanced"] = "none"
+    #: Augmentation multiplicity (De et al. 2022): each sampled example's gradient is the mean over
+    #: this many independently augmented views, taken *before* clipping, so sensitivity and
+    #: accounting are unchanged. 1 = one view (needs ``data.augmentation`` to matter).
+    augmentation_multiplicity: int = Field(1, ge=1, le=32)
 
 
 class OutputConfig(_Frozen):
