@@ -185,7 +185,7 @@ def main() -> int:
     args = ap.parse_args()
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "host": os.uname().nodename,
                                "cpus": os.cpu_count(), "load_before": os.getloadavg()}
-    results["import_s"] = {m: import_seconds(m) for m in ("torch", "flwr.clientapp", "fedrad.client.app")}
+    results["import_s"] = {m: import_seconds(m) for m in ("torch", "flwr.clientapp", "fedrad.client.runtime.app")}
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=False)
         results["runs"] = [run_setting(name, args, args.keep) for name in args.settings]

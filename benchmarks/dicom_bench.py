@@ -46,7 +46,7 @@ from fedrad.common.datasets import ImageSplit
 from fedrad.common.models import build_model
 
 try:  # the loader fedrad trains with
-    from fedrad.client.train import ArrayDataset
+    from fedrad.client.training.train import ArrayDataset
 except ImportError:  # pragma: no cover - keep the benchmark usable on its own
 
     class ArrayDataset(Dataset):  # type: ignore[no-redef]

@@ -7,12 +7,12 @@ Not a test. Prints a table; usage::
 
 Engines: ``plain`` (torch SGD, no DP), ``ew`` / ``hooks`` (Opacus' per-sample-gradient engines
 with ``DPOptimizer``), ``ghost`` (Opacus' own two-backward ghost clipping, using the Conv2d and
-GroupNorm norm samplers fedrad registers), ``fedrad`` (``fedrad.client.dp_engine``: mixed ghost
+GroupNorm norm samplers fedrad registers), ``fedrad`` (``fedrad.client.training.dp_engine``: mixed ghost
 clipping, one backward). Engines are timed round-robin (``--repeats`` rounds of ``--steps``
 steps each) and the median round is reported, so a busy machine slows all of them alike.
 
 ``--layers`` also times, per convolution of each case, the ghost norm against the materialised
-per-sample gradient (what :func:`fedrad.client.dp_engine.norm_samplers.prefer_ghost` decides).
+per-sample gradient (what :func:`fedrad.client.training.dp_engine.norm_samplers.prefer_ghost` decides).
 
 Optional allocator: ``LD_PRELOAD=$(ldconfig -p | awk '/libjemalloc.so.2/{print $NF; exit}') python
 benchmarks/dp_engine.py`` runs the same with jemalloc (Debian: ``apt-get install libjemalloc2``);
@@ -35,8 +35,8 @@ from rich.console import Console
 from rich.table import Table
 from torch import nn
 
-from fedrad.client.dp_engine import make_dp_step, norm_samplers
-from fedrad.client.dp_engine.mixed import layer_cost_table
+from fedrad.client.training.dp_engine import make_dp_step, norm_samplers
+from fedrad.client.training.dp_engine.mixed import layer_cost_table
 from fedrad.common.models import build_model, count_parameters
 
 NOISE, CLIP = 1.0, 1.0

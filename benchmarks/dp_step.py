@@ -4,7 +4,7 @@ Not a test. Prints a table; usage::
 
     python benchmarks/dp_step.py [--device auto|cpu|cuda] [--steps 10] [--models cnn resnet18]
 
-It runs the same code path a hospital runs (:func:`fedrad.client.train.train_local`), so it
+It runs the same code path a hospital runs (:func:`fedrad.client.training.train.train_local`), so it
 also checks that ``device: auto`` uses the GPU where there is one.
 """
 
@@ -18,7 +18,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from fedrad.client.train import train_local
+from fedrad.client.training.train import train_local
 from fedrad.common.config import StudyConfig
 from fedrad.common.datasets import ImageSplit
 from fedrad.common.device import resolve_device

@@ -155,7 +155,7 @@ def plan_site(
 
 #: Noise multiplier of a node's one-off dataset releases (its training set's noisy size, and with
 #: class weighting its noisy per-class counts): sensitivity 1, so the noise std is 8 examples
-#: (see fedrad.client.privacy.SIZE_NOISE_MULTIPLIER for the trade-off).
+#: (see fedrad.client.privacy.releases.SIZE_NOISE_MULTIPLIER for the trade-off).
 DATASET_RELEASE_NOISE_MULTIPLIER = 8.0
 
 

@@ -46,7 +46,7 @@ TRAIN_METRICS = frozenset(
     }
 )
 #: Metrics a hospital may report after evaluating the global model on its validation data: the
-#: per-class score histograms, DP-released with Gaussian noise (see :mod:`fedrad.client.privacy`),
+#: per-class score histograms, DP-released with Gaussian noise (see :mod:`fedrad.client.privacy.releases`),
 #: and their total (post-processing). Every validation figure is derived from them by the coordinator.
 EVAL_METRICS = frozenset({"num-examples", "partition-id", "histograms", "round", "epsilon", "epsilon_budget"})
 #: Metrics that must be whole numbers.

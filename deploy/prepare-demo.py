@@ -36,8 +36,8 @@ HERE = Path(__file__).resolve().parent
 
 def main(argv: list[str] | None = None) -> int:
     from fedrad import bundled_path
-    from fedrad.client.cmd_node import make_audit_key
-    from fedrad.client.node_keys import PRIVATE_NAME, PUBLIC_NAME, generate
+    from fedrad.client.commands.node import make_audit_key
+    from fedrad.client.runtime.node_keys import PRIVATE_NAME, PUBLIC_NAME, generate
     from fedrad.server.provision import Provisioner, load_federation
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -1,7 +1,7 @@
 """The coordinator's Flower ServerApp for deployment (SuperLink + real hospital SuperNodes).
 
 The SuperLink starts this app (``fedrad.server.app:app``) for each run ``fedrad run`` submits (a
-code-free Flower app naming this ServerApp and ``fedrad.client.secagg_app:app``, which answers
+code-free Flower app naming this ServerApp and ``fedrad.client.runtime.secagg_app:app``, which answers
 plain studies with the plain app; see :func:`fedrad.server.coordinator.write_app`). The run
 configuration names the study YAML *on the coordinator* and the run folder; the study body is the
 same the simulation uses: :func:`fedrad.server.study.run_study`, or

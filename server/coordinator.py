@@ -61,7 +61,7 @@ publisher = "fedrad"
 
 [tool.flwr.app.components]
 serverapp = "fedrad.server.app:app"
-clientapp = "fedrad.client.secagg_app:app"
+clientapp = "fedrad.client.runtime.secagg_app:app"
 
 [tool.flwr.app.config]
 study-config = ""

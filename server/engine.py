@@ -13,7 +13,7 @@ from flwr.serverapp import ServerApp
 from fedrad.common.config import StudyConfig
 from fedrad.common.errors import FederationError
 
-CLIENT_APP_REF = "fedrad.client.app:app"
+CLIENT_APP_REF = "fedrad.client.runtime.app:app"
 
 
 def load_client_app(ref: str = CLIENT_APP_REF) -> ClientApp:

@@ -4,7 +4,7 @@ A study with secure aggregation on runs here instead of :func:`fedrad.server.stu
 Flower 1.41 wires SecAgg+ only to its legacy workflow API, so this module drives
 :class:`flwr.server.workflow.SecAggPlusWorkflow` round by round and keeps everything else of a
 fedrad study as it is: the study config sent to every hospital, DP-SGD and the privacy ledger on
-each hospital (:mod:`fedrad.client.secagg_app` reuses :mod:`fedrad.client.app`), per-round
+each hospital (:mod:`fedrad.client.runtime.secagg_app` reuses :mod:`fedrad.client.runtime.app`), per-round
 history, checkpoints, resume, server-side test evaluation, plots and the federated evaluation.
 
 Data flow of one round (``k`` sampled hospitals, ``t`` = reconstruction threshold):
@@ -45,7 +45,7 @@ hospital's share of both secrets plus one kind from each of the ``n - 1`` others
 unmask an individual's update iff ``2 (t - 1) <= n - 1``. fedrad therefore requires
 ``t >= (n + 3) // 2`` (and ``t >= 3``), and never unmasks a sum of fewer than 3 hospitals (with 2,
 either one learns the other's update from the aggregate). Hospitals enforce the same floor
-themselves (:mod:`fedrad.client.secagg_app`): they refuse a setup with a lower threshold and an
+themselves (:mod:`fedrad.client.runtime.secagg_app`): they refuse a setup with a lower threshold and an
 unmask request that lists a hospital both as alive and as dropped, lists themselves as dropped,
 or names fewer than 3 alive hospitals.
 
@@ -120,7 +120,7 @@ from .study import REFUSALS, SIM_TAG, FedradStrategyMixin, StudyStopped, _Wiring
 log = logging.getLogger(__name__)
 
 #: The ClientApp every hospital runs for a study with secure aggregation.
-SECAGG_CLIENT_APP_REF = "fedrad.client.secagg_app:app"
+SECAGG_CLIENT_APP_REF = "fedrad.client.runtime.secagg_app:app"
 #: Train-config key naming the model's arrays (legacy messages carry an unnamed list).
 ARRAY_NAMES_KEY = "array-names"
 #: Strategies whose aggregation is a weighted mean of the updates: the only ones SecAgg can run
@@ -137,7 +137,7 @@ def min_threshold(num_shares: int) -> int:
     share of both secrets of a victim plus one kind of share from each of the ``num_shares - 1``
     others; it unmasks the victim's individual update iff ``2 * (t - 1) <= num_shares - 1``. So
     ``t >= (num_shares + 3) // 2``, and never below :data:`MIN_SURVIVORS`. Must equal
-    :func:`fedrad.client.secagg_app.min_threshold` (hospitals enforce it too).
+    :func:`fedrad.client.runtime.secagg_app.min_threshold` (hospitals enforce it too).
     """
     return max(MIN_SURVIVORS, (int(num_shares) + 3) // 2)
 

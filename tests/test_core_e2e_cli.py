@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fedrad.client.ledger import PrivacyLedger
+from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.server.cli import main
 
 #: Per hospital and round: training figures from its train reply, validation figures computed by the

@@ -1,4 +1,4 @@
-"""The per-site privacy ledger (client/ledger.py)."""
+"""The per-site privacy ledger (client/privacy/ledger.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import fedrad.common.durable as durable_mod
-from fedrad.client.ledger import PrivacyLedger
+from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.common.errors import BudgetExceededError, LedgerError, PrivacyError
 from fedrad.common.privacy import epsilon_for
 
@@ -262,7 +262,7 @@ def test_size_release_is_charged_once_and_counts_in_every_study(tmp_path: Path) 
 
 
 def test_study_turns_are_counted_atomically_with_their_charge(tmp_path: Path) -> None:
-    from fedrad.client.ledger import StudyTurn
+    from fedrad.client.privacy.ledger import StudyTurn
 
     path = tmp_path / "ledger.json"
     led = _open(path)
@@ -342,7 +342,7 @@ def test_open_rejects_bad_arguments(tmp_path: Path, kw: dict) -> None:
 
 def test_ledger_show_reports_accounts_studies_and_released_size(tmp_path: Path, capsys) -> None:
     from fedrad.client.cli import main as node_main
-    from fedrad.client.ledger import StudyTurn
+    from fedrad.client.privacy.ledger import StudyTurn
 
     path = tmp_path / "ledger.json"
     led = _open(path)

@@ -1,4 +1,4 @@
-"""Wire protocol filter (common/protocol.py) and the real ClientApp handlers (client/app.py), no Ray."""
+"""Wire protocol filter (common/protocol.py) and the real ClientApp handlers (client/runtime/app.py), no Ray."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from flwr.app import (
 )
 
 from fedrad.client import app as client_app
-from fedrad.client.site import simulated_site
+from fedrad.client.runtime.site import simulated_site
 from fedrad.common.config import StudyConfig, parse_study
 from fedrad.common.errors import ProtocolError
 from fedrad.common.models import build_model

@@ -1,4 +1,4 @@
-"""fedrad.client.dp_engine against Opacus' ``ew`` engine: same norms, same clipped sums, same noise.
+"""fedrad.client.training.dp_engine against Opacus' ``ew`` engine: same norms, same clipped sums, same noise.
 
 Reference: Opacus' expanded-weights engine (``grad_sample_mode="ew"``) and its ``DPOptimizer``, as
 fedrad trains today. Every comparison runs the real code paths of both on the same batch; the
@@ -19,8 +19,8 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 from torch import nn
 
-from fedrad.client.dp_engine import MODES, make_dp_step, norm_samplers
-from fedrad.client.dp_engine.mixed import layer_cost_table
+from fedrad.client.training.dp_engine import MODES, make_dp_step, norm_samplers
+from fedrad.client.training.dp_engine.mixed import layer_cost_table
 from fedrad.common.errors import PrivacyError
 from fedrad.common.models import build_model
 

@@ -290,9 +290,9 @@ def grey_to_unit(arr: np.ndarray, ds: Dataset, s: Preprocess, *, notes: list[str
             notes.append(NOTE_WINDOW_OUTSIDE)
             out = None
         if out is None and ds.get("VOILUTSequence"):
-            out = _voi_lut(values, ds, notes)
+            out = _voi_lut(values, ds, notes, s)
     elif ds.get("VOILUTSequence"):
-        out = _voi_lut(values, ds, notes)
+        out = _voi_lut(values, ds, notes, s)
     if out is None:
         out = _percentile_clip(values, s.clip_percentiles)
     return out
@@ -342,7 +342,7 @@ def _window(values: np.ndarray, ds: Dataset, center: float, width: float, functi
     return np.clip((out - lo) / (hi - lo), 0.0, 1.0)
 
 
-def _voi_lut(values: np.ndarray, ds: Dataset, notes: list[str]) -> np.ndarray | None:
+def _voi_lut(values: np.ndarray, ds: Dataset, notes: list[str], s: Preprocess) -> np.ndarray | None:
     try:
         item = ds.VOILUTSequence[0]
         depth = int(item.LUTDescriptor[2])

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from fedrad.client.audit_log import AuditLog
 from fedrad.client.cli import main as node_main
+from fedrad.client.governance.audit_log import AuditLog
 from fedrad.common.durable import UnsafeFileError, locked
 from fedrad.common.errors import AuditError
 

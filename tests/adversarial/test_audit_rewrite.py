@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 from flwr.app import MetricRecord, RecordDict
 
-from fedrad.client.audit_key import KEY_BYTES, load_key, node_audit_key
-from fedrad.client.audit_log import KEYED, AuditHead, AuditLog, _digest, parse_receipt
 from fedrad.client.cli import main as node_main
-from fedrad.client.node_config import load_node_config
+from fedrad.client.governance.audit_key import KEY_BYTES, load_key, node_audit_key
+from fedrad.client.governance.audit_log import KEYED, AuditHead, AuditLog, _digest, parse_receipt
+from fedrad.client.runtime.node_config import load_node_config
 from fedrad.common.errors import AuditError, ConfigError
 
 

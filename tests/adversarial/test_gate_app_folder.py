@@ -24,13 +24,13 @@ from flwr.cli.install import install_from_fab as flower_install
 from flwr.clientapp.utils import get_load_client_app_fn as flower_loader
 from flwr.supercore.fab import Fab
 
-import fedrad.client.app as fedrad_app
+import fedrad.client.runtime.app as fedrad_app
 from fedrad.client import gate
-from fedrad.client.app_folder import APP_DIR, flower_app_folder, folder_problems
-from fedrad.client.approval import AppAllowList, fab_hash, inspect_fab
-from fedrad.client.audit_log import AuditLog
 from fedrad.client.cli import main as node_main
-from fedrad.client.node import NODE_CONFIG_KEY
+from fedrad.client.governance.app_folder import APP_DIR, flower_app_folder, folder_problems
+from fedrad.client.governance.approval import AppAllowList, fab_hash, inspect_fab
+from fedrad.client.governance.audit_log import AuditLog
+from fedrad.client.runtime.node_config import NODE_CONFIG_KEY
 from fedrad.common.protocol import ERR_POLICY
 
 PYPROJECT = """[build-system]
@@ -65,7 +65,7 @@ def train(msg, context):
 """
 
 
-def _fab(*, name: str = "fedradstudy", clientapp: str = "fedrad.client.app:app",
+def _fab(*, name: str = "fedradstudy", clientapp: str = "fedrad.client.runtime.app:app",
          files: dict[str, bytes] | None = None) -> bytes:
     pyproject = PYPROJECT.format(name=name, publisher="coordinator", clientapp=clientapp).encode()
     content, _ = build_fab_from_files({"pyproject.toml": pyproject, **(files or {"README.md": b"# study\n"})})

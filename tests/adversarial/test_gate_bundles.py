@@ -24,7 +24,7 @@ from typing import Any
 import pytest
 from flwr.app import ConfigRecord, Message, MessageType, Metadata, RecordDict
 
-import fedrad.client.app as fedrad_app
+import fedrad.client.runtime.app as fedrad_app
 from adversarial.test_gate_app_folder import (  # noqa: F401 - ``node`` is a fixture
     CODE_FREE,
     EVIL,
@@ -37,10 +37,10 @@ from adversarial.test_gate_app_folder import (  # noqa: F401 - ``node`` is a fix
     node,
 )
 from fedrad.client import app_folder, approval, gate
-from fedrad.client.app_folder import bundle_files, sweep_stale_private
-from fedrad.client.approval import AppNotApproved, fab_hash, inspect_fab
+from fedrad.client.governance.app_folder import bundle_files, sweep_stale_private
+from fedrad.client.governance.approval import AppNotApproved, fab_hash, inspect_fab
 
-GOOD_TOML = PYPROJECT.format(name="fedradstudy", publisher="coordinator", clientapp="fedrad.client.secagg_app:app")
+GOOD_TOML = PYPROJECT.format(name="fedradstudy", publisher="coordinator", clientapp="fedrad.client.runtime.secagg_app:app")
 
 
 def _zip(members: list[tuple[str | zipfile.ZipInfo, bytes]]) -> bytes:
@@ -243,7 +243,7 @@ def test_bundle_metadata_that_could_name_another_folder_is_refused(
     victim = node.tmp / "victim"
     victim.mkdir()
     (victim / "keep.txt").write_text("precious")
-    toml = {"name": "fedradstudy", "publisher": "coordinator", "clientapp": "fedrad.client.app:app"}
+    toml = {"name": "fedradstudy", "publisher": "coordinator", "clientapp": "fedrad.client.runtime.app:app"}
     text = PYPROJECT.format(**{**toml, **({field: value} if field != "version" else {})})
     if field == "version":
         text = text.replace('version = "1.0.0"', f'version = "{value}"')

@@ -13,21 +13,21 @@ from pathlib import Path
 import pytest
 
 from adversarial.test_gate_app_folder import CODE_FREE, EVIL, PYPROJECT, _drive, _runner
-from fedrad.client.app_folder import flower_app_folder
-from fedrad.client.approval import AppAllowList, fab_hash, inspect_fab
-from fedrad.client.audit_log import AuditLog
-from fedrad.client.warm import WARM_SOCKET_ENV
+from fedrad.client.governance.app_folder import flower_app_folder
+from fedrad.client.governance.approval import AppAllowList, fab_hash, inspect_fab
+from fedrad.client.governance.audit_log import AuditLog
+from fedrad.client.runtime.warm import WARM_SOCKET_ENV
 
 HERE = Path(__file__).resolve().parent
-PRELOAD = ["fedrad.client.gate", "fedrad.client.app", "flwr.supernode.runtime.run_clientapp"]
+PRELOAD = ["fedrad.client.runtime.gate", "fedrad.client.runtime.app", "flwr.supernode.runtime.run_clientapp"]
 
 
 def task(argv: list[str]) -> int:
-    """The warm runtime's task entry here: Flower's install/load steps behind the gate (fedrad.client.gate.main
+    """The warm runtime's task entry here: Flower's install/load steps behind the gate (fedrad.client.runtime.gate.main
     does the same around Flower's real runner), with the outcome written to ``argv[1]``."""
     import types
 
-    import fedrad.client.app as fedrad_app
+    import fedrad.client.runtime.app as fedrad_app
     from fedrad.client import gate
 
     node = types.SimpleNamespace(yaml=Path(argv[0]))
@@ -58,7 +58,7 @@ def test_forked_tasks_pass_the_same_gate(tmp_path: Path) -> None:
     sock, ready = tmp_path / "warm.sock", tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]),
            "FLWR_HOME": str(home)}
-    server = subprocess.Popen([sys.executable, "-m", "fedrad.client.warm", "--socket", str(sock), "--ready", str(ready),
+    server = subprocess.Popen([sys.executable, "-m", "fedrad.client.runtime.warm", "--socket", str(sock), "--ready", str(ready),
                                "--entry", "adversarial.test_gate_warm:task", "--preload", *PRELOAD], env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -76,7 +76,7 @@ def test_forked_tasks_pass_the_same_gate(tmp_path: Path) -> None:
         results = []
         for i in range(2):  # first with the pre-placed folder, then clean
             result = tmp_path / f"result-{i}.json"
-            code = ("import sys; from fedrad.client.warm import run_via_warm_runtime; "
+            code = ("import sys; from fedrad.client.runtime.warm import run_via_warm_runtime; "
                     "sys.exit(run_via_warm_runtime(sys.argv[1:]) or 0)")
             subprocess.run([sys.executable, "-c", code, str(node_yaml), str(result)], env={**env, WARM_SOCKET_ENV:
                            str(sock)}, timeout=120, check=True, capture_output=True)

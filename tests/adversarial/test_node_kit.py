@@ -2,7 +2,7 @@
 
 The "coordinator" here is the test: it crafts Flower Messages as a curious or malicious
 coordinator could (any config values, any weights) and hands them to the real ClientApp
-functions (:func:`fedrad.client.app.train` / :func:`~fedrad.client.app.evaluate_global`) with a
+functions (:func:`fedrad.client.runtime.app.train` / :func:`~fedrad.client.runtime.app.evaluate_global`) with a
 simulated or deployed Context. Also a sanity test that the kit itself builds what it says.
 """
 
@@ -71,8 +71,8 @@ def flat(arrays: ArrayRecord) -> np.ndarray:
 
 def deployed_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **node_over: Any) -> tuple[Path, Context]:
     """A deployed hospital node (its own node.yaml and small npz data), behind an approved gate."""
-    from fedrad.client.gate import GATE_APPROVED_ENV
-    from fedrad.client.node import NODE_CONFIG_KEY
+    from fedrad.client.runtime.gate import GATE_APPROVED_ENV
+    from fedrad.client.runtime.node_config import NODE_CONFIG_KEY
 
     rng = np.random.default_rng(7)
     arrays = {}
@@ -109,7 +109,7 @@ def test_kit_builds_a_working_simulated_and_deployed_node(tmp_path: Path, monkey
 def test_node_yaml_audit_key_defaults_beside_it_and_is_refused_inside_the_state_folder(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from fedrad.client.node_config import load_node_config
+    from fedrad.client.runtime.node_config import load_node_config
     from fedrad.common.errors import ConfigError
 
     node_yaml, _ = deployed_node(tmp_path / "a", monkeypatch)

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from fedrad.client import app as client_app
-from fedrad.client.audit_log import AuditLog
+from fedrad.client.governance.audit_log import AuditLog
 from fedrad.common.protocol import ERR_POLICY
 from tests.adversarial.test_node_kit import deployed_node, flat, message, sim_context, study
 

@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from fedrad.client import app as client_app
-from fedrad.client.privacy import SIZE_NOISE_MULTIPLIER, gaussian_histograms
-from fedrad.common.planning import sampling_plan
+from fedrad.client.privacy.releases import SIZE_NOISE_MULTIPLIER, gaussian_histograms
 from fedrad.common.metrics import HIST_BINS
+from fedrad.common.planning import sampling_plan
 from fedrad.common.protocol import ERR_BUDGET, ERR_POLICY, EVAL_METRICS, TRAIN_METRICS
 from tests.adversarial.test_node_kit import deployed_node, message, sim_context, sim_ledger, study
 

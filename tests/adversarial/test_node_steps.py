@@ -18,15 +18,14 @@ import torch
 from torch import nn
 
 from fedrad.client import app as client_app
-from fedrad.client.audit_log import AuditLog
-from fedrad.client.ledger import PrivacyLedger
-from fedrad.client.privacy import plan_round
-from fedrad.client.train import train_local
-from fedrad.common.config import AugmentationConfig, PrivacyConfig, TrainingConfig
+from fedrad.client.governance.audit_log import AuditLog
+from fedrad.client.privacy.budget import plan_round
+from fedrad.client.privacy.ledger import PrivacyLedger
+from fedrad.client.training.train import train_local
+from fedrad.common.config import AugmentationConfig, PrivacyConfig, TrainingConfig, study_key
 from fedrad.common.datasets import ImageSplit
 from fedrad.common.privacy import epsilon_for
 from fedrad.common.protocol import ERR_REFUSED
-from fedrad.common.config import study_key
 from tests.adversarial.test_node_kit import deployed_node, message, sim_context, study
 
 CPU = torch.device("cpu")

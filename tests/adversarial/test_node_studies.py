@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from fedrad.client import app as client_app
-from fedrad.client.ledger import PrivacyLedger
+from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.common.config import COSMETIC_FIELDS, study_key
 from fedrad.common.privacy import calibrate_noise
 from fedrad.common.protocol import ERR_BUDGET, ERR_POLICY
@@ -129,7 +129,7 @@ def test_a_study_begun_before_the_upgrade_keeps_its_rounds(tmp_path: Path) -> No
     upgrade the node adopts them: no fresh rounds, no fresh per-study budget."""
     import json
 
-    from fedrad.client.site import simulated_site
+    from fedrad.client.runtime.site import simulated_site
 
     s = study(federation={"rounds": 2}, privacy={"enabled": True, "epsilon": 8.0, "delta": 1e-5,
                                                  "noise_multiplier": 1.0})

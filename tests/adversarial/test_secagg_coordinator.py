@@ -1,5 +1,5 @@
 """Issue 9 (SecAgg+ parts): a coordinator that lies in the SecAgg+ protocol cannot unmask one
-hospital's update, played against the real ClientApp (``fedrad.client.secagg_app``) and Flower's
+hospital's update, played against the real ClientApp (``fedrad.client.runtime.secagg_app``) and Flower's
 real ``secaggplus_mod`` (fast; in process). The deployed, end-to-end run over TLS with a hospital
 dropping out is ``tests/secagg/test_secagg_deploy_e2e.py`` (slow).
 

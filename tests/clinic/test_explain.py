@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from fedrad import bundled_path
-from fedrad.client.cmd_predict import main
-from fedrad.client.explain import blur, grad_cam, integrated_gradients, saliency, target_layer
+from fedrad.client.commands.predict import main
+from fedrad.client.training.explain import blur, grad_cam, integrated_gradients, saliency, target_layer
 from fedrad.common.models import build_model
 
 from .conftest import Trained, save_model

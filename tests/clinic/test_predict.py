@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from fedrad import bundled_path
-from fedrad.client.cmd_predict import main
+from fedrad.client.commands.predict import main
 from fedrad.client.dicom import DicomDataConfig, SplitConfig, load_dicom_site
 from fedrad.client.dicom.convert import convert_npz_to_dicom
-from fedrad.client.predict import load_model
+from fedrad.client.training.predict import load_model
 from fedrad.common.errors import ModelError
 from fedrad.common.evaluation import evaluate
 from fedrad.common.model_card import model_card, read_model_card, state_dict_sha256

@@ -180,7 +180,7 @@ def test_report_renders_in_a_headless_browser(run_dir: Path, tmp_path: Path) -> 
 def test_quick_start_simulate_then_report_then_predict_on_converted_dicom(tmp_path: Path) -> None:
     """The README's quick start, shrunk: a simulated study, its report, then the model at a hospital."""
     from fedrad import bundled_path
-    from fedrad.client.cmd_predict import main as node_main
+    from fedrad.client.commands.predict import main as node_main
     from fedrad.client.dicom.convert import convert_npz_to_dicom
     from fedrad.server.cli import main as coordinator_main
 

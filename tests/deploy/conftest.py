@@ -124,7 +124,7 @@ def wait_for(predicate, *, timeout: float, interval: float = 0.5, what: str = "c
 
 def hospital_keygen(root: Path, name: str) -> Path:
     """Hospital ``name`` makes its key pair on "its machine" (``root/hospital-keys/NAME``); returns the PUBLIC key."""
-    from fedrad.client.node_keys import generate
+    from fedrad.client.runtime.node_keys import generate
 
     return generate(root / "hospital-keys" / name, comment=name).public_path
 

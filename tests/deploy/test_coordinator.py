@@ -17,9 +17,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from fedrad.client.cmd_node import supernode_command
-from fedrad.client.node import probe_superlink
-from fedrad.client.node_config import load_node_config
+from fedrad.client.commands.node import supernode_command
+from fedrad.client.runtime.node import probe_superlink
+from fedrad.client.runtime.node_config import load_node_config
 from fedrad.common.errors import ConfigError, FederationError
 from fedrad.server import coordinator as cdn
 from fedrad.server.cli import main as fedrad_main

@@ -264,7 +264,7 @@ def test_systemd_units_have_start_limits_and_final_exit_codes(unit: str) -> None
     final = u["Service"]["RestartPreventExitStatus"].split()
     assert "2" in final
     if unit == "fedrad-node.service":
-        from fedrad.client.cmd_node import NodeRefusedError
+        from fedrad.client.commands.node import NodeRefusedError
 
         assert str(NodeRefusedError.exit_code) in final
         assert u["Service"]["ReadWritePaths"] == "/var/lib/fedrad"

@@ -282,7 +282,7 @@ def test_what_must_be_refused(federation: Federation, tmp_path: Path) -> None:
     install_hospital_key(f.root, f.prov / "nodes" / "hospital-x", "hospital-x")
     x_yaml = _kit(f.prov, "hospital-x", 3, f.arrays, rejoin_timeout_s=0)
     x = f.start_node("hospital-x", config=x_yaml)
-    from fedrad.client.cmd_node import NodeRefusedError
+    from fedrad.client.commands.node import NodeRefusedError
 
     assert x.wait(timeout=180) == NodeRefusedError.exit_code, f.procs.log("hospital-x")[-2000:]
     assert "activate" in f.procs.log("hospital-x").lower(), f.procs.log("hospital-x")[-2000:]
@@ -353,7 +353,7 @@ def test_a_revoked_node_leaves_quickly_with_the_documented_exit_code(federation:
     assert reg.returncode == 0, reg.stdout + reg.stderr
     # assert: it leaves within Flower's online window plus a few retries, not after rejoin_timeout_s
     # (300 s), with NodeRefusedError's code (the guide's "exit 10")
-    from fedrad.client.cmd_node import NodeRefusedError
+    from fedrad.client.commands.node import NodeRefusedError
 
     rc = node.wait(timeout=400)
     assert rc == NodeRefusedError.exit_code, f.procs.log("hospital-b")[-3000:]

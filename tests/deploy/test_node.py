@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from fedrad.client.cli import main as node_main
-from fedrad.client.cmd_node import preflight, supernode_command
-from fedrad.client.node import load_site
-from fedrad.client.node_config import load_node_config
+from fedrad.client.commands.node import preflight, supernode_command
+from fedrad.client.runtime.node import load_site
+from fedrad.client.runtime.node_config import load_node_config
 from fedrad.common.errors import ConfigError, FedradError
 
 from .conftest import free_port, provision_federation
@@ -83,7 +83,7 @@ def test_node_yaml_errors_name_file_and_field(tmp_path: Path) -> None:
 
 
 def test_check_prints_the_key_fingerprint_and_what_to_send(kit: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from fedrad.client.node_keys import fingerprint
+    from fedrad.client.runtime.node_keys import fingerprint
 
     node_main(["check", "--config", str(kit)])
 

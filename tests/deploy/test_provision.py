@@ -16,8 +16,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from fedrad.client.cli import main as node_main
-from fedrad.client.cmd_node import preflight
-from fedrad.client.node_keys import fingerprint
+from fedrad.client.commands.node import preflight
+from fedrad.client.runtime.node_keys import fingerprint
 from fedrad.common.errors import ConfigError, FedradError
 from fedrad.common.keyfiles import write_private
 from fedrad.server.cli import main as fedrad_main

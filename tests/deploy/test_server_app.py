@@ -11,7 +11,7 @@ import yaml
 from flwr.serverapp import ServerApp
 
 from fedrad.client.cli import main as node_main
-from fedrad.client.cmd_node import supernode_command
+from fedrad.client.commands.node import supernode_command
 from fedrad.common.errors import ConfigError
 from fedrad.server.app import STUDY_KEY, LogReporter, app, resolve_run
 from fedrad.server.progress import Reporter

@@ -1,4 +1,4 @@
-"""The node's warm ClientApp runtime (fedrad.client.warm): forked tasks behave like cold ones."""
+"""The node's warm ClientApp runtime (fedrad.client.runtime.warm): forked tasks behave like cold ones."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from fedrad.client import gate
-from fedrad.client.warm import WARM_SOCKET_ENV, run_via_warm_runtime
+from fedrad.client.runtime.warm import WARM_SOCKET_ENV, run_via_warm_runtime
 
 HERE = Path(__file__).resolve().parent
 
@@ -45,7 +45,7 @@ def server(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
     sock = tmp_path / ("s" * 90) / "run" / "warm.sock"
     ready = tmp_path / "ready"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "fedrad.client.warm", "--socket", str(sock), "--ready", str(ready),
+    proc = subprocess.Popen([sys.executable, "-m", "fedrad.client.runtime.warm", "--socket", str(sock), "--ready", str(ready),
                              "--entry", "warm_entry:main", "--preload", "numpy"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -58,7 +58,7 @@ def server(tmp_path: Path) -> Iterator[tuple[Path, subprocess.Popen[bytes]]]:
 
 
 def _shim(sock: Path, *args: str, cwd: Path, extra_env: dict[str, str] | None = None) -> subprocess.Popen[str]:
-    code = ("import sys; from fedrad.client.warm import run_via_warm_runtime; "
+    code = ("import sys; from fedrad.client.runtime.warm import run_via_warm_runtime; "
             "rc = run_via_warm_runtime(sys.argv[1:]); sys.exit(97 if rc is None else rc)")
     env = {**os.environ, WARM_SOCKET_ENV: str(sock), **(extra_env or {})}
     return subprocess.Popen([sys.executable, "-c", code, *args], cwd=cwd, env=env, text=True,
@@ -147,5 +147,5 @@ def test_unreachable_runtime_means_cold_start(tmp_path: Path) -> None:
 
 def test_shim_runs_through_the_warm_runtime(tmp_path: Path) -> None:
     shim = gate.write_shim(tmp_path / "bin").read_text()
-    assert "from fedrad.client.warm import run_task" in shim
+    assert "from fedrad.client.runtime.warm import run_task" in shim
     compile(shim, "flwr-clientapp", "exec")

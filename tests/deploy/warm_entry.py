@@ -1,4 +1,4 @@
-"""Task entry for the warm-runtime tests (stands in for fedrad.client.gate.main)."""
+"""Task entry for the warm-runtime tests (stands in for fedrad.client.runtime.gate.main)."""
 
 from __future__ import annotations
 

@@ -93,3 +93,13 @@ def save_big_endian(ds: Dataset, path: Path) -> Path:
     ds.file_meta.TransferSyntaxUID = ExplicitVRBigEndian
     dcmwrite(path, ds, implicit_vr=False, little_endian=False, force_encoding=True)
     return path
+
+
+def with_inverting_voi_lut(ds: Dataset, *, first: int, entries: int, bits: int = 12) -> Dataset:
+    """A VOI LUT Sequence item mapping [first, first + entries) to a decreasing ramp (an inverted image)."""
+    item = Dataset()
+    item.LUTDescriptor = [entries, first, bits]
+    ramp = np.linspace(2**bits - 1, 0, entries).round().astype("<u2")
+    item.LUTData = ramp.tolist()
+    ds.VOILUTSequence = Sequence([item])
+    return ds

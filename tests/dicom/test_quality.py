@@ -115,6 +115,19 @@ def test_empty_voi_lut_item_is_ignored_with_a_note() -> None:
     assert result.reason is None and result.notes == (NOTE_VOI_LUT,)
 
 
+def test_usable_voi_lut_is_applied_without_notes() -> None:
+    ds = build.ct()
+    values = apply_modality_lut(ds.pixel_array, ds)
+    lo, hi = int(np.percentile(values, 1)), int(np.percentile(values, 99))
+    plain = decode_dataset(build.ct(), SETTINGS)
+
+    result = decode_dataset(build.with_inverting_voi_lut(ds, first=lo, entries=hi - lo + 1), SETTINGS)
+
+    assert result.reason is None and result.notes == ()
+    corr = np.corrcoef(result.image.ravel(), plain.image.ravel())[0, 1]
+    assert corr < -0.9  # the inverting LUT was used, not the percentile fallback
+
+
 def test_big_endian_palette_colour_decodes_like_the_little_endian_file(tmp_path: Path) -> None:
     little, big = build.big_endian_palette()
     path = build.save_big_endian(big, tmp_path / "palette-be.dcm")

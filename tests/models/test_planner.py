@@ -11,8 +11,9 @@ import pytest
 from opacus.accountants import RDPAccountant
 
 from fedrad.client import app as client_app
-from fedrad.client.ledger import PrivacyLedger
-from fedrad.client.privacy import SIZE_NOISE_MULTIPLIER, check_useful, plan_round, released_size, reserve_round
+from fedrad.client.privacy.budget import check_useful, plan_round, reserve_round
+from fedrad.client.privacy.ledger import PrivacyLedger
+from fedrad.client.privacy.releases import SIZE_NOISE_MULTIPLIER, released_size
 from fedrad.common.config import PrivacyConfig, TrainingConfig, parse_study
 from fedrad.common.errors import BudgetExceededError
 from fedrad.common.planning import (
@@ -155,7 +156,7 @@ def test_dry_run_lines_for_the_demo_and_a_starved_budget() -> None:
 
 
 def test_the_final_evaluation_gets_half_the_validation_budget_and_the_study_fits_it(tmp_path: Path) -> None:
-    from fedrad.client.privacy import plan_evaluation
+    from fedrad.client.privacy.budget import plan_evaluation
 
     rounds, epsilon = 10, 1.0
     ledger = _ledger(tmp_path, epsilon)

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedrad.client.audit_key import KEY_BYTES
+from fedrad.client.governance.audit_key import KEY_BYTES
 from fedrad.client.cli import main as node_main
-from fedrad.client.cmd_node import preflight
-from fedrad.client.node_config import load_node_config
+from fedrad.client.commands.node import preflight
+from fedrad.client.runtime.node_config import load_node_config
 from fedrad.server import provision
 
 

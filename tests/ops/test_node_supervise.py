@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client.cmd_node import (
+from fedrad.client.commands.node import (
     ONLINE_MARKER, REFUSED_MARKER, ConnectionWatch, NodeRefusedError, supervise,
 )
 
@@ -89,13 +89,13 @@ def test_other_failures_are_retried_until_the_rejoin_timeout(tmp_path: Path) -> 
 LOGGING_PROBE = """
 import logging, sys
 from pathlib import Path
-from fedrad.client.cmd_node import configure_supernode_logging
+from fedrad.client.commands.node import configure_supernode_logging
 configure_supernode_logging(level_name=sys.argv[1], markers=Path(sys.argv[2]))
 import flwr.supercore.logger  # Flower's own console handler, as in the SuperNode
 logging.getLogger("flwr").debug("Runtime.AcquireTask")
 logging.getLogger("flwr").info("SuperNode ID: %s", 42)
 logging.getLogger("httpx").info("HTTP Request: POST https://coordinator/v1/fleet/pull-messages")
-logging.getLogger("fedrad.client.app").info("train task (warm start)")
+logging.getLogger("fedrad.client.runtime.app").info("train task (warm start)")
 """
 
 

@@ -20,7 +20,7 @@ from flwr.app import MessageType
 from flwr.supercore.fab import Fab
 
 from fedrad.client import gate
-from fedrad.client.approval import (
+from fedrad.client.governance.approval import (
     AppAllowList,
     AppApprovalSettings,
     AppNotApproved,
@@ -28,9 +28,9 @@ from fedrad.client.approval import (
     inspect_fab,
     verify_app,
 )
-from fedrad.client.audit_log import AuditLog
+from fedrad.client.governance.audit_log import AuditLog
 from fedrad.client.cli import main as node_main
-from fedrad.client.node import NODE_CONFIG_KEY
+from fedrad.client.runtime.node_config import NODE_CONFIG_KEY
 from fedrad.common.errors import ConfigError, FedradError, PolicyViolation
 from fedrad.common.protocol import ERR_POLICY
 
@@ -54,7 +54,7 @@ clientapp = "{clientapp}"
 """
 
 
-def _fab(*, clientapp: str = "fedrad.client.app:app", files: dict[str, bytes] | None = None) -> bytes:
+def _fab(*, clientapp: str = "fedrad.client.runtime.app:app", files: dict[str, bytes] | None = None) -> bytes:
     """A Flower app bundle, built the way ``flwr build`` builds one."""
     content, _ = build_fab_from_files({"pyproject.toml": PYPROJECT.format(clientapp=clientapp).encode(), **(files or {})})
     return content
@@ -86,7 +86,7 @@ def test_bundle_hash_is_flowers_and_any_change_changes_it() -> None:
     assert fab_hash(GOOD) == hashlib.sha256(GOOD).hexdigest() != fab_hash(MODIFIED)
     info = inspect_fab(GOOD)
     assert (info.publisher, info.name, info.version, info.clientapp) == ("coordinator", "fedradstudy", "1.0.0",
-                                                                        "fedrad.client.app:app")
+                                                                        "fedrad.client.runtime.app:app")
     assert info.code_files == ("fedradstudy/task.py",)
 
 
@@ -142,7 +142,7 @@ def test_installed_code_only_refuses_bundles_that_carry_code(allow: AppAllowList
     with pytest.raises(AppNotApproved, match="carries code"):  # even though approved
         verify_app(fab_content=GOOD, claimed_hash=None, allow_list=allow, settings=strict)
     other = _fab(clientapp="evil.client:app")
-    with pytest.raises(AppNotApproved, match="runs only 'fedrad.client.secagg_app:app' or 'fedrad.client.app:app'"):
+    with pytest.raises(AppNotApproved, match="runs only 'fedrad.client.runtime.secagg_app:app' or 'fedrad.client.runtime.app:app'"):
         verify_app(fab_content=other, claimed_hash=None, allow_list=allow,
                    settings=AppApprovalSettings(installed_code_only=True, require_approval=False))
     config_only = _fab(files={"README.md": b"# study\n"})

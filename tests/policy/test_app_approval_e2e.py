@@ -20,9 +20,9 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client.approval import AppAllowList, fab_hash, inspect_fab
-from fedrad.client.audit_log import AuditLog
-from fedrad.client.gate import check_gated, gated_env, write_shim
+from fedrad.client.governance.approval import AppAllowList, fab_hash, inspect_fab
+from fedrad.client.governance.audit_log import AuditLog
+from fedrad.client.runtime.gate import check_gated, gated_env, write_shim
 from fedrad.common.protocol import ERR_POLICY
 
 #: Flower's commands of this environment (its bin folder need not be on PATH).
@@ -130,7 +130,7 @@ def federation(tmp_path: Path) -> Iterator[dict[str, object]]:
         flower_bin = str(Path(flower_clientapp).parent)
         procs.append(subprocess.Popen(
             ["/bin/sh", "-c", 'PATH="$FLOWER_BIN:$PATH" exec "$@"', "sh",
-             sys.executable, "-m", "fedrad.client.node", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
+             sys.executable, "-m", "fedrad.client.runtime.node", "--insecure", "--superlink", f"127.0.0.1:{link_port}",
              "--port", str(runtime_port), "--node-config", f'fedrad-node-config="{node / "node.yaml"}"'],
             env={**node_env, "FLOWER_BIN": flower_bin}, stdout=open(tmp_path / "supernode.log", "w"), stderr=subprocess.STDOUT, start_new_session=True))
         yield {"app": app, "env": base, "node": node, "out": out, "tmp": tmp_path}

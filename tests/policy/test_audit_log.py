@@ -10,7 +10,7 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedrad.client.audit_log import AuditLog
+from fedrad.client.governance.audit_log import AuditLog
 from fedrad.client.cli import main as node_main
 
 

@@ -1,6 +1,6 @@
 """The real ClientApp under a node policy: train refused before anything is spent; evaluate too.
 
-Drives ``fedrad.client.app`` with Flower messages as the simulation delivers them (the node
+Drives ``fedrad.client.runtime.app`` with Flower messages as the simulation delivers them (the node
 policy comes from ``simulation.node_policy``).
 """
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from fedrad.client import app as client_app
-from fedrad.client.audit_log import AuditLog
+from fedrad.client.governance.audit_log import AuditLog
 from fedrad.common.config import StudyConfig, parse_study
 from fedrad.common.models import build_model
 from fedrad.common.protocol import ERR_POLICY

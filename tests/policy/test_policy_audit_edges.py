@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fedrad.client.audit_log import AuditLog, _digest
+from fedrad.client.governance.audit_log import AuditLog, _digest
 from fedrad.client.cli import main as node_main
-from fedrad.client.node_policy import NodePolicy, check_request, load_policy
+from fedrad.client.governance.node_policy import NodePolicy, check_request, load_policy
 from fedrad.common.config import parse_study
 from fedrad.common.errors import AuditError, ConfigError, FedradError, PolicyViolation
 from flwr.app import ArrayRecord, MetricRecord, RecordDict

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client.ledger import PrivacyLedger
-from fedrad.client.node_policy import NodePolicy, check_request
-from fedrad.client.privacy import RoundPlan, plan_round, reserve_round
+from fedrad.client.privacy.ledger import PrivacyLedger
+from fedrad.client.governance.node_policy import NodePolicy, check_request
+from fedrad.client.privacy.budget import RoundPlan, plan_round, reserve_round
 from fedrad.common.config import PrivacyConfig, TrainingConfig, parse_study
 from fedrad.common.errors import BudgetExceededError, PolicyViolation
 
@@ -113,7 +113,7 @@ def test_a_study_is_held_to_its_own_epsilon_even_with_lifetime_budget_left(tmp_p
 
 
 def test_simulated_site_ledger_is_the_studys_budget_and_a_node_keeps_its_own() -> None:
-    from fedrad.client.site import Site
+    from fedrad.client.runtime.site import Site
 
     study_privacy = PrivacyConfig(epsilon=8.0, delta=1e-5)
     sim = Site(name="h", data=None, ledger_path=Path("l.json"), dataset_id="d")  # type: ignore[arg-type]

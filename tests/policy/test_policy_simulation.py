@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client.audit_log import AuditLog
+from fedrad.client.governance.audit_log import AuditLog
 from fedrad.server.cli import main as fedrad_main
 
 STUDY = """

@@ -16,7 +16,7 @@ from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
-from fedrad.client.secagg_app import ARRAY_NAMES_KEY, CAPTURE_ENV, refusals_as_errors, secagg_fit
+from fedrad.client.runtime.secagg_app import ARRAY_NAMES_KEY, CAPTURE_ENV, refusals_as_errors, secagg_fit
 from fedrad.common.config import parse_study
 from fedrad.common.models import build_model
 from fedrad.client import app as plain_app

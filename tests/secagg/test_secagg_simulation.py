@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 import torch
 
-from fedrad.client.ledger import PrivacyLedger
-from fedrad.client.privacy import plan_round
-from fedrad.client.secagg_app import CAPTURE_ENV
-from fedrad.client.site import simulated_site
+from fedrad.client.privacy.ledger import PrivacyLedger
+from fedrad.client.privacy.budget import plan_round
+from fedrad.client.runtime.secagg_app import CAPTURE_ENV
+from fedrad.client.runtime.site import simulated_site
 from fedrad.common.config import parse_study
 from fedrad.common.errors import BudgetExceededError
 from fedrad.common.models import build_model

@@ -19,9 +19,9 @@ other), if a member is encrypted, or if it has too many members or unpacks too l
 folder Flower unpacks into, and which the gate removes). Any other malformation is a refusal too,
 never a crash, and an unapproved bundle is never opened at all (the allow-list is read first).
 
-:func:`verify_app` takes the decision; :mod:`fedrad.client.gate` enforces it in the node's
+:func:`verify_app` takes the decision; :mod:`fedrad.client.runtime.gate` enforces it in the node's
 ``flwr-clientapp`` process before the FAB is installed or any of its code is imported, and
-:mod:`fedrad.client.app_folder` makes sure the code Flower then imports is exactly the approved
+:mod:`fedrad.client.governance.app_folder` makes sure the code Flower then imports is exactly the approved
 bundle's (a private copy checked file by file; Flower's shared app folder is never used, and
 revoking an app removes its installed folder).
 """
@@ -54,7 +54,7 @@ APPROVALS_FILE = "approved-apps.json"
 APPROVALS_VERSION = 1
 #: The ClientApps an "installed code only" FAB may name (fedrad's, from the installed package): the
 #: deployment bundle names the SecAgg+-capable app, which answers plain studies with the plain app.
-INSTALLED_CLIENTAPPS = ("fedrad.client.secagg_app:app", "fedrad.client.app:app")
+INSTALLED_CLIENTAPPS = ("fedrad.client.runtime.secagg_app:app", "fedrad.client.runtime.app:app")
 #: Files that are (or can carry) executable code; an "installed code only" FAB holds none.
 CODE_SUFFIXES = (".py", ".pyc", ".pyo", ".pyw", ".pyx", ".so", ".pyd", ".pth", ".dll", ".dylib", ".whl", ".egg", ".zip",
                  ".sh", ".ipynb")

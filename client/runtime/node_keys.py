@@ -16,7 +16,6 @@ from pathlib import Path
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from fedrad.common.errors import FedradError
 from fedrad.common.keyfiles import ssh_fingerprint, write_private, write_public
 
 PRIVATE_NAME = "node-auth.key"

@@ -6,6 +6,6 @@ import argparse
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    from .dicom.cli import add_data_commands
+    from fedrad.client.dicom.cli import add_data_commands
 
     add_data_commands(sub)

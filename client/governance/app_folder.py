@@ -5,7 +5,7 @@ sha256>``, *skips* unpacking when that folder already exists, then reads the Cli
 from the folder's own ``pyproject.toml`` and imports it with the folder first on ``sys.path``. So
 whoever could write that folder chose the code, whatever bundle the gate approved.
 
-The node's gate (:mod:`fedrad.client.gate`) therefore never lets Flower use that shared folder:
+The node's gate (:mod:`fedrad.client.runtime.gate`) therefore never lets Flower use that shared folder:
 
 * every task unpacks the approved bundle's verified bytes into a fresh private folder
   (:func:`install_private`, ``mkdtemp``: mode 0700, a name nobody can predict) and loads the app
@@ -19,7 +19,7 @@ The node's gate (:mod:`fedrad.client.gate`) therefore never lets Flower use that
 * folders of revoked apps are removed (``fedrad-node apps revoke`` and at every gate decision;
   :func:`remove_app_folders`).
 
-On a node with ``apps.installed_code_only`` any code file (:data:`fedrad.client.approval.CODE_SUFFIXES`)
+On a node with ``apps.installed_code_only`` any code file (:data:`fedrad.client.governance.approval.CODE_SUFFIXES`)
 in an app folder is foreign, even if a bundle listed it.
 """
 
@@ -40,7 +40,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from .approval import CODE_SUFFIXES, AppNotApproved, fab_hash, member_name, safe_members
+from fedrad.client.governance.approval import CODE_SUFFIXES, AppNotApproved, fab_hash, member_name, safe_members
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +77,7 @@ def bundle_files(fab_content: bytes) -> dict[str, str]:
     """Relative path -> sha256 of every file a bundle unpacks to (its ``.info`` manifest excluded).
 
     :class:`AppNotApproved` for a bundle that is not a readable zip, or whose member names are unsafe
-    or repeated, or too large (:func:`fedrad.client.approval.safe_members`)."""
+    or repeated, or too large (:func:`fedrad.client.governance.approval.safe_members`)."""
     out: dict[str, str] = {}
     try:
         with zipfile.ZipFile(io.BytesIO(fab_content)) as zf:

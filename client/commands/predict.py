@@ -3,7 +3,7 @@
 Both read ``model.pt`` (weights and model card), load the hospital's images with the training's
 preprocessing (a DICOM folder, or a MedMNIST-style ``.npz``) and write only into ``--out`` on this
 machine; nothing is sent anywhere. Runnable on its own too:
-``python -m fedrad.client.cmd_predict predict --model model.pt --root DIR --out DIR``.
+``python -m fedrad.client.commands.predict predict --model model.pt --root DIR --out DIR``.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 
 def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
     """(model, card, inputs) for the arguments of either command."""
-    from .predict import dicom_config, load_dicom_inputs, load_model, load_npz_inputs
+    from fedrad.client.training.predict import dicom_config, load_dicom_inputs, load_model, load_npz_inputs
 
     model, card = load_model(args.model)
     root: Path = args.root
@@ -86,9 +86,8 @@ def load_inputs(args: argparse.Namespace) -> tuple[Any, Any, Any]:
 
 
 def run_predict_cmd(args: argparse.Namespace) -> int:
+    from fedrad.client.training.predict import run_predict
     from fedrad.common.device import resolve_device
-
-    from .predict import run_predict
 
     model, card, inputs = load_inputs(args)
     res = run_predict(model, card, inputs, args.out, device=resolve_device(args.device), batch_size=args.batch_size)
@@ -107,8 +106,8 @@ def run_predict_cmd(args: argparse.Namespace) -> int:
 def run_explain_cmd(args: argparse.Namespace) -> int:
     import numpy as np  # heavy imports only when the command runs (help starts at once)
 
-    from .explain import METHODS, PER_PAGE, Explained, explain_images, write_contact_sheets
-    from .predict import check_compatible, decide
+    from fedrad.client.training.explain import METHODS, PER_PAGE, Explained, explain_images, write_contact_sheets
+    from fedrad.client.training.predict import check_compatible, decide
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]

@@ -3,7 +3,7 @@
 * Simulation: Flower gives each virtual SuperNode a ``partition-id``; the hospital's share of
   the study's data set is cut deterministically from it, and its ledger lives under the state
   folder the simulation names.
-* Deployment: the node's own ``node.yaml`` (see :mod:`fedrad.client.node_config`) says where
+* Deployment: the node's own ``node.yaml`` (see :mod:`fedrad.client.runtime.node_config`) says where
   the site's data and ledger are; nothing the coordinator sends can move them.
 """
 
@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrad.client.governance.node_policy import NodePolicy, load_policy
 from fedrad.common.config import PrivacyConfig, StudyConfig
 from fedrad.common.datasets import ImageSplit, SiteData, load_npz, npz_source_path
 from fedrad.common.errors import DataError
 from fedrad.common.partition import partition_indices
-
-from .node_policy import NodePolicy, load_policy
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +52,7 @@ class Site:
         """(epsilon, delta) of the ledger: the dataset's lifetime budget and the node's delta, the
         site's own when it has them (node.yaml ``privacy``), else the study's (a simulated site
         lives for one study). Each study is also held to its own epsilon, at the smaller of its
-        delta and the node's (:func:`fedrad.client.privacy.study_delta`)."""
+        delta and the node's (:func:`fedrad.client.privacy.budget.study_delta`)."""
         if self.budget is None:
             return privacy.epsilon, privacy.delta
         return self.budget[0], self.budget[1]
@@ -74,7 +73,7 @@ class Site:
 
     @property
     def audit_key_file(self) -> Path:
-        """The audit chain's key file (created on first use by :class:`~fedrad.client.audit_log.AuditLog`)."""
+        """The audit chain's key file (created on first use by :class:`~fedrad.client.governance.audit_log.AuditLog`)."""
         return self.audit_key if self.audit_key is not None else self.ledger_path.parent / "audit.key"
 
 
@@ -117,7 +116,7 @@ def simulated_site_data(study: StudyConfig, *, partition_id: int, num_partitions
 
 
 def _simulated_dicom_site(study: StudyConfig, *, partition_id: int) -> SiteData:
-    from .dicom.dataset import load_simulated_site  # optional heavy import
+    from fedrad.client.dicom.dataset import load_simulated_site  # optional heavy import
 
     assert study.data.path is not None
     return load_simulated_site(Path(study.data.path) / f"hospital-{partition_id + 1}", study=study)

@@ -20,7 +20,7 @@ from fedrad.common.cli import console, err_console, stop_process
 from fedrad.common.errors import ConfigError, FederationError, FedradError
 
 if TYPE_CHECKING:
-    from .node_config import NodeConfig
+    from fedrad.client.runtime.node_config import NodeConfig
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -70,7 +70,7 @@ def probe_coordinator(node: NodeConfig) -> tuple[tuple[str, str] | None, tuple[s
     """Contact the coordinator as the SuperNode would (TCP, then TLS against the kit's CA and the
     configured host name): (problem, warning), each a (text, fix) pair or None. An unreachable
     coordinator is only a warning: the node starts anyway and keeps retrying."""
-    from .node import probe_superlink
+    from fedrad.client.runtime.node import probe_superlink
 
     found = probe_superlink(node.superlink, ca=node.root_certificates, insecure=node.insecure)
     if found is None:
@@ -88,9 +88,9 @@ def preflight(config: Path, *, probe: bool = True, warnings: list[tuple[str, str
     """
     from cryptography import x509
 
-    from .node import load_site
-    from .node_config import load_node_config
-    from .node_keys import check_private_key
+    from fedrad.client.runtime.node import load_site
+    from fedrad.client.runtime.node_config import load_node_config
+    from fedrad.client.runtime.node_keys import check_private_key
 
     try:
         node = load_node_config(config)
@@ -149,7 +149,7 @@ def _dicom_cache_problems(node: NodeConfig) -> list[tuple[str, str]]:
     the DICOM root, which containers and systemd mount read-only."""
     if node.data.source != "dicom":
         return []
-    from .dicom.config import load_dicom_config
+    from fedrad.client.dicom.config import load_dicom_config
 
     try:
         cache = load_dicom_config(node.data.path).cache_path
@@ -183,7 +183,7 @@ def run_check(args: argparse.Namespace) -> int:
 
 
 def run_keygen(args: argparse.Namespace) -> int:
-    from .node_keys import generate
+    from fedrad.client.runtime.node_keys import generate
 
     pair = generate(args.out, comment=args.comment)
     audit_key, created = make_audit_key(args.out)
@@ -204,7 +204,7 @@ def make_audit_key(folder: Path) -> tuple[Path, bool]:
     """Create ``folder/audit.key`` (32 random bytes, 0600, O_EXCL|O_NOFOLLOW) unless it exists (then it is
     checked and kept): the key of the node's audit log, made with the node's key pair so that it exists
     before the node first runs, also where node.yaml's folder is read-only at run time (containers, systemd)."""
-    from .audit_key import DEFAULT_KEY_NAME, load_key
+    from fedrad.client.governance.audit_key import DEFAULT_KEY_NAME, load_key
 
     path = Path(folder) / DEFAULT_KEY_NAME
     _, created = load_key(path, create=True)
@@ -213,8 +213,8 @@ def make_audit_key(folder: Path) -> tuple[Path, bool]:
 
 def _print_public_key(config: Path) -> None:
     """Tell the operator which public key to send, when the node's private key is readable."""
-    from .node_config import load_node_config
-    from .node_keys import fingerprint, public_of
+    from fedrad.client.runtime.node_config import load_node_config
+    from fedrad.client.runtime.node_keys import fingerprint, public_of
 
     try:
         node = load_node_config(config)
@@ -231,8 +231,7 @@ def _print_public_key(config: Path) -> None:
 
 def supernode_command(config: Path, *, insecure: bool) -> list[str]:
     """The ``flower-supernode`` arguments this node runs with (TLS and node key unless insecure on both sides)."""
-    from .node import NODE_CONFIG_KEY
-    from .node_config import load_node_config
+    from fedrad.client.runtime.node_config import NODE_CONFIG_KEY, load_node_config
 
     node = load_node_config(config)
     if node.insecure != insecure:
@@ -261,8 +260,8 @@ WARM_START_TIMEOUT_S = 120.0
 
 
 def run_start(args: argparse.Namespace) -> int:
-    from .node import POLL_ENV
-    from .node_config import load_node_config
+    from fedrad.client.runtime.node import POLL_ENV
+    from fedrad.client.runtime.node_config import load_node_config
 
     cmd = supernode_command(args.config, insecure=args.insecure)
     if args.dry_run:
@@ -279,7 +278,7 @@ def run_start(args: argparse.Namespace) -> int:
         err_console.print(f"[yellow]warning:[/] {warning[0]}; the node keeps retrying")
     # Every ClientApp task runs behind the node's app-approval gate (an unapproved FAB is never
     # unpacked), and nothing is installed at run time: the node runs the fedrad installed here.
-    from .gate import check_gated, gated_env, write_shim
+    from fedrad.client.runtime.gate import check_gated, gated_env, write_shim
 
     bin_dir = node.state_dir / "bin"
     write_shim(bin_dir)
@@ -294,13 +293,13 @@ def run_start(args: argparse.Namespace) -> int:
         env.setdefault("FLWR_SUPEREXEC_TASK_POLL_INTERVAL", str(node.poll_interval_s))
     warm = None
     if node.warm_runtime:
-        from .warm import WARM_SOCKET_ENV
+        from fedrad.client.runtime.warm import WARM_SOCKET_ENV
 
         sock = node.state_dir / "run" / "warm.sock"
         ready = sock.with_name("warm.ready")
         ready.unlink(missing_ok=True)
         env[WARM_SOCKET_ENV] = str(sock)
-        warm = subprocess.Popen([sys.executable, "-m", "fedrad.client.warm", "--socket", str(sock),
+        warm = subprocess.Popen([sys.executable, "-m", "fedrad.client.runtime.warm", "--socket", str(sock),
                                  "--ready", str(ready)], env=env)
         # join the federation once tasks can start warm (else they start cold: slower, same result)
         deadline = time.monotonic() + WARM_START_TIMEOUT_S
@@ -313,7 +312,7 @@ def run_start(args: argparse.Namespace) -> int:
         env["FLWR_LOG_LEVEL"] = "DEBUG"
     env[MARKERS_ENV] = str(node.state_dir / "run")
     try:
-        return supervise([sys.executable, "-m", "fedrad.client.cmd_node", *cmd[1:]], env=env,
+        return supervise([sys.executable, "-m", "fedrad.client.commands.node", *cmd[1:]], env=env,
                          rejoin_timeout_s=node.rejoin_timeout_s, markers=node.state_dir / "run")
     finally:
         if warm is not None:  # tasks in flight are stopped with the node
@@ -377,9 +376,9 @@ def configure_supernode_logging(*, level_name: str, markers: Path | None) -> Non
 
 
 def supernode_main() -> None:
-    """``python -m fedrad.client.cmd_node FLOWER-SUPERNODE-ARGS``: what ``fedrad-node start`` runs.
+    """``python -m fedrad.client.commands.node FLOWER-SUPERNODE-ARGS``: what ``fedrad-node start`` runs.
 
-    Sets up logging (:func:`configure_supernode_logging`), then runs ``fedrad.client.node`` as the
+    Sets up logging (:func:`configure_supernode_logging`), then runs ``fedrad.client.runtime.node`` as the
     main module (its own ``basicConfig`` then changes nothing).
     """
     import runpy
@@ -387,7 +386,7 @@ def supernode_main() -> None:
     folder = os.environ.get(MARKERS_ENV)
     configure_supernode_logging(level_name=os.environ.get(LOG_LEVEL_ENV, "INFO"),
                                 markers=Path(folder) if folder else None)
-    runpy.run_module("fedrad.client.node", run_name="__main__", alter_sys=True)
+    runpy.run_module("fedrad.client.runtime.node", run_name="__main__", alter_sys=True)
 
 
 def _mtime(path: Path) -> float | None:

@@ -5,15 +5,15 @@ Flower and fedrad again before it can even check the app: 3.4 s on an idle 2-cor
 three hospitals on one 2-core machine an evaluate message took 12-20 s from process start to reply
 for about 1 s of evaluation (``benchmarks/deploy_overhead.py``, BENCHMARKS.md).
 
-``fedrad-node start`` also starts this server (``python -m fedrad.client.warm --socket PATH``),
+``fedrad-node start`` also starts this server (``python -m fedrad.client.runtime.warm --socket PATH``),
 which imports those modules once and then forks a ready process for each task:
 
-* the node's ``flwr-clientapp`` (the gate shim, :func:`fedrad.client.gate.write_shim`) connects to
+* the node's ``flwr-clientapp`` (the gate shim, :func:`fedrad.client.runtime.gate.write_shim`) connects to
   the server's Unix socket (mode 0600, in the node's state folder; the server also checks that the
   peer runs as the same user) and passes its stdin/stdout/stderr, arguments, environment and
   working directory;
 * the server forks a *waiter*, which forks the *task*: the task takes over the shim's stdio,
-  environment, arguments and folder and runs :func:`fedrad.client.gate.main`, exactly what a cold
+  environment, arguments and folder and runs :func:`fedrad.client.runtime.gate.main`, exactly what a cold
   shim runs, the app-approval gate included (each task decides afresh, unpacks the approved bundle
   into its own private folder and checks it file by file; nothing of the gate's state is set up
   before the fork, and the task's exit handlers remove its private copy); torch's and NumPy's
@@ -52,17 +52,17 @@ WARM_SOCKET_ENV = "FEDRAD_WARM_SOCKET"
 #: Set in a task's environment when the warm runtime started it.
 WARM_TASK_ENV = "FEDRAD_WARM_TASK"
 #: What a task runs: ``module:function`` taking the argument list, returning an exit code.
-DEFAULT_ENTRY = "fedrad.client.gate:main"
+DEFAULT_ENTRY = "fedrad.client.runtime.gate:main"
 #: Imported once by the server (every task would import them otherwise).
 PRELOAD = (
     "torch",
     "opacus",
     "flwr.supernode.cli.flwr_clientapp",
     "flwr.supernode.runtime.run_clientapp",
-    "fedrad.client.gate",
-    "fedrad.client.node",
-    "fedrad.client.app",
-    "fedrad.client.secagg_app",
+    "fedrad.client.runtime.gate",
+    "fedrad.client.runtime.node",
+    "fedrad.client.runtime.app",
+    "fedrad.client.runtime.secagg_app",
 )
 _HEADER = struct.Struct("!I")
 _MAX_REQUEST = 1 << 20
@@ -88,7 +88,7 @@ def run_task(argv: Sequence[str]) -> int:
     """What the node's ``flwr-clientapp`` runs: the task through the warm runtime, else cold."""
     rc = run_via_warm_runtime(argv)
     if rc is None:
-        from .gate import main
+        from fedrad.client.runtime.gate import main
 
         return main(list(argv))
     return rc
@@ -328,7 +328,7 @@ def _reseed() -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m fedrad.client.warm", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m fedrad.client.runtime.warm", description=__doc__.splitlines()[0])
     ap.add_argument("--socket", type=Path, required=True, help="Unix socket to listen on")
     ap.add_argument("--ready", type=Path, help="write this process's pid here once ready")
     ap.add_argument("--entry", default=DEFAULT_ENTRY, help=argparse.SUPPRESS)

@@ -30,9 +30,8 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
 
+from fedrad.client.training.dp_engine.mixed import MODES, LayerNorms, LayerRule, Mode, clip_coefficients, rule_for
 from fedrad.common.errors import PrivacyError
-
-from .mixed import MODES, LayerNorms, LayerRule, Mode, clip_coefficients, rule_for
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ node policy's version, the previous entry's hash and its own hash. A sidecar hea
 last hash and the entry count, written atomically, so truncating the log is detected too.
 
 **Keyed** (``key_file`` given; every deployed node): each entry's hash is an HMAC-SHA256, keyed by
-the node's audit key (:mod:`fedrad.client.audit_key`, kept outside the state folder), of its
+the node's audit key (:mod:`fedrad.client.governance.audit_key`, kept outside the state folder), of its
 canonical JSON without the hash; entries say ``"chain": "hmac-sha256"``; the head file carries an
 HMAC of (last hash, count) too. Whoever can write the state folder but does not hold the key
 cannot edit, insert, delete, reorder or append an entry, nor truncate the log, without
@@ -53,10 +53,9 @@ from typing import Any
 import numpy as np
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
+from fedrad.client.governance.audit_key import load_key
 from fedrad.common.durable import atomic_write_json, locked, write_all
 from fedrad.common.errors import AuditError
-
-from .audit_key import load_key
 
 GENESIS = "0" * 64
 #: The ``chain`` field of keyed entries.

@@ -16,19 +16,15 @@ import time
 import types
 from pathlib import Path
 
+from flwr.app import Context
+
+from fedrad.client.runtime.node_config import NODE_CONFIG_KEY, NodeConfig, load_node_config
+from fedrad.client.runtime.site import Site, dataset_fingerprint
 from fedrad.common.config import StudyConfig
 from fedrad.common.datasets import SiteData, load_npz
 from fedrad.common.errors import DataError, PolicyViolation, ProtocolError
-from flwr.app import Context
-
-from .node_config import NodeConfig, load_node_config
-from .site import Site, dataset_fingerprint
 
 log = logging.getLogger(__name__)
-
-#: Key of the SuperNode ``--node-config`` entry that names the node's node.yaml.
-NODE_CONFIG_KEY = "fedrad-node-config"
-
 
 @functools.lru_cache(maxsize=2)
 def _site_data(source: str, path: Path, channels: int, image_size: int, class_names: tuple[str, ...] | None,
@@ -38,8 +34,8 @@ def _site_data(source: str, path: Path, channels: int, image_size: int, class_na
         k = int(max(splits["train"].labels.max(), splits["val"].labels.max())) + 1
         names = class_names or tuple(f"class-{i}" for i in range(k))
         return SiteData(train=splits["train"], val=splits["val"], class_names=tuple(names), origin=path.name)
-    from .dicom.config import load_dicom_config
-    from .dicom.dataset import load_dicom_site
+    from fedrad.client.dicom.config import load_dicom_config
+    from fedrad.client.dicom.dataset import load_dicom_site
 
     cfg = load_dicom_config(path)
     if cfg.cache_dir is None and default_cache is not None:
@@ -172,12 +168,11 @@ def run_supernode(argv: list[str], *, poll_interval_s: float | None) -> None:
     flower_supernode()
 
 
-if __name__ == "__main__":  # ``python -m fedrad.client.node FLOWER-SUPERNODE-ARGS``: what fedrad-node start runs
+if __name__ == "__main__":  # ``python -m fedrad.client.runtime.node FLOWER-SUPERNODE-ARGS``: what fedrad-node start runs
     import os
 
+    from fedrad.client.runtime.gate import regate_path
     from fedrad.common.errors import FedradError
-
-    from .gate import regate_path
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:

@@ -17,7 +17,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run_show(args: argparse.Namespace) -> int:
-    from .node_policy import load_policy  # heavy imports only when the command runs
+    from fedrad.client.governance.node_policy import load_policy  # heavy imports only when the command runs
 
     policy = load_policy(args.policy)
     console.print(f"policy {args.policy} (version {policy.version()[:16]}):")

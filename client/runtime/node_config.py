@@ -10,12 +10,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from fedrad.common.config import load_yaml_model
-from fedrad.common.errors import ConfigError
 from pydantic import BaseModel, ConfigDict, Field
 
-from .approval import AppApprovalSettings
-from .node_policy import NodePolicy
+from fedrad.client.governance.approval import AppApprovalSettings
+from fedrad.client.governance.node_policy import NodePolicy
+from fedrad.common.config import load_yaml_model
+from fedrad.common.errors import ConfigError
+
+#: Key of the SuperNode ``--node-config`` entry that names the node's node.yaml.
+NODE_CONFIG_KEY = "fedrad-node-config"
 
 
 class _Frozen(BaseModel):
@@ -71,7 +74,7 @@ class NodeConfig(_Frozen):
     #: coordinator still counts the old connection as online), keep restarting it this long.
     rejoin_timeout_s: float = Field(300.0, ge=0)
     #: Start each ClientApp task from a process that has torch, Opacus and fedrad already imported
-    #: (``fedrad.client.warm``) instead of importing them per message; falls back to cold starts.
+    #: (``fedrad.client.runtime.warm``) instead of importing them per message; falls back to cold starts.
     warm_runtime: bool = True
     data: NodeData
     state_dir: Path = Path("state")

@@ -29,9 +29,8 @@ import torch
 from opacus.grad_sample import GradSampleModule
 from torch import nn
 
+from fedrad.client.training.dp_engine import norm_samplers as ns
 from fedrad.common.errors import PrivacyError
-
-from . import norm_samplers as ns
 
 Mode = Literal["mixed", "ghost", "per-sample"]
 MODES: tuple[str, ...] = ("mixed", "ghost", "per-sample")

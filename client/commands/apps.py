@@ -11,7 +11,7 @@ from fedrad.common.cli import console, err_console
 from fedrad.common.errors import ConfigError
 
 if TYPE_CHECKING:  # imported when a command runs, so that `--help` stays instant
-    from .approval import AppAllowList, AppApprovalSettings
+    from fedrad.client.governance.approval import AppAllowList, AppApprovalSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -52,11 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def _allow_list(args: argparse.Namespace) -> tuple[AppAllowList, AppApprovalSettings | None]:
-    from .approval import AppAllowList
+    from fedrad.client.governance.approval import AppAllowList
 
     if args.allow_list is not None:
         return AppAllowList(args.allow_list), None
-    from .node_config import load_node_config
+    from fedrad.client.runtime.node_config import load_node_config
 
     node = load_node_config(args.config)
     return AppAllowList.for_state_dir(node.state_dir), node.apps
@@ -89,7 +89,7 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_approve(args: argparse.Namespace) -> int:
-    from .approval import check_hash, fab_hash, inspect_fab
+    from fedrad.client.governance.approval import check_hash, fab_hash, inspect_fab
 
     allow, _ = _allow_list(args)
     info = None
@@ -106,7 +106,7 @@ def run_approve(args: argparse.Namespace) -> int:
 
 
 def run_revoke(args: argparse.Namespace) -> int:
-    from .app_folder import APP_DIR, HASH_PREFIX, flower_home, remove_app_folders
+    from fedrad.client.governance.app_folder import APP_DIR, HASH_PREFIX, flower_home, remove_app_folders
 
     allow, _ = _allow_list(args)
     digest = allow.resolve(args.hash)
@@ -124,7 +124,7 @@ def run_revoke(args: argparse.Namespace) -> int:
 
 
 def run_check(args: argparse.Namespace) -> int:
-    from .approval import AppNotApproved, verify_app
+    from fedrad.client.governance.approval import AppNotApproved, verify_app
 
     allow, settings = _allow_list(args)
     content = _read_bundle(args.bundle)

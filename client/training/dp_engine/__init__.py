@@ -9,8 +9,8 @@
 
 from __future__ import annotations
 
-from . import norm_samplers as norm_samplers  # registers the norm samplers with Opacus
-from .mixed import MODES, Mode
-from .step import DPStep, make_dp_step, per_sample_cross_entropy
+from fedrad.client.training.dp_engine import norm_samplers as norm_samplers  # registers the norm samplers with Opacus
+from fedrad.client.training.dp_engine.mixed import MODES, Mode
+from fedrad.client.training.dp_engine.step import DPStep, make_dp_step, per_sample_cross_entropy
 
 __all__ = ["MODES", "DPStep", "Mode", "make_dp_step", "norm_samplers", "per_sample_cross_entropy"]

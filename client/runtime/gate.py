@@ -17,11 +17,11 @@ ungated ``flwr-clientapp`` instead (:func:`superexec_main`).
 The gate runs Flower's ClientApp process unchanged except at those three calls (:func:`install_gate`):
 
 * right after the FAB arrives its hash is checked against the node's allow-list
-  (:func:`fedrad.client.approval.verify_app`), and the run must name the app the bundle is (a run
+  (:func:`fedrad.client.governance.approval.verify_app`), and the run must name the app the bundle is (a run
   naming another publisher, name or version would make Flower load another folder); an app that
   is not approved is neither unpacked nor imported, and the reply is an error (``ERR_POLICY``, rule
   ``app_approval``) sent by fedrad's own code, recorded in the node's audit log;
-* the node runs exactly the code it approved (:mod:`fedrad.client.app_folder`): Flower would load
+* the node runs exactly the code it approved (:mod:`fedrad.client.governance.app_folder`): Flower would load
   the app from ``$FLWR_HOME/apps/<publisher>.<name>.<version>.<8 hex>`` and skip unpacking when
   that folder exists, so the gate never uses it. It unpacks the approved bundle's verified bytes
   into a private folder of its own, checks it file by file (full sha256) after unpacking and
@@ -40,10 +40,10 @@ non-zero (:func:`restrict_superexec`), and the SuperNode process creates no task
 The decision never raises: a malformed bundle, a damaged file, a request whose ids are nonsense
 (``server-round = inf``) are refusals like any other, recorded in the audit log. Private copies
 left behind by a task that was killed (``SIGKILL`` skips its exit handlers) are removed when the
-next task starts (:func:`fedrad.client.app_folder.sweep_stale_private`).
+next task starts (:func:`fedrad.client.governance.app_folder.sweep_stale_private`).
 
 If the Flower internals the gate wraps are missing (another Flower version), the gate refuses to
-start: it fails closed. The node's warm runtime (:mod:`fedrad.client.warm`) forks tasks that run
+start: it fails closed. The node's warm runtime (:mod:`fedrad.client.runtime.warm`) forks tasks that run
 this same :func:`main`, so they pass the same gate.
 """
 
@@ -64,11 +64,7 @@ from typing import Any
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 
-from fedrad.common.durable import atomic_write_text
-from fedrad.common.errors import FedradError
-from fedrad.common.protocol import CONFIG_KEY, ERR_POLICY
-
-from .app_folder import (
+from fedrad.client.governance.app_folder import (
     APP_DIR,
     flower_app_folder,
     flower_home,
@@ -79,7 +75,7 @@ from .app_folder import (
     summarize,
     sweep_stale_private,
 )
-from .approval import (
+from fedrad.client.governance.approval import (
     INSTALLED_CLIENTAPPS,
     AppAllowList,
     AppApprovalSettings,
@@ -89,6 +85,9 @@ from .approval import (
     unpacked_clientapp,
     verify_app,
 )
+from fedrad.common.durable import atomic_write_text
+from fedrad.common.errors import FedradError
+from fedrad.common.protocol import CONFIG_KEY, ERR_POLICY
 
 log = logging.getLogger(__name__)
 
@@ -190,9 +189,8 @@ def decide(
 def _node_decision(digest: str, node_config: Mapping[str, Any]) -> tuple[GateDecision, AppApprovalSettings]:
     """The decision's node-side part (audit log, key, policy version); a refusal if the node's
     configuration is missing or unreadable."""
-    from .audit_key import node_audit_key
-    from .node import NODE_CONFIG_KEY
-    from .node_config import load_node_config
+    from fedrad.client.governance.audit_key import node_audit_key
+    from fedrad.client.runtime.node_config import NODE_CONFIG_KEY, load_node_config
 
     strict = AppApprovalSettings()
     path = node_config.get(NODE_CONFIG_KEY) or os.environ.get(NODE_CONFIG_ENV)
@@ -267,7 +265,7 @@ def _check_flower_folder(d: GateDecision, *, fab_content: bytes, flwr_home: Path
 
 
 def _audit_refusal(decision: GateDecision, msg: Message, kind: str) -> None:
-    from .audit_log import AuditLog
+    from fedrad.client.governance.audit_log import AuditLog
 
     if decision.audit_path is None:
         return
@@ -389,7 +387,7 @@ def install_gate(module: Any) -> None:
             return lambda *_a, **_k: refusal_app(refuse("the approved bundle was not installed by the gate"))
         # The installed fedrad is imported before Flower puts the app's folder first on sys.path,
         # so a bundle cannot shadow fedrad's modules with its own copies.
-        importlib.import_module("fedrad.client.app")
+        importlib.import_module("fedrad.client.runtime.app")
         inner = orig_loader(default_app_ref="", app_path=str(installed), multi_app=True)
 
         def load(fab_id: str, fab_version: str, fab_hash_str: str) -> Any:
@@ -540,21 +538,21 @@ def write_shim(bin_dir: str | Path, *, python: str | None = None) -> Path:
     atomic_write_text(target, (
         f"#!{interpreter}\n"
         "# fedrad: Flower's flwr-clientapp behind the node's app-approval gate (written by fedrad-node start);\n"
-        "# run by the node's warm runtime when it is up (fedrad.client.warm), else cold\n"
+        "# run by the node's warm runtime when it is up (fedrad.client.runtime.warm), else cold\n"
         "import os\nimport sys\nimport time\n\n"
         f"os.environ[{TASK_T0_ENV!r}] = repr(time.time())\n\n"
-        "from fedrad.client.warm import run_task\n\nsys.exit(run_task(sys.argv[1:]))\n"), mode=_EXECUTABLE)
+        "from fedrad.client.runtime.warm import run_task\n\nsys.exit(run_task(sys.argv[1:]))\n"), mode=_EXECUTABLE)
     atomic_write_text(d / SUPEREXEC_COMMAND, (
         f"#!{interpreter}\n"
         "# fedrad: Flower's flower-superexec, starting ClientApps only through this folder's gate\n"
         "# (written by fedrad-node start)\n"
-        "import sys\n\nfrom fedrad.client.gate import superexec_main\n\n"
+        "import sys\n\nfrom fedrad.client.runtime.gate import superexec_main\n\n"
         f"sys.exit(superexec_main({str(d.resolve())!r}))\n"), mode=_EXECUTABLE)
     atomic_write_text(d / REFUSE_COMMAND, (
         f"#!{interpreter}\n"
         "# fedrad: what the node's SuperExec starts for any task that is not a ClientApp's: refuses it\n"
         "# (written by fedrad-node start)\n"
-        "import sys\n\nfrom fedrad.client.gate import refuse_task_main\n\n"
+        "import sys\n\nfrom fedrad.client.runtime.gate import refuse_task_main\n\n"
         "sys.exit(refuse_task_main(sys.argv[1:]))\n"), mode=_EXECUTABLE)
     return target
 

@@ -10,7 +10,7 @@ from fedrad.common.cli import console, err_console
 from fedrad.common.errors import AuditError, ConfigError
 
 if TYPE_CHECKING:  # the audit log module pulls in the wire protocol (Flower): imported when a command runs
-    from .audit_log import AuditLog, AuditReport
+    from fedrad.client.governance.audit_log import AuditLog, AuditReport
 
 #: What a keyed verification detects and what it cannot (printed by ``audit verify``).
 KEYED_SCOPE = (
@@ -47,13 +47,13 @@ def _where(q: argparse.ArgumentParser) -> None:
 
 
 def _open(args: argparse.Namespace) -> AuditLog:
-    from .audit_log import AuditLog
+    from fedrad.client.governance.audit_log import AuditLog
 
     key: Path | None = args.key
     path: Path | None = args.log
     if args.config is not None:
-        from .audit_key import node_audit_key
-        from .node_config import load_node_config
+        from fedrad.client.governance.audit_key import node_audit_key
+        from fedrad.client.runtime.node_config import load_node_config
 
         node = load_node_config(args.config)
         if key is None:
@@ -72,7 +72,7 @@ def _scope(report: AuditReport) -> tuple[str, ...]:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from .audit_log import parse_receipt
+    from fedrad.client.governance.audit_log import parse_receipt
 
     receipts = [parse_receipt(r) for r in args.receipt]
     log = _open(args)

@@ -3,7 +3,7 @@
 Training requests reach this app only through Flower's :func:`secaggplus_mod`: the mod runs the
 key agreement and secret sharing with the other hospitals, hands the round's training request to
 :func:`train` (DP-SGD with the site's own privacy ledger, node policy and audit log: the very
-code path of :mod:`fedrad.client.app`), and replaces the reply's arrays by the masked, quantized
+code path of :mod:`fedrad.client.runtime.app`), and replaces the reply's arrays by the masked, quantized
 **update** (local weights minus the global weights, weighted by the example count). So no
 plaintext update of this hospital ever leaves it; the coordinator receives only
 ``quantize(r * update) + masks (mod 2**32)``. Alongside travel, unmasked, exactly the contract's
@@ -23,14 +23,14 @@ round fails Flower's stage check and it is a dropout of that round (recovered by
 shares if the threshold still holds); the next round starts afresh with a new setup.
 
 A training request without SecAgg+ records (a study without secure aggregation) is answered by
-:func:`fedrad.client.app.train` unchanged, so this app can serve every study; the node policy's
+:func:`fedrad.client.runtime.app.train` unchanged, so this app can serve every study; the node policy's
 ``require_secure_aggregation`` refuses such requests there.
 
 Evaluation requests are plain message-API requests, answered by
-:func:`fedrad.client.app.evaluate_global` (per-site validation counts, as without SecAgg).
+:func:`fedrad.client.runtime.app.evaluate_global` (per-site validation counts, as without SecAgg).
 
 A refusal (privacy budget, node policy, malformed request) is answered with the same ``Error``
-codes as :mod:`fedrad.client.app`; for the SecAgg+ protocol it is a dropout after key sharing,
+codes as :mod:`fedrad.client.runtime.app`; for the SecAgg+ protocol it is a dropout after key sharing,
 which the coordinator recovers from as long as the round keeps at least the threshold of
 hospitals.
 
@@ -52,17 +52,16 @@ from typing import Any, cast
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.client.mod import secaggplus_mod
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.client.mod import secaggplus_mod
 from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, RECORD_KEY_STATE, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
+from fedrad.client.runtime import app as plain
 from fedrad.common.errors import FedradError, ProtocolError
 from fedrad.common.protocol import ARRAYS_KEY, CONFIG_KEY, ERR_PROTOCOL, METRICS_KEY, TRAIN_METRICS
-
-from . import app as plain
 
 log = logging.getLogger(__name__)
 
@@ -215,7 +214,7 @@ def _secagg_state(context: Context) -> tuple[float, float]:
 
 
 def _plain_request(msg: Message) -> tuple[Message, list[str], list[np.ndarray]]:
-    """The legacy fit request as the message-API request :mod:`fedrad.client.app` understands."""
+    """The legacy fit request as the message-API request :mod:`fedrad.client.runtime.app` understands."""
     try:
         fitins = compat.recorddict_to_fitins(msg.content, keep_input=True)
     except (KeyError, TypeError) as exc:

@@ -14,13 +14,12 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from fedrad.client.privacy.budget import RoundPlan
+from fedrad.client.privacy.ledger import Account, PrivacyLedger
 from fedrad.common.config import StudyConfig, load_yaml_model
 from fedrad.common.errors import PolicyViolation
 from fedrad.common.models import MODELS
 from fedrad.common.privacy import epsilon_for
-
-from .ledger import Account, PrivacyLedger
-from .privacy import RoundPlan
 
 
 class NodePolicy(BaseModel):
@@ -92,7 +91,7 @@ def check_request(
     """Raise :class:`PolicyViolation` (naming the rule and values) unless the request fits.
 
     ``secure_aggregation``: the reply will leave masked by SecAgg+ (only
-    :mod:`fedrad.client.secagg_app` says so). ``account``: ``"train"`` for a training round,
+    :mod:`fedrad.client.runtime.secagg_app` says so). ``account``: ``"train"`` for a training round,
     ``"val"`` for an evaluation (its histogram release is held to the same per-study and lifetime
     limits on the ledger's validation account). ``study_delta``: the delta of the study's own epsilon."""
     _check_static(policy, study, secure_aggregation=secure_aggregation)

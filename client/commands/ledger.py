@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 def run_show(args: argparse.Namespace) -> int:
     from rich.table import Table  # heavy imports only when the command runs (help starts at once)
 
-    from .ledger import ACCOUNTS, PrivacyLedger
+    from fedrad.client.privacy.ledger import ACCOUNTS, PrivacyLedger
 
     path: Path = args.path
     ledger = PrivacyLedger.load(path)

@@ -40,6 +40,20 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
+from fedrad.client.governance.audit_log import AuditLog
+from fedrad.client.governance.node_policy import check_request, check_study
+from fedrad.client.privacy.budget import check_useful, plan_evaluation, plan_round, reserve_round, study_delta
+from fedrad.client.privacy.ledger import PrivacyLedger, StudyRecord, StudyTurn
+from fedrad.client.privacy.releases import (
+    balanced_class_weights,
+    gaussian_histograms,
+    released_class_counts,
+    released_size,
+)
+from fedrad.client.runtime.gate import require_gate, task_age
+from fedrad.client.runtime.site import Site, simulated_site
+from fedrad.client.runtime.warm import WARM_TASK_ENV
+from fedrad.client.training.train import train_local
 from fedrad.common.config import PrivacyConfig, StudyConfig, study_from_json, study_key
 from fedrad.common.device import resolve_device
 from fedrad.common.errors import BudgetExceededError, DataError, FedradError, PolicyViolation, ProtocolError
@@ -58,16 +72,6 @@ from fedrad.common.protocol import (
     check_receipt,
     check_reply,
 )
-
-from .audit_log import AuditLog
-from .gate import require_gate, task_age
-from .ledger import PrivacyLedger, StudyRecord, StudyTurn
-from .node_policy import check_request, check_study
-from .privacy import (balanced_class_weights, check_useful, gaussian_histograms, released_class_counts, plan_evaluation, plan_round, released_size, reserve_round,
-                      study_delta)
-from .site import Site, simulated_site
-from .train import train_local
-from .warm import WARM_TASK_ENV
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +103,7 @@ def _site(context: Context, study: StudyConfig, cfg: dict[str, object]) -> Site:
             num_partitions=int(node_cfg["num-partitions"]),
             state_dir=Path(str(state_dir)),
         )
-    from .node import deployed_site  # deployment: the node's own configuration decides
+    from fedrad.client.runtime.node import deployed_site  # deployment: the node's own configuration decides
 
     return deployed_site(context, study)
 
@@ -313,7 +317,7 @@ def train(msg: Message, context: Context) -> Message:
 def train_reply(msg: Message, context: Context, *, secure_aggregation: bool = False) -> Message:
     """One round of local (DP) training: the reply, or an ``Error`` reply when the node refuses.
 
-    ``secure_aggregation=True`` only from :mod:`fedrad.client.secagg_app`, whose reply leaves the
+    ``secure_aggregation=True`` only from :mod:`fedrad.client.runtime.secagg_app`, whose reply leaves the
     node masked by SecAgg+.
     """
     return _handle("train", functools.partial(_train, secure_aggregation=secure_aggregation), msg, context)

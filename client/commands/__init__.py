@@ -1,0 +1,1 @@
+"""The ``fedrad-node`` subcommands, one module each (heavy imports inside the functions)."""

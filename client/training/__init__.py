@@ -1,0 +1,1 @@
+"""Local DP training (Opacus and fedrad's ghost-clipping engine), prediction and explanations."""
