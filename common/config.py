@@ -31,6 +31,10 @@ class FederationConfig(_Frozen):
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
     round_timeout_s: float = Field(3600.0, gt=0)
     seed: int = 42
+    #: How a hospital's update travels: "float32" (the model's weights) or "float16-delta" (the
+    #: difference from the global model it trained from, as float16: half the bytes; the coordinator
+    #: adds it back. Post-processing of the DP output, so the guarantee is unchanged).
+    update_encoding: Literal["float32", "float16-delta"] = "float32"
     #: Simulation only: CPU cores and GPU share per simulated hospital.
     client_cpus: float = Field(1.0, gt=0)
     client_gpus: float = Field(0.0, ge=0)
