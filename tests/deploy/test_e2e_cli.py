@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
+
 from fedrad.server.provision import Provisioner, load_federation
 
 from .conftest import Procs, _raise_on_sigterm, free_port, install_hospital_key, wait_for
