@@ -1,29 +1,148 @@
-"""Flower's simulation engine: load a ClientApp by reference and run a ServerApp with N simulated
-hospitals. Used by plain studies (:mod:`fedrad.server.simulation`) and secure-aggregation studies
-(:mod:`fedrad.server.secagg`) alike."""
+"""Flower's simulation engine: run a ServerApp with N simulated hospitals, each message handled by the
+ClientApp named by a reference string. Used by plain studies (:mod:`fedrad.server.simulation`) and
+secure-aggregation studies (:mod:`fedrad.server.secagg`) alike.
+
+What this module decides (issue 14, measured in ``benchmarks/results/simperf.md``):
+
+* **How many ClientApp processes (Ray actors) start**: as many as fit the cores this process may
+  use at ``federation.client_cpus`` each, and never more than there are hospitals
+  (:func:`engine_plan`). Hospitals take turns on them; a hospital is a partition id, not a process,
+  so 100 hospitals on 2 cores still start 2 actors.
+* **Ray is started by fedrad, without a runtime environment.** Flower's backend would start Ray
+  with ``runtime_env={"env_vars": {"PYTHONPATH": ...}}``; workers with a runtime environment cannot
+  reuse the workers Ray pre-starts at init, so two more Python processes were started (and the
+  pre-started ones left idle). The same ``PYTHONPATH`` is set in the environment the workers inherit.
+* **The coordinator never imports the ClientApp.** :class:`LazyClientApp` carries only the
+  reference; the ClientApp module (torch, Opacus, the hospital code) is imported in the actor that
+  runs it, at its first message. Only the module's presence is checked up front.
+* **No telemetry**: Flower's and Ray's usage reporting are off, as in deployment.
+"""
 
 from __future__ import annotations
 
+import importlib
+import importlib.util
 import logging
+import math
 import os
+import sys
+from dataclasses import dataclass
+from typing import Any
 
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
 
 from fedrad.common.config import StudyConfig
 from fedrad.common.errors import FederationError
 
+log = logging.getLogger(__name__)
+
 CLIENT_APP_REF = "fedrad.client.app:app"
+
+#: Environment of the simulation and of every process it starts: no phoning home, quiet Ray.
+ENGINE_ENV = {
+    "FLWR_TELEMETRY_ENABLED": "0",
+    "FLWR_DISABLE_UPDATE_CHECK": "1",
+    "RAY_USAGE_STATS_ENABLED": "0",
+    "RAY_DEDUP_LOGS": "1",
+    "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+    "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+}
 
 
 def load_client_app(ref: str = CLIENT_APP_REF) -> ClientApp:
-    import importlib
-
+    """Import ``module:attribute`` and return it; it must be a Flower ClientApp."""
     module_name, _, attr = ref.partition(":")
     app = getattr(importlib.import_module(module_name), attr)
     if not isinstance(app, ClientApp):
         raise FederationError(f"{ref} is not a Flower ClientApp")
     return app
+
+
+class LazyClientApp(ClientApp):
+    """A ClientApp that stands for the one ``ref`` names and imports it where it runs.
+
+    Pickled (to a Ray actor, with every message) it carries only ``ref``; the real app is imported
+    in the actor at its first message and kept for the next ones."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__()
+        self.ref = ref
+        self._app: ClientApp | None = None
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        if self._app is None:
+            self._app = load_client_app(self.ref)
+        return self._app(message, context)
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"ref": self.ref}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(state["ref"])  # type: ignore[misc]
+
+
+def check_client_app_ref(ref: str) -> None:
+    """Refuse a reference whose module cannot be found (without importing it)."""
+    module_name, sep, attr = ref.partition(":")
+    if not sep or not module_name or not attr:
+        raise FederationError(f"ClientApp reference {ref!r} is not of the form module:attribute")
+    try:
+        found = importlib.util.find_spec(module_name) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        raise FederationError(f"ClientApp module {module_name!r} not found")
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity; the machine's count where unknown)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class EnginePlan:
+    """How the simulated federation uses the machine."""
+
+    #: ClientApp processes (Ray actors) started; hospitals take turns on them.
+    actors: int
+    #: Logical CPUs Ray is started with (the node's ``CPU`` resource).
+    ray_cpus: int
+    #: Ray ``num_cpus`` of one actor; ``ray_cpus / client_cpus`` rounds down to ``actors``.
+    client_cpus: float
+    client_gpus: float
+
+    def backend_config(self) -> dict[str, Any]:
+        """Flower's ``backend_config`` for :func:`flwr.simulation.run_simulation`."""
+        return {
+            "client_resources": {"num_cpus": self.client_cpus, "num_gpus": self.client_gpus},
+            "init_args": self.ray_init_args(),
+        }
+
+    def ray_init_args(self) -> dict[str, Any]:
+        return {"num_cpus": self.ray_cpus, "include_dashboard": False, "log_to_driver": False,
+                "logging_level": "error"}
+
+
+def engine_plan(*, num_hospitals: int, client_cpus: float, client_gpus: float, cores: int) -> EnginePlan:
+    """As many actors as fit ``cores`` at ``client_cpus`` each (at least one), at most one per hospital.
+
+    ``client_cpus`` above ``cores`` is taken as ``cores`` (one actor). Ray counts CPUs in whole
+    units and resources to four decimals, so a fractional share is rounded down until exactly
+    ``actors`` fit."""
+    if num_hospitals < 1 or cores < 1 or client_cpus <= 0:
+        raise FederationError(f"cannot plan {num_hospitals} hospitals on {cores} cores at {client_cpus} CPUs each")
+    per = min(float(client_cpus), float(cores))
+    actors = max(1, min(int(cores / per + 1e-9), num_hospitals))
+    ray_cpus = min(cores, max(1, math.ceil(actors * per - 1e-9)))
+    share = per
+    if int(ray_cpus / share + 1e-9) != actors:  # a fractional share would fit more actors: widen it
+        share = math.floor(ray_cpus / actors * 10_000) / 10_000
+    return EnginePlan(actors=actors, ray_cpus=ray_cpus, client_cpus=share, client_gpus=float(client_gpus))
 
 
 class _DropRunSimulationDeprecation(logging.Filter):
@@ -40,24 +159,65 @@ def _quiet_deprecation() -> None:
         lg.addFilter(_DropRunSimulationDeprecation())
 
 
+def _engine_environment() -> None:
+    """:data:`ENGINE_ENV` (unless set), in this process and for every process the engine starts."""
+    for key, value in ENGINE_ENV.items():
+        os.environ.setdefault(key, value)
+    try:  # Flower reads its telemetry switch when first imported, which may have been before
+        from flwr.supercore import telemetry
+
+        telemetry.FLWR_TELEMETRY_ENABLED = os.environ["FLWR_TELEMETRY_ENABLED"]
+    except ImportError:  # pragma: no cover - a Flower without that module sends nothing either
+        pass
+
+
+def start_ray(plan: EnginePlan) -> bool:
+    """Start Ray for ``plan`` unless it runs already; True if this call started it.
+
+    Workers inherit ``PYTHONPATH`` (this interpreter's ``sys.path``, as Flower's backend would pass
+    in a runtime environment) so they import what this process imports."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    _engine_environment()
+    pythonpath = os.pathsep.join(p for p in sys.path if p)
+    if os.environ.get("PYTHONPATH"):
+        pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
+    os.environ["PYTHONPATH"] = pythonpath
+    ray.init(**plan.ray_init_args())
+    log.debug("Ray started: %d CPUs for %d ClientApp actors", plan.ray_cpus, plan.actors)
+    return True
+
+
+def study_plan(study: StudyConfig) -> EnginePlan:
+    fed = study.federation
+    return engine_plan(num_hospitals=fed.num_hospitals, client_cpus=fed.client_cpus, client_gpus=fed.client_gpus,
+                       cores=available_cores())
+
+
 def run_engine(server_app: ServerApp, *, client_app_ref: str, study: StudyConfig) -> None:
-    """Run ``server_app`` with ``federation.num_hospitals`` simulated hospitals on Flower's engine."""
+    """Run ``server_app`` with ``federation.num_hospitals`` simulated hospitals on Flower's engine.
+
+    Ray is shut down when the simulation ends (by Flower's backend), also after an error."""
     from flwr.simulation import run_simulation
 
-    fed = study.federation
-    cpus = os.cpu_count() or 1
-    backend_config = {
-        "client_resources": {"num_cpus": min(fed.client_cpus, cpus), "num_gpus": fed.client_gpus},
-        "init_args": {"num_cpus": cpus, "include_dashboard": False, "log_to_driver": False,
-                      "logging_level": "error"},
-    }
-    os.environ.setdefault("RAY_DEDUP_LOGS", "1")
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    check_client_app_ref(client_app_ref)
+    plan = study_plan(study)
+    _engine_environment()
     _quiet_deprecation()
-    run_simulation(
-        server_app=server_app,
-        client_app=load_client_app(client_app_ref),
-        num_supernodes=fed.num_hospitals,
-        backend_config=backend_config,  # type: ignore[arg-type]
-    )
+    started = False
+    try:
+        started = start_ray(plan)
+        run_simulation(
+            server_app=server_app,
+            client_app=LazyClientApp(client_app_ref),
+            num_supernodes=study.federation.num_hospitals,
+            backend_config=plan.backend_config(),  # type: ignore[arg-type]
+        )
+    finally:
+        if started:
+            import ray
+
+            if ray.is_initialized():  # Flower's backend shuts it down; not when it failed before that
+                ray.shutdown()
