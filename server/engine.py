@@ -190,6 +190,15 @@ def start_ray(plan: EnginePlan) -> bool:
     return True
 
 
+def stop_ray() -> None:
+    """Shut Ray down if it runs (Flower's backend does at the end of a simulation; not after an
+    error before its start)."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
 def study_plan(study: StudyConfig) -> EnginePlan:
     fed = study.federation
     return engine_plan(num_hospitals=fed.num_hospitals, client_cpus=fed.client_cpus, client_gpus=fed.client_gpus,
@@ -217,7 +226,4 @@ def run_engine(server_app: ServerApp, *, client_app_ref: str, study: StudyConfig
         )
     finally:
         if started:
-            import ray
-
-            if ray.is_initialized():  # Flower's backend shuts it down; not when it failed before that
-                ray.shutdown()
+            stop_ray()
