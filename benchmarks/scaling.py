@@ -14,6 +14,7 @@ Memory: the sum over the process tree of RSS, PSS and USS (``/proc/PID/smaps_rol
 processes map, e.g. torch's libraries; RSS counts them once per process). Usage::
 
     nice -n 10 python benchmarks/scaling.py --hospitals 10 30 100 --rounds 3 [--partition iid|dirichlet]
+    nice -n 10 python benchmarks/scaling.py --hospitals 100 --rev 0d79970   # the engine files of another revision
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from demo_profile import SHIM, _revision_modules  # noqa: E402
 from proctree import TreeSampler  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -74,7 +76,7 @@ def _outcome(run_dir: Path) -> dict[str, Any]:
 
 
 def run_row(n: int, *, rounds: int, partition: str, epsilon: float, interval: float, keep: Path | None,
-            timeout_s: float) -> dict[str, Any]:
+            timeout_s: float, modules: Path | None = None) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix=f"fedrad-scale-{n}-"))
     base = keep / f"n{n}" if keep else tmp
     base.mkdir(parents=True, exist_ok=True)
@@ -84,7 +86,8 @@ def run_row(n: int, *, rounds: int, partition: str, epsilon: float, interval: fl
     log_path = base / "simulate.log"
     t0 = time.time()
     with log_path.open("w") as log:
-        proc = subprocess.Popen([str(FEDRAD), "simulate", "--config", str(config), "--out", str(run_dir)],
+        cmd = [str(FEDRAD)] if modules is None else [sys.executable, "-c", SHIM, str(modules)]
+        proc = subprocess.Popen([*cmd, "simulate", "--config", str(config), "--out", str(run_dir)],
                                 stdout=log, stderr=subprocess.STDOUT, cwd=base,
                                 env={**os.environ, "COLUMNS": "200"})
         sampler = TreeSampler(proc.pid, interval=interval, smaps=True).start()
@@ -137,12 +140,15 @@ def main() -> int:
     ap.add_argument("--timeout", type=float, default=1800, help="per row (s)")
     ap.add_argument("--keep", type=Path, help="keep every row's run folder under this folder")
     ap.add_argument("--json", type=Path, help="append the rows here (JSON lines)")
+    ap.add_argument("--rev", help="run with the simulation-engine modules of this git revision (see demo_profile.py)")
     args = ap.parse_args()
+    modules = _revision_modules(args.rev) if args.rev else None
     print(f"load before: {os.getloadavg()}", flush=True)
     rows = []
     for n in args.hospitals:
         row = run_row(n, rounds=args.rounds, partition=args.partition, epsilon=args.epsilon, interval=args.interval,
-                      keep=args.keep, timeout_s=args.timeout)
+                      keep=args.keep, timeout_s=args.timeout, modules=modules)
+        row["engine"] = args.rev or "working tree"
         rows.append(row)
         print(json.dumps(row), flush=True)
         if args.json:

@@ -8,7 +8,8 @@ What this module decides (issue 14, measured in ``benchmarks/results/simperf.md`
   use at ``federation.client_cpus`` each, and never more than there are hospitals
   (:func:`engine_plan`). Hospitals take turns on them; a hospital is a partition id, not a process,
   so 100 hospitals on 2 cores still start 2 actors.
-* **Ray is started by fedrad, without a runtime environment.** Flower's backend would start Ray
+* **Ray is started by fedrad, without a runtime environment** (in place of Flower's backend's
+  ``init_ray``, at the same moment, with the signal handlers kept). Flower's backend would start Ray
   with ``runtime_env={"env_vars": {"PYTHONPATH": ...}}``; workers with a runtime environment cannot
   reuse the workers Ray pre-starts at init, so two more Python processes were started (and the
   pre-started ones left idle). The same ``PYTHONPATH`` is set in the environment the workers inherit.
@@ -33,6 +34,7 @@ import logging
 import inspect
 import math
 import os
+import signal
 import sys
 import threading
 from collections.abc import Iterator
@@ -183,11 +185,17 @@ def _engine_environment() -> None:
         pass
 
 
+#: Signals whose handlers Ray's start would replace (SIGTERM: exit at once) and fedrad keeps.
+KEPT_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
 def start_ray(plan: EnginePlan) -> bool:
     """Start Ray for ``plan`` unless it runs already; True if this call started it.
 
     Workers inherit ``PYTHONPATH`` (this interpreter's ``sys.path``, as Flower's backend would pass
-    in a runtime environment) so they import what this process imports."""
+    in a runtime environment) so they import what this process imports. The signal handlers in
+    force before (fedrad's stop at a safe point) are in force after: Ray's start installs its own
+    SIGTERM handler, which exits at once and leaves the ServerApp thread waiting."""
     import ray
 
     if ray.is_initialized():
@@ -197,9 +205,39 @@ def start_ray(plan: EnginePlan) -> bool:
     if os.environ.get("PYTHONPATH"):
         pythonpath = f"{pythonpath}{os.pathsep}{os.environ['PYTHONPATH']}"
     os.environ["PYTHONPATH"] = pythonpath
-    ray.init(**plan.ray_init_args())
+    main = threading.current_thread() is threading.main_thread()
+    kept = {s: signal.getsignal(s) for s in KEPT_SIGNALS} if main else {}
+    try:
+        ray.init(**plan.ray_init_args())
+    finally:
+        for sig, handler in kept.items():
+            if handler is not None:
+                signal.signal(sig, handler)
     log.debug("Ray started: %d CPUs for %d ClientApp actors", plan.ray_cpus, plan.actors)
     return True
+
+
+@contextmanager
+def fedrad_starts_ray(plan: EnginePlan) -> Iterator[bool]:
+    """While inside, Flower's Ray backend starts Ray with :func:`start_ray` (at the point Flower
+    would, i.e. while the ServerApp thread prepares the study) instead of its own ``init_ray``;
+    yields whether it does (False: an unknown Flower version; then Ray is started here and now)."""
+    from flwr.server.superlink.fleet.vce.backend import raybackend
+
+    original = getattr(raybackend.RayBackend, "init_ray", None)
+    if original is None or list(inspect.signature(original).parameters) != ["self", "backend_config"]:
+        start_ray(plan)
+        yield False
+        return
+
+    def init_ray(self: Any, backend_config: Any) -> None:  # noqa: ARG001 - the plan says it all
+        start_ray(plan)
+
+    raybackend.RayBackend.init_ray = init_ray  # type: ignore[method-assign]
+    try:
+        yield True
+    finally:
+        raybackend.RayBackend.init_ray = original  # type: ignore[method-assign]
 
 
 def _pending_nodes(state: Any, nodes: set[int]) -> list[int] | None:
@@ -270,10 +308,11 @@ def run_engine(server_app: ServerApp, *, client_app_ref: str, study: StudyConfig
     plan = study_plan(study)
     _engine_environment()
     _quiet_deprecation()
-    started = False
+    import ray
+
+    ours = not ray.is_initialized()
     try:
-        started = start_ray(plan)
-        with linear_dispatch():
+        with fedrad_starts_ray(plan), linear_dispatch():
             run_simulation(
                 server_app=server_app,
                 client_app=LazyClientApp(client_app_ref),
@@ -281,5 +320,5 @@ def run_engine(server_app: ServerApp, *, client_app_ref: str, study: StudyConfig
                 backend_config=plan.backend_config(),  # type: ignore[arg-type]
             )
     finally:
-        if started:
+        if ours:
             stop_ray()

@@ -15,7 +15,7 @@ from fedrad.common.errors import FederationError
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from .engine import CLIENT_APP_REF, run_engine, start_ray, stop_ray, study_plan
+from .engine import CLIENT_APP_REF, run_engine
 from .history import StudyHistory
 from .interrupt import InterruptibleGrid, StopRequest, StudyInterrupted, stop_on_signals
 from .progress import Reporter
@@ -52,15 +52,10 @@ def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = N
         except StudyInterrupted as exc:  # a runner that does not record interruptions itself
             outcome["history"] = _interrupted_history(run_dir, reason=str(exc))
 
-    # Ray's start installs its own SIGTERM handler (exit at once, the ServerApp thread left waiting):
-    # start it first, so that fedrad's handler (stop at a safe point) is the one in force.
-    started = start_ray(study_plan(study))
-    try:
-        with stop_on_signals(stop):
-            run_engine(server_app, client_app_ref=SECAGG_CLIENT_APP_REF if secure else CLIENT_APP_REF, study=study)
-    finally:
-        if started:
-            stop_ray()
+    # run_engine keeps these handlers in force over Ray's start (Ray's own SIGTERM handler exits at
+    # once, leaving the ServerApp thread waiting and the state unsaved)
+    with stop_on_signals(stop):
+        run_engine(server_app, client_app_ref=SECAGG_CLIENT_APP_REF if secure else CLIENT_APP_REF, study=study)
     if "history" not in outcome:
         if stop.is_set():
             return _interrupted_history(run_dir, reason=stop.reason or "stop requested")

@@ -87,3 +87,26 @@ def _query() -> Message:
 
 def _context() -> Context:
     return Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+
+
+@pytest.mark.slow
+def test_starting_ray_keeps_the_signal_handlers_in_force() -> None:
+    # arrange: fedrad's handlers (stop at a safe point) are installed before the engine starts Ray
+    import signal
+
+    from fedrad.server.engine import start_ray, stop_ray
+
+    def handler(signum: int, frame: object) -> None:  # pragma: no cover - never delivered
+        pass
+
+    before = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        # act
+        started = start_ray(engine_plan(num_hospitals=1, client_cpus=1.0, client_gpus=0.0, cores=1))
+        # assert: Ray's own SIGTERM handler (exit at once) did not replace fedrad's
+        assert started
+        assert signal.getsignal(signal.SIGTERM) is handler and signal.getsignal(signal.SIGINT) is handler
+    finally:
+        stop_ray()
+        for sig, old in before.items():
+            signal.signal(sig, old)
