@@ -62,6 +62,11 @@ ENGINE_ENV = {
     "RAY_DEDUP_LOGS": "1",
     "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",
+    # Ray's memory monitor kills a worker when the whole machine (other programs included) is above
+    # 95 % memory; a killed actor stays in Flower's pool and fails every later message sent to it
+    # (measured: 98 of 100 hospitals "failed" while this simulation used 2 GB of a 24 GB machine
+    # others had filled). Off: the kernel's OOM killer decides, as for any other program.
+    "RAY_memory_monitor_refresh_ms": "0",
 }
 
 
