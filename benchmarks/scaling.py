@@ -15,6 +15,7 @@ processes map, e.g. torch's libraries; RSS counts them once per process). Usage:
 
     nice -n 10 python benchmarks/scaling.py --hospitals 10 30 100 --rounds 3 [--partition iid|dirichlet]
     nice -n 10 python benchmarks/scaling.py --hospitals 100 --rev 0d79970   # the engine files of another revision
+    python benchmarks/scaling.py --dispatch-sweep 10 30 100   # CPU of one message-dispatch sweep, Flower vs fedrad
 """
 
 from __future__ import annotations
@@ -130,6 +131,51 @@ def run_row(n: int, *, rounds: int, partition: str, epsilon: float, interval: fl
     return row
 
 
+def dispatch_sweep(n: int, repeats: int = 20) -> tuple[float, float]:
+    """Seconds of one dispatch sweep over ``n`` nodes with one (delivered) message stored per node,
+    mid-round: Flower 1.41's loop (``get_message_ins`` for every node) and fedrad's (one scan, then
+    only the nodes with a message waiting)."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+    from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
+    from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    from fedrad.server.engine import _pending_nodes
+
+    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
+    state = factory.state()
+    run = Run.create_empty(run_id=99)
+    run.primary_task_id, run.federation_id = 5, NOOP_FEDERATION_ID
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 99, 1
+    state.run_ids[99] = RunRecord(run=run)
+    state.task_store[5] = Task(task_id=5, run_id=99)
+    mapping = _register_nodes(n, factory)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    grid.push_messages([Message(RecordDict({"c": ConfigRecord({"k": 1})}), dst_node_id=nid, message_type="train")
+                        for nid in mapping])
+    for nid in mapping:  # delivered, replies not yet in: what the loop sees for most of a round
+        state.get_message_ins(node_id=nid, limit=1)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        for nid in mapping:
+            state.get_message_ins(node_id=nid, limit=1)
+    flower = (time.perf_counter() - t) / repeats
+    t = time.perf_counter()
+    for _ in range(repeats):
+        for nid in _pending_nodes(state, set(mapping)) or []:
+            state.get_message_ins(node_id=nid, limit=1)
+    fedrad = (time.perf_counter() - t) / repeats
+    return flower, fedrad
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--hospitals", type=int, nargs="+", default=[10, 30, 100])
@@ -141,7 +187,16 @@ def main() -> int:
     ap.add_argument("--keep", type=Path, help="keep every row's run folder under this folder")
     ap.add_argument("--json", type=Path, help="append the rows here (JSON lines)")
     ap.add_argument("--rev", help="run with the simulation-engine modules of this git revision (see demo_profile.py)")
+    ap.add_argument("--dispatch-sweep", type=int, nargs="+", metavar="N",
+                    help="only measure one message-dispatch sweep for N nodes (Flower's loop vs fedrad's)")
     args = ap.parse_args()
+    if args.dispatch_sweep:
+        print(f"load: {os.getloadavg()}\n| nodes | Flower sweep (ms) | share of a core at 0.1 s period | fedrad sweep (ms) |"
+              "\n|---|---|---|---|")
+        for n in args.dispatch_sweep:
+            flower, fedrad = dispatch_sweep(n)
+            print(f"| {n} | {flower * 1000:.1f} | {flower / (flower + 0.1) * 100:.0f} % | {fedrad * 1000:.2f} |")
+        return 0
     modules = _revision_modules(args.rev) if args.rev else None
     print(f"load before: {os.getloadavg()}", flush=True)
     rows = []
