@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from proctree import TreeSampler  # noqa: E402
+from proctree import TreeSampler
 
 FEDRAD = Path(sys.executable).parent / "fedrad"
 REPO = Path(__file__).resolve().parent.parent

@@ -30,8 +30,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
-import logging
 import inspect
+import logging
 import math
 import os
 import signal
@@ -43,12 +43,11 @@ from dataclasses import dataclass
 from queue import Queue
 from typing import Any
 
+from fedrad.common.config import StudyConfig
+from fedrad.common.errors import FederationError
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
-
-from fedrad.common.config import StudyConfig
-from fedrad.common.errors import FederationError
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +234,7 @@ def fedrad_starts_ray(plan: EnginePlan) -> Iterator[bool]:
         yield False
         return
 
-    def init_ray(self: Any, backend_config: Any) -> None:  # noqa: ARG001 - the plan says it all
+    def init_ray(self: Any, backend_config: Any) -> None:
         start_ray(plan)
 
     raybackend.RayBackend.init_ray = init_ray  # type: ignore[method-assign]
