@@ -64,8 +64,8 @@ def test_a_missing_client_app_module_is_refused_before_anything_starts() -> None
     with pytest.raises(FederationError, match="not found"):
         check_client_app_ref("fedrad.no_such_module:app")
     with pytest.raises(FederationError, match="module:attribute"):
-        check_client_app_ref("fedrad.client.app")
-    check_client_app_ref("fedrad.client.app:app")  # found without importing it
+        check_client_app_ref("fedrad.client.runtime.app")
+    check_client_app_ref("fedrad.client.runtime.app:app")  # found without importing it
 
 
 CALLS: list[int] = []
