@@ -90,6 +90,7 @@ class Scattering2D(nn.Module):
         m = padded_size(image_size, j)
         self.padded = m
         self._psi_j: list[int] = []
+        psis: dict[tuple[int, int], torch.Tensor] = {}
         # psi levels: the filter at resolution 2**res for res < j (as Kymatio: min(j+1, max(J-1, 1)) levels)
         for jj in range(j):
             for t in range(angles):
@@ -97,27 +98,31 @@ class Scattering2D(nn.Module):
                 psi = np.real(np.fft.fft2(_morlet_2d(m, m, 0.8 * 2**jj, theta, 3.0 / 4.0 * math.pi / 2**jj,
                                                      4.0 / angles)))
                 for res in range(min(jj + 1, max(j - 1, 1))):
-                    self.register_buffer(f"psi_{len(self._psi_j)}_{res}",
-                                         torch.from_numpy(_periodize(psi, res)).float(), persistent=False)
+                    psis[len(self._psi_j), res] = torch.from_numpy(_periodize(psi, res)).float()
                 self._psi_j.append(jj)
         phi = np.real(np.fft.fft2(_gabor_2d(m, m, 0.8 * 2 ** (j - 1), 0.0, 0.0)))
-        for res in range(j):
-            self.register_buffer(f"phi_{res}", torch.from_numpy(_periodize(phi, res)).float(), persistent=False)
         self._pad = ((m - image_size) // 2, (m - image_size + 1) // 2)
+        # Filters as used: stacked per scale and pre-divided by the k*k of the sub-sampling that follows them
+        # (sub-sampling in Fourier averages k*k aliased blocks; folding the 1/k^2 in saves a pass per call).
+        def stack(jj: int, res: int) -> torch.Tensor:  # the L wavelets of scale jj at resolution level res
+            return torch.stack([psis[n, res] for n, jn in enumerate(self._psi_j) if jn == jj])
+
+        for j1 in range(j):
+            self.register_buffer(f"w1_{j1}", stack(j1, 0) / 4**j1, persistent=False)
+            for j2 in range(j1 + 1, j):
+                self.register_buffer(f"w2_{j1}_{j2}", stack(j2, j1) / 4 ** (j2 - j1), persistent=False)
+        for res in range(j):
+            lp = torch.from_numpy(_periodize(phi, res)).float()
+            self.register_buffer(f"lp_{res}", lp / 4 ** (j - res), persistent=False)
 
     @property
     def coefficients(self) -> int:
         return num_coefficients(self.j, self.angles, self.order)
 
-    def _psi(self, n: int, res: int) -> torch.Tensor:
-        return getattr(self, f"psi_{n}_{res}")
-
-    def _phi(self, res: int) -> torch.Tensor:
-        return getattr(self, f"phi_{res}")
-
     @staticmethod
     def _subsample(xf: torch.Tensor, k: int) -> torch.Tensor:
-        """Sub-sampling by ``k`` in space, done in the Fourier domain (average of the aliased blocks)."""
+        """Sub-sampling by ``k`` in space, done in the Fourier domain: the sum of the ``k*k`` aliased blocks
+        (the filters applied before it carry the ``1/k^2`` of the average)."""
         if k == 1:
             return xf
         m, n = xf.shape[-2] // k, xf.shape[-1] // k
@@ -127,15 +132,11 @@ class Scattering2D(nn.Module):
         out = rows[..., :n]
         for i in range(1, k):
             out = out + rows[..., i * n:(i + 1) * n]
-        return out / (k * k)
+        return out
 
     def _low_pass(self, uf: torch.Tensor, res: int) -> torch.Tensor:
-        s = self._subsample(uf * self._phi(res), 2 ** (self.j - res))
+        s = self._subsample(uf * getattr(self, f"lp_{res}"), 2 ** (self.j - res))
         return torch.fft.ifft2(s).real[..., 1:-1, 1:-1]
-
-    def _psi_stack(self, jj: int, res: int) -> torch.Tensor:
-        """The ``L`` wavelets of scale ``jj`` at resolution level ``res``: (L, m, m)."""
-        return torch.stack([self._psi(n, res) for n, jn in enumerate(self._psi_j) if jn == jj])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-1] != self.size or x.shape[-2] != self.size:
@@ -147,14 +148,14 @@ class Scattering2D(nn.Module):
         out = [self._low_pass(u0, 0).reshape(b, c, 1, side, side)]
         order2: list[torch.Tensor] = []
         for j1 in range(self.j):  # all L orientations of one scale at once
-            u1 = self._subsample(u0[:, :, None] * self._psi_stack(j1, 0), 2**j1)  # (B, C, L, m1, m1)
+            u1 = self._subsample(u0[:, :, None] * getattr(self, f"w1_{j1}"), 2**j1)  # (B, C, L, m1, m1)
             u1 = torch.fft.fft2(torch.fft.ifft2(u1).abs())
             out.append(self._low_pass(u1, j1))
             if self.order < 2 or j1 == self.j - 1:
                 continue
             per_n1: list[torch.Tensor] = []
             for j2 in range(j1 + 1, self.j):
-                u2 = self._subsample(u1[:, :, :, None] * self._psi_stack(j2, j1), 2 ** (j2 - j1))
+                u2 = self._subsample(u1[:, :, :, None] * getattr(self, f"w2_{j1}_{j2}"), 2 ** (j2 - j1))
                 u2 = torch.fft.fft2(torch.fft.ifft2(u2).abs())  # (B, C, L1, L2, m2, m2)
                 per_n1.append(self._low_pass(u2, j2))
             order2.append(torch.cat(per_n1, dim=3).flatten(2, 3))  # n1-major, then (j2, theta2): Kymatio's order

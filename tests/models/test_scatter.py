@@ -124,7 +124,8 @@ def test_scattering_is_fast_enough_on_cpu() -> None:
     sc(x)
     per_example_ms = (time.perf_counter() - start) / 128 * 1e3
 
-    assert per_example_ms < 20.0  # measured ~1.5 ms on one loaded core; a loose bound for shared CI
+    # measured 1.3 ms on one idle core, 9 ms at load average 13 on 2 cores: a guard against gross slow-downs
+    assert per_example_ms < 100.0
 
 
 def test_matches_kymatio_when_installed() -> None:
