@@ -10,6 +10,12 @@ predicted positive (a one-class model reads 0 or 1), and wall time. Usage::
 
     python benchmarks/issue10.py --rows demo-eps8 small-eps8 --seeds 42 43 44 \
         [--set training.class_weighting=balanced ...] [--out runs/issue10]
+    python benchmarks/issue10.py --rescore runs/issue10/RUN_FOLDER ...
+
+Each result line also holds ``checkpoints``: the test AUC of every round's global weights and of
+exponential moving averages (decay 0.5 and 0.8) of them, read from the run folder's per-round
+checkpoints (benchmark only: the product does not average; sensitivity / specificity there are at the
+run's own operating threshold). ``--rescore`` prints the same for existing run folders.
 """
 
 from __future__ import annotations
@@ -166,6 +172,10 @@ def main() -> int:
             g = history.final_test
             threshold = (history.operating_threshold or {}).get("value")
             ckpt = checkpoint_metrics(study, run_dir, threshold=threshold)
+            # rounds where a hospital failed (e.g. a simulation worker killed for memory): such a run is no
+            # measurement of the variant
+            bad = [r["round"] for r in json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
+                   if not r.get("aggregated") or any(h.get("status") != "ok" for h in r.get("hospitals", {}).values())]
             sens, spec = g.get("sensitivity"), g.get("specificity")
             # the official test split: 390 pneumonia, 234 normal
             pp = None if sens is None or spec is None else (sens * 390 + (1 - spec) * 234) / 624
@@ -173,7 +183,7 @@ def main() -> int:
                    "sensitivity": g.get("sensitivity"), "specificity": g.get("specificity"),
                    "accuracy": g.get("accuracy"), "threshold": g.get("threshold"),
                    "predicted_positive": pp, "wall_s": wall,
-                   "chosen_round": (history.model_choice or {}).get("round"), "checkpoints": ckpt,
+                   "chosen_round": (history.model_choice or {}).get("round"), "bad_rounds": bad, "checkpoints": ckpt,
                    "events": history.events}
             with results_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")
