@@ -36,13 +36,13 @@ STRATEGIES: dict[str, type[Strategy]] = {
 #: Server-optimiser defaults for DP updates, applied where ``strategy.options`` leaves a field unset (issue 10).
 #: Flower's own defaults suit non-private updates: FedAdam/FedAdagrad ``eta=0.1`` with ``tau=1e-3`` moves every
 #: coordinate by about ``eta`` per round (Adam normalises each coordinate's pseudo-gradient), while a DP-SGD
-#: round of the demo moves a coordinate by about 0.004 and that move is mostly noise; and FedAvgM's
-#: ``server_momentum=0`` makes it plain FedAvg. Measured rows: benchmarks/ISSUE10.md.
+#: round of the demo moves a coordinate by about 0.004 and that move is mostly noise. (FedAvgM keeps Flower's
+#: defaults, ``server_momentum=0``, i.e. plain FedAvg, until a momentum is measured.) Measured rows:
+#: benchmarks/ISSUE10.md (FedAdam eta 0.01 still trailed FedAvg there; FedAvg stays the default strategy).
 DP_DEFAULTS: dict[str, dict[str, float]] = {
     "fedadam": {"eta": 0.01, "tau": 1e-3},
     "fedyogi": {"eta": 0.01, "tau": 1e-3},
     "fedadagrad": {"eta": 0.01, "tau": 1e-3},
-    "fedavgm": {"server_learning_rate": 1.0, "server_momentum": 0.5},
 }
 
 #: Set by fedrad from the study's federation section; not accepted in ``strategy.options``.
