@@ -10,6 +10,12 @@ predicted positive (a one-class model reads 0 or 1), and wall time. Usage::
 
     python benchmarks/issue10.py --rows demo-eps8 small-eps8 --seeds 42 43 44 \
         [--set training.class_weighting=balanced ...] [--out runs/issue10]
+    python benchmarks/issue10.py --rescore runs/issue10/RUN_FOLDER ...
+
+Each result line also holds ``checkpoints``: the test AUC of every round's global weights and of
+exponential moving averages (decay 0.5 and 0.8) of them, read from the run folder's per-round
+checkpoints (benchmark only: the product does not average; sensitivity / specificity there are at the
+run's own operating threshold). ``--rescore`` prints the same for existing run folders.
 """
 
 from __future__ import annotations
@@ -75,6 +81,48 @@ def row_study(base: StudyConfig, row: str, seed: int, overrides: dict[str, Any],
     return parse_study(d, source=f"<{row}>")
 
 
+EMA_DECAYS = (0.5, 0.8)
+
+
+def checkpoint_metrics(study: StudyConfig, run_dir: Path, *, threshold: float | None) -> dict[str, Any]:
+    """Benchmark-only: test AUC (and sensitivity / specificity at the run's operating threshold) of the last
+    round's global weights and of exponential moving averages of the per-round global weights the run folder
+    keeps (``checkpoints/round-NNNN.pt``, ``output.checkpoint_every: 1``). Nothing here changes the product."""
+    import torch
+
+    from fedrad.common.datasets import load_npz, npz_source_path
+    from fedrad.common.evaluation import evaluate
+    from fedrad.common.models import build_model
+    from fedrad.server.checkpoints import CKPT_RE, load_checkpoint
+
+    paths = sorted((int(m.group(1)), p) for p in (run_dir / "checkpoints").glob("round-*.pt")
+                   if (m := CKPT_RE.search(p.name)))
+    if not paths or study.data.source != "npz":
+        return {}
+    test = load_npz(npz_source_path(study.data.path), channels=study.data.channels,
+                    image_size=study.data.image_size)["test"]
+    model = build_model(study.model.name, in_channels=study.data.channels,
+                        num_classes=len(study.data.class_names), image_size=study.data.image_size,
+                        options=dict(study.model.options))
+    dev = torch.device("cpu")
+
+    def score(state: dict[str, torch.Tensor]) -> dict[str, Any]:
+        model.load_state_dict(state)
+        s = evaluate(model, test, device=dev, threshold=threshold).test_metrics()
+        return {"auc": s.get("auc"), "sensitivity": s.get("sensitivity"), "specificity": s.get("specificity")}
+
+    states = [(n, load_checkpoint(p)["state_dict"]) for n, p in paths]
+    out: dict[str, Any] = {"rounds": [n for n, _ in states], "last": score(states[-1][1]),
+                           "per_round_auc": [score(sd)["auc"] for _, sd in states]}
+    for d in EMA_DECAYS:
+        ema = {k: v.clone().double() for k, v in states[0][1].items()}
+        for _, sd in states[1:]:
+            for k in ema:
+                ema[k].mul_(d).add_(sd[k].double(), alpha=1 - d)
+        out[f"ema{d}"] = score({k: v.float() for k, v in ema.items()})
+    return out
+
+
 def _ms(values: list[float]) -> str:
     if not values:
         return "-"
@@ -89,8 +137,23 @@ def main() -> int:
     ap.add_argument("--seeds", nargs="+", type=int, default=[42])
     ap.add_argument("--set", nargs="*", default=[], metavar="FIELD=VALUE", help="study overrides (a variant)")
     ap.add_argument("--out", type=Path, default=Path("runs/issue10"))
+    ap.add_argument("--rescore", nargs="+", type=Path, default=[], metavar="RUN_DIR",
+                    help="only print the last-round / EMA test metrics of existing run folders")
     args = ap.parse_args()
     setup_logging(0)
+    if args.rescore:
+        from fedrad.server.checkpoints import load_checkpoint
+
+        for run_dir in args.rescore:
+            last = sorted((run_dir / "checkpoints").glob("round-*.pt"))[-1]
+            study = parse_study(load_checkpoint(last)["study"], source=str(last))
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            threshold = (metrics.get("operating_threshold") or {}).get("value")
+            rec = {"run": str(run_dir), "final": metrics.get("global_test"), "chosen_round":
+                   (metrics.get("model") or {}).get("round"),
+                   "checkpoints": checkpoint_metrics(study, run_dir, threshold=threshold)}
+            print(json.dumps(rec), flush=True)  # noqa: T201 - a benchmark script's output
+        return 0
     from fedrad.server.simulation import simulate
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
@@ -107,6 +170,13 @@ def main() -> int:
             history = simulate(study, run_dir=run_dir)
             wall = time.perf_counter() - t0
             g = history.final_test
+            threshold = (history.operating_threshold or {}).get("value")
+            ckpt = checkpoint_metrics(study, run_dir, threshold=threshold)
+            # rounds where a hospital failed (e.g. a simulation worker killed for memory): such a run is no
+            # measurement of the variant (a hospital that refuses a hopeless plan is the product's behaviour)
+            bad = [r["round"] for r in json.loads((run_dir / "metrics.json").read_text()).get("rounds", [])
+                   if not r.get("aggregated")
+                   or any(str(h.get("status", "")).startswith("failed") for h in r.get("hospitals", {}).values())]
             sens, spec = g.get("sensitivity"), g.get("specificity")
             # the official test split: 390 pneumonia, 234 normal
             pp = None if sens is None or spec is None else (sens * 390 + (1 - spec) * 234) / 624
@@ -114,6 +184,7 @@ def main() -> int:
                    "sensitivity": g.get("sensitivity"), "specificity": g.get("specificity"),
                    "accuracy": g.get("accuracy"), "threshold": g.get("threshold"),
                    "predicted_positive": pp, "wall_s": wall,
+                   "chosen_round": (history.model_choice or {}).get("round"), "bad_rounds": bad, "checkpoints": ckpt,
                    "events": history.events}
             with results_path.open("a", encoding="utf-8") as f:
                 f.write(json.dumps(rec) + "\n")

@@ -33,6 +33,18 @@ STRATEGIES: dict[str, type[Strategy]] = {
     "krum": Krum,
 }
 
+#: Server-optimiser defaults for DP updates, applied where ``strategy.options`` leaves a field unset (issue 10).
+#: Flower's own defaults suit non-private updates: FedAdam/FedAdagrad ``eta=0.1`` with ``tau=1e-3`` moves every
+#: coordinate by about ``eta`` per round (Adam normalises each coordinate's pseudo-gradient), while a DP-SGD
+#: round of the demo moves a coordinate by about 0.004 and that move is mostly noise. (FedAvgM keeps Flower's
+#: defaults, ``server_momentum=0``, i.e. plain FedAvg, until a momentum is measured.) Measured rows:
+#: benchmarks/ISSUE10.md (FedAdam eta 0.01 still trailed FedAvg there; FedAvg stays the default strategy).
+DP_DEFAULTS: dict[str, dict[str, float]] = {
+    "fedadam": {"eta": 0.01, "tau": 1e-3},
+    "fedyogi": {"eta": 0.01, "tau": 1e-3},
+    "fedadagrad": {"eta": 0.01, "tau": 1e-3},
+}
+
 #: Set by fedrad from the study's federation section; not accepted in ``strategy.options``.
 _MANAGED = {"fraction_train", "fraction_evaluate", "min_train_nodes", "min_evaluate_nodes", "min_available_nodes",
             "proximal_mu"}
@@ -55,6 +67,7 @@ def strategy_kwargs(study: StudyConfig, cls: type[Strategy]) -> dict[str, Any]:
         "min_train_nodes": fed.min_hospitals,
         "min_evaluate_nodes": fed.min_hospitals if fed.fraction_evaluate > 0 else 0,
         "min_available_nodes": fed.min_hospitals,
+        **DP_DEFAULTS.get(study.strategy.name, {}),
         **options,
     }
     if "proximal_mu" in params:

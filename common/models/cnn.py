@@ -23,6 +23,7 @@ class ClassicCNN(nn.Module):
         widths: tuple[int, ...] | list[int] = (32, 64, 128),
         dense: int = 128,
         dropout: float = 0.25,
+        weight_standardization: bool = False,
     ) -> None:
         super().__init__()
         if not widths:
@@ -35,7 +36,9 @@ class ClassicCNN(nn.Module):
         blocks: list[nn.Module] = []
         cin = in_channels
         for w in widths:
-            blocks += [conv_gn_relu(cin, w), conv_gn_relu(w, w), nn.MaxPool2d(2, ceil_mode=True)]
+            ws = weight_standardization
+            blocks += [conv_gn_relu(cin, w, weight_standardization=ws), conv_gn_relu(w, w, weight_standardization=ws),
+                       nn.MaxPool2d(2, ceil_mode=True)]
             cin = w
         self.features = nn.Sequential(*blocks)
         self.classifier = nn.Sequential(
@@ -59,8 +62,9 @@ def classic_cnn(
     widths: tuple[int, ...] | list[int] = (32, 64, 128),
     dense: int = 128,
     dropout: float = 0.25,
+    weight_standardization: bool = False,
 ) -> nn.Module:
-    """Conv-GN-ReLU x2 + max-pool per block, then dense layers."""
+    """Conv-GN-ReLU x2 + max-pool per block, then dense layers (``weight_standardization``: WSConv2d)."""
     return ClassicCNN(
         in_channels=in_channels,
         num_classes=num_classes,
@@ -68,4 +72,5 @@ def classic_cnn(
         widths=tuple(widths),
         dense=dense,
         dropout=dropout,
+        weight_standardization=weight_standardization,
     )
