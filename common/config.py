@@ -25,7 +25,7 @@ class _Frozen(BaseModel):
 class FederationConfig(_Frozen):
     name: str = "fedrad-study"
     num_hospitals: int = Field(3, ge=1, le=1000)
-    rounds: int = Field(5, ge=1, le=10000)
+    rounds: int = Field(10, ge=1, le=10000)
     min_hospitals: int = Field(1, ge=1, description="fewest hospitals an aggregation may use")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
@@ -61,13 +61,15 @@ class ModelConfig(_Frozen):
 class AugmentationConfig(_Frozen):
     """Per-sample augmentation (applied to each training image independently)."""
 
+    # Defaults: mild, label-preserving changes (no flips: laterality matters in radiographs); set a
+    # field to 0 to switch it off. Measured with the defaults in benchmarks/ISSUE10.md.
     hflip: float = Field(0.0, ge=0.0, le=1.0, description="probability of a horizontal flip")
     vflip: float = Field(0.0, ge=0.0, le=1.0)
-    rotate_deg: float = Field(0.0, ge=0.0, le=180.0)
-    shift: float = Field(0.0, ge=0.0, le=0.5, description="max shift as a fraction of size")
-    zoom: float = Field(0.0, ge=0.0, le=0.5, description="max relative zoom in or out")
-    brightness: float = Field(0.0, ge=0.0, le=1.0)
-    contrast: float = Field(0.0, ge=0.0, le=1.0)
+    rotate_deg: float = Field(5.0, ge=0.0, le=180.0)
+    shift: float = Field(0.05, ge=0.0, le=0.5, description="max shift as a fraction of size")
+    zoom: float = Field(0.05, ge=0.0, le=0.5, description="max relative zoom in or out")
+    brightness: float = Field(0.05, ge=0.0, le=1.0)
+    contrast: float = Field(0.05, ge=0.0, le=1.0)
 
     @property
     def enabled(self) -> bool:
@@ -116,7 +118,7 @@ class PrivacyConfig(_Frozen):
 
 class TrainingConfig(_Frozen):
     local_epochs: int = Field(1, ge=1, le=1000)
-    batch_size: int = Field(64, ge=1, description="expected (Poisson) batch size under DP")
+    batch_size: int = Field(128, ge=1, description="expected (Poisson) batch size under DP")
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -129,7 +131,7 @@ class TrainingConfig(_Frozen):
     #: class weight (the rarest class 1, others min_count / count <= 1, from the node's noisy
     #: per-class counts, released once per dataset and charged to its ledger), so no example's
     #: contribution exceeds max_grad_norm and the accounting is unchanged. "none": unweighted.
-    class_weighting: Literal["none", "balanced"] = "none"
+    class_weighting: Literal["none", "balanced"] = "balanced"
     #: Augmentation multiplicity (De et al. 2022): each sampled example's gradient is the mean over
     #: this many independently augmented views, taken *before* clipping, so sensitivity and
     #: accounting are unchanged. 1 = one view (needs ``data.augmentation`` to matter).
@@ -171,6 +173,36 @@ class SecureAggregationConfig(_Frozen):
     max_weight: float = Field(10_000.0, gt=0.0)
 
 
+#: The model a study gets when it names none, by its privacy budget (issue 10; measured in
+#: benchmarks/ISSUE10.md): a fixed wavelet-scattering front end (no trainable or data-dependent
+#: part) with a small CNN head, or, at low epsilon, with a linear head and a smaller step size.
+LOW_EPSILON = 2.0
+DEFAULT_MODEL = "scatter-cnn"
+LOW_EPSILON_MODEL = "scatter-linear"
+#: Learning rates for models whose measured best differs from ``training.lr``'s default.
+MODEL_LR: dict[str, float] = {"scatter-linear": 0.05}
+
+
+def _budget_defaults(data: dict[str, Any]) -> dict[str, Any]:
+    """Fill in ``model`` (and ``training.lr`` for it) from the privacy budget when the study names
+    no model; anything the study sets is kept as it is."""
+    model = data.get("model")
+    if model is not None and not (isinstance(model, dict) and "name" not in model):
+        return data
+    privacy = data.get("privacy")
+    privacy = privacy.model_dump() if isinstance(privacy, BaseModel) else (privacy or {})
+    enabled = privacy.get("enabled", True) if isinstance(privacy, dict) else True
+    epsilon = privacy.get("epsilon", PrivacyConfig.model_fields["epsilon"].default) if isinstance(privacy, dict) else None
+    low = bool(enabled) and isinstance(epsilon, (int, float)) and not isinstance(epsilon, bool) and epsilon <= LOW_EPSILON
+    name = LOW_EPSILON_MODEL if low else DEFAULT_MODEL
+    out = dict(data)
+    out["model"] = {**(model or {}), "name": name}
+    training = out.get("training")
+    if name in MODEL_LR and (training is None or (isinstance(training, dict) and "lr" not in training)):
+        out["training"] = {**(training or {}), "lr": MODEL_LR[name]}
+    return out
+
+
 class StudyConfig(_Frozen):
     federation: FederationConfig = Field(default_factory=FederationConfig)
     strategy: StrategyConfig = Field(default_factory=StrategyConfig)
@@ -182,10 +214,24 @@ class StudyConfig(_Frozen):
     simulation: SimulationConfig = Field(default_factory=SimulationConfig)
     secure_aggregation: SecureAggregationConfig = Field(default_factory=SecureAggregationConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _model_for_the_budget(cls, data: Any) -> Any:
+        return _budget_defaults(data) if isinstance(data, dict) else data
+
     @field_validator("federation", mode="before")
     @classmethod
     def _none_is_default(cls, v: Any) -> Any:
         return {} if v is None else v
+
+    @model_validator(mode="after")
+    def _engine_handles_the_model(self) -> "StudyConfig":
+        if self.model.options.get("weight_standardization") and self.privacy.enabled \
+                and self.privacy.grad_sample_mode == "ew":
+            raise ValueError("model.options.weight_standardization needs privacy.grad_sample_mode "
+                             "'mixed', 'ghost', 'per-sample' or 'hooks' (Opacus' 'ew' engine cannot "
+                             "differentiate the standardised convolution per sample)")
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         d = self.model_dump(mode="json")
@@ -195,6 +241,10 @@ class StudyConfig(_Frozen):
             d.pop("secure_aggregation")
         if self.training.class_weighting == "none":
             d["training"].pop("class_weighting")  # off: fingerprints from before the option stay
+        if self.training.augmentation_multiplicity == 1:
+            d["training"].pop("augmentation_multiplicity")  # off: fingerprints from before the option stay
+        if self.federation.update_encoding == "float32":
+            d["federation"].pop("update_encoding")  # the default: fingerprints from before the option stay
         if not self.simulation.reproducible_randomness:
             d["simulation"].pop("reproducible_randomness")  # off: fingerprints from before the switch stay
         return d
@@ -222,6 +272,8 @@ COSMETIC_FIELDS: tuple[str, ...] = (
     "training.device",
     "training.num_threads",
     "training.eval_batch_size",
+    # the per-sample clipping engine: every engine gives the same clipped, noised gradients
+    "privacy.grad_sample_mode",
     "data.path",
     "data.max_test",
     "simulation.node_policy",

@@ -28,7 +28,7 @@ def test_defaults_load_from_empty_mapping_and_empty_file(tmp_path: Path) -> None
     assert from_file.federation == StudyConfig().federation
     assert from_file.privacy.epsilon == 8.0
     assert from_file.privacy.delta == 1e-5
-    assert from_file.model.name == "cnn"
+    assert from_file.model.name == "scatter-cnn"  # the default at epsilon 8 (issue 10)
     # relative output dir resolved against the YAML folder
     assert Path(from_file.output.dir) == (tmp_path / "runs").resolve()
 
@@ -263,3 +263,39 @@ def test_strategy_names_known_to_the_config_are_the_coordinators_registry() -> N
     from fedrad.server.strategies import STRATEGIES
 
     assert set(STRATEGY_NAMES) == set(STRATEGIES)
+
+
+def test_a_study_that_sets_only_epsilon_gets_the_budget_s_model() -> None:
+    high, low, nodp = parse_study({"privacy": {"epsilon": 8}}), parse_study({"privacy": {"epsilon": 1}}), \
+        parse_study({"privacy": {"enabled": False}})
+
+    assert (high.model.name, high.training.lr) == ("scatter-cnn", 0.1)
+    assert (low.model.name, low.training.lr) == ("scatter-linear", 0.05)
+    assert nodp.model.name == "scatter-cnn"
+    for study in (high, low):
+        assert study.training.class_weighting == "balanced" and study.data.augmentation.enabled
+        assert study.training.batch_size == 128 and study.federation.rounds == 10
+
+
+def test_what_a_study_sets_is_kept() -> None:
+    study = parse_study({"privacy": {"epsilon": 1}, "model": {"name": "cnn"}, "training": {"lr": 0.3}})
+
+    assert (study.model.name, study.training.lr) == ("cnn", 0.3)
+
+
+def test_the_demo_sets_no_training_choice_so_it_measures_the_defaults() -> None:
+    import yaml
+
+    raw = yaml.safe_load(bundled_path("configs", "demo.yaml").read_text(encoding="utf-8"))
+
+    assert set(raw) <= {"federation", "data", "privacy"}
+    assert set(raw["privacy"]) == {"epsilon"}
+    assert set(raw["data"]) <= {"source", "path", "class_names", "partition"}
+
+
+def test_weight_standardisation_with_the_ew_engine_is_refused_up_front() -> None:
+    with pytest.raises(ConfigError) as ei:
+        parse_study({"model": {"name": "cnn", "options": {"weight_standardization": True}},
+                     "privacy": {"grad_sample_mode": "ew"}})
+
+    assert "weight_standardization" in _problems(ei) and "grad_sample_mode" in _problems(ei)
