@@ -86,7 +86,7 @@ def load_dicom_site(cfg: DicomDataConfig, *, progress: bool = True) -> SiteData:
 def load_simulated_site(folder: Path, *, study: "StudyConfig") -> SiteData:
     """A simulated hospital's DICOM folder (``<data.path>/hospital-<k>`` with ``labels.csv``).
 
-    Used by :func:`fedrad.client.site.simulated_site_data` when ``data.source`` is ``dicom``:
+    Used by :func:`fedrad.client.runtime.site.simulated_site_data` when ``data.source`` is ``dicom``:
     80/20 train/val patient split seeded by the federation seed, cache in the folder.
     """
     if not folder.is_dir():

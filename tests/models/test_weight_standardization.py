@@ -12,7 +12,7 @@ from opacus.grad_sample import GradSampleModule
 from opacus.grad_sample.gsm_exp_weights import GradSampleModuleExpandedWeights
 from torch import nn
 
-from fedrad.client.dp_engine import make_dp_step
+from fedrad.client.training.dp_engine import make_dp_step
 from fedrad.common.errors import ModelError
 from fedrad.common.models import build_model
 from fedrad.common.models.layers import WSConv2d
