@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedrad.common import protocol
@@ -107,6 +107,7 @@ class FakeHospitals(Grid):
         pid = self.node_ids.index(node)
         train, val = self.sites[pid]
         model = self._model(msg.content)
+        s = self.study
         if msg.metadata.message_type == MessageType.TRAIN:
             if self.crash_at is not None and n == self.crash_at:
                 raise CoordinatorKilled(f"coordinator killed during round {n}")
@@ -139,6 +140,10 @@ class FakeHospitals(Grid):
                 del metrics["partition-id"]
             metrics.update(first)
             arrays = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items()})
+            if getattr(s.federation, "update_encoding", "float32") == "float16-delta":  # what a real node sends
+                received = msg.content["arrays"].to_torch_state_dict()
+                arrays = ArrayRecord({k: Array((v.detach() - received[k]).numpy().astype(np.float16))
+                                      for k, v in model.state_dict().items()})
             return self._reply(msg, {"arrays": arrays, "metrics": MetricRecord(metrics)})
         metrics = self._evaluation(model, val, n, pid)
         if not self.simulation:
