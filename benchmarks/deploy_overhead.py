@@ -296,7 +296,10 @@ def main() -> int:
     ap.add_argument("--settings", nargs="+", default=["flower", "polls", "tuned"], choices=sorted(SETTINGS))
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--keep", type=Path, help="keep the provisioning, logs and run folders here (default: deleted)")
+    ap.add_argument("--analyse", type=Path, help="only analyse the settings' folders kept earlier under this folder")
     args = ap.parse_args()
+    if args.analyse:
+        return print_analysis(args)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "host": os.uname().nodename,
                                "cpus": os.cpu_count(), "load_before": os.getloadavg()}
     results["import_s"] = {m: import_seconds(m) for m in ("torch", "flwr.clientapp", "fedrad.client.runtime.app")}
@@ -335,6 +338,23 @@ def main() -> int:
               + f"; total {run['total_s']:.0f}s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def print_analysis(args: argparse.Namespace) -> int:
+    """Re-read kept runs (``--keep`` of an earlier call) and print their per-component table."""
+    for name in args.settings:
+        root = args.analyse / name
+        if not (root / "run" / "metrics.json").is_file():
+            print(f"{name}: no finished run under {root}")
+            continue
+        hospitals = sorted(p.stem for p in root.glob("hospital-*.log"))
+        res = analyse(root, hospitals, separate=bool(SETTINGS[name].get("separate_evaluate")))
+        print(f"{name}: median overhead {res['overhead_median_s']}; components {res['components_median_s']}; "
+              f"coordinator {res['coordinator_median_s']}")
+        for r in res["rounds"]:
+            print("  ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
+                         if k != "coordinator_s"})
     return 0
 
 
