@@ -1,12 +1,21 @@
 """Per-round overhead of a real deployment on loopback (TLS, node authentication).
 
-Starts ``fedrad coordinator start`` and N ``fedrad-node start`` hospitals on 127.0.0.1, submits a
-study with ``fedrad run`` and reads the run folder. Per round:
+Starts ``fedrad coordinator start`` and N ``fedrad-node start`` hospitals on 127.0.0.1 (each
+hospital makes its own key pair; the coordinator provisions with the public keys), submits a study
+with ``fedrad run`` and reads the run folder and the processes' logs. Per round:
 
 * ``round wall``: time between consecutive round checkpoints (train + both polls + evaluation
   messages + the process each message starts on each node);
-* ``slowest train``: the largest ``train_seconds`` any hospital reported for that round;
-* ``overhead`` = round wall - slowest train (round 1 has no previous checkpoint: not counted).
+* ``compute``: the slowest hospital's DP training + evaluation compute in that round (from the
+  node's task log lines; train replies no longer carry timings);
+* ``overhead`` = round wall - compute (round 1 has no previous checkpoint: not counted);
+* the overhead's components: on the nodes, the fedrad work around the compute (ledger, audit,
+  model load, checks, encoding) and the task process's time before fedrad runs (fork of the warm
+  runtime, pulling and decoding the message); on the coordinator (``metrics.json``
+  ``coordinator_seconds``) configure (copy of the global arrays), screening (decoding and checking
+  the replies), aggregation, checkpoint, test evaluation and best model; the rest is transfers
+  through the object store and polling waits. Serialisation of the model is measured apart
+  (``ArrayRecord`` to bytes and back, float32 and float16), and the bytes per round are counted.
 
 Settings compared (``--settings``; ``flower`` and ``polls`` turn the node's warm runtime off):
 
@@ -16,11 +25,15 @@ Settings compared (``--settings``; ``flower`` and ``polls`` turn the node's warm
   (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), ServerApp Grid 0.25 s (``fedrad run --poll-interval``);
   each message still starts a cold ``flwr-clientapp`` process (``warm_runtime: false``);
 * ``tuned``: the same polls, and each message's process is forked from the node's warm runtime
-  (``warm_runtime: true``, the default: torch, Opacus and fedrad imported once per node).
+  (``warm_runtime: true``, the default: torch, Opacus and fedrad imported once per node); the
+  evaluation of each round's model rides in the next round's train message (issue 14);
+* ``tuned-separate``: ``tuned`` with the flow before issue 14 (one evaluate message per round:
+  ``FEDRAD_SEPARATE_EVALUATE=1`` in the coordinator's environment), for a side-by-side "before";
+* ``tuned-f16``: ``tuned`` with ``federation.update_encoding: float16-delta``.
 
 Every process is started in its own process group and stopped by PID, whatever happens.
 
-    python benchmarks/deploy_overhead.py --model resnet18 --rounds 4 --settings flower polls tuned
+    python benchmarks/deploy_overhead.py --model resnet18 --rounds 4 --settings tuned-separate tuned tuned-f16
 """
 
 from __future__ import annotations
@@ -28,6 +41,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
+import shutil
 import signal
 import socket
 import statistics
@@ -44,11 +59,17 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT / "fedrad" / "data" / "pneumoniamnist.npz"
 BIN = Path(sys.executable).parent
+_TUNED = {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": True}
 SETTINGS: dict[str, dict[str, Any]] = {
     "flower": {"node_poll": None, "superexec_poll": "1.0", "grid_poll": 0.0, "warm": False},
     "polls": {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": False},
-    "tuned": {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": True},
+    "tuned": dict(_TUNED),
+    "tuned-separate": {**_TUNED, "separate_evaluate": True},
+    "tuned-f16": {**_TUNED, "encoding": "float16-delta"},
 }
+#: The node's line per task (fedrad.client.runtime.app): time in fedrad, compute, task process age.
+TASK_LINE = re.compile(r"(?P<kind>train|evaluate) task \((?:warm|cold) start\): (?P<fedrad>[\d.]+)s in fedrad "
+                       r"\(train (?P<train>[\d.]+)s(?:, evaluate (?P<eval>[\d.]+)s)?\), (?P<age>[\d.]+)s since")
 
 
 def free_port() -> int:
@@ -88,12 +109,20 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     root.mkdir(parents=True)
     port = free_port()
     hospitals = [f"hospital-{chr(97 + i)}" for i in range(args.hospitals)]
-    (root / "federation.yaml").write_text(yaml.safe_dump(
-        {"name": "bench", "hospitals": hospitals, "superlink": {"address": "127.0.0.1", "port": port}}))
     env = {"OMP_NUM_THREADS": str(args.threads), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": s["superexec_poll"],
            "COLUMNS": "200"}
+    for h in hospitals:  # each hospital makes its own key pair; the coordinator gets the public key only
+        subprocess.run([str(BIN / "fedrad-node"), "keygen", "--out", str(root / "keys" / h), "--comment", h],
+                       check=True, capture_output=True, env={**os.environ, **env})
+    (root / "federation.yaml").write_text(yaml.safe_dump(
+        {"name": "bench", "hospitals": [{"name": h, "public_key": f"keys/{h}/node-auth.pub"} for h in hospitals],
+         "superlink": {"address": "127.0.0.1", "port": port}}))
     subprocess.run([str(BIN / "fedrad"), "provision", "--config", str(root / "federation.yaml"), "--out",
-                    str(root / "prov")], check=True, capture_output=True, env={**os.environ, **env})
+                    str(root / "prov")], check=True, capture_output=True, env={**os.environ, **env}, cwd=root)
+    for h in hospitals:
+        key = root / "prov" / "nodes" / h / "node-auth.key"
+        shutil.copyfile(root / "keys" / h / "node-auth.key", key)
+        key.chmod(0o600)
     with np.load(NPZ) as d:
         arrays = {k: d[k] for k in d.files}
     for i, h in enumerate(hospitals):
@@ -124,11 +153,15 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         "model": {"name": args.model}, "data": {"class_names": ["normal", "pneumonia"], "max_test": 64},
         "privacy": {"enabled": True, "epsilon": 50.0, "max_grad_norm": 20.0},
         "training": {"batch_size": 32, "device": args.device, "num_threads": args.threads},
+        **({"federation": {"name": "bench", "num_hospitals": args.hospitals, "rounds": args.rounds,
+                           "min_hospitals": args.hospitals, "round_timeout_s": 1800,
+                           "update_encoding": s["encoding"]}} if s.get("encoding") else {}),
     }))
     group = Group(root)
     try:
+        coord_env = {**env, **({"FEDRAD_SEPARATE_EVALUATE": "1"} if s.get("separate_evaluate") else {})}
         group.start("coordinator", [str(BIN / "fedrad"), "coordinator", "start", "--prov", str(root / "prov"),
-                                    "--host", "127.0.0.1", "--poll-interval", s["superexec_poll"]], env)
+                                    "--host", "127.0.0.1", "--poll-interval", s["superexec_poll"]], coord_env)
         deadline = time.monotonic() + 120
         while "registered hospitals:" not in (root / "coordinator.log").read_text(errors="replace"):
             if time.monotonic() > deadline or group.procs[0].poll() is not None:
@@ -141,25 +174,106 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         t0 = time.monotonic()
         out = subprocess.run([str(BIN / "fedrad"), "run", "--prov", str(root / "prov"), "--config", str(study),
                               "--out", str(run_dir), "--wait", "300", "--poll-interval", str(s["grid_poll"])],
-                             capture_output=True, text=True, check=False, env={**os.environ, **env}, timeout=3600)
+                             capture_output=True, text=True, check=False, env={**os.environ, **coord_env},
+                             timeout=3600)
+        (root / "run.log").write_text(out.stdout + out.stderr)
         total = time.monotonic() - t0
         if out.returncode != 0:
             raise RuntimeError(out.stdout[-3000:] + out.stderr[-3000:])
     finally:
         group.stop()
+    return {"setting": name, **s, **analyse(root, hospitals, separate=bool(s.get("separate_evaluate"))),
+            "total_s": total}
+
+
+def node_tasks(log_text: str) -> list[dict[str, Any]]:
+    """The node's task lines, in order: kind, seconds in fedrad, train and evaluate compute, task age."""
+    return [{"kind": m["kind"], "fedrad": float(m["fedrad"]), "train": float(m["train"]),
+             "eval": float(m["eval"] or 0.0), "age": float(m["age"])} for m in TASK_LINE.finditer(log_text)]
+
+
+def per_round_tasks(tasks: list[dict[str, Any]], rounds: int, *, separate: bool) -> dict[int, dict[str, float]]:
+    """A hospital's tasks grouped by the round they belong to (the round's wall clock): its train
+    task, and in the old flow the evaluate task after it; the final evaluate goes with the last round."""
+    out: dict[int, dict[str, float]] = {}
+    n = 0
+    for t in tasks:
+        if t["kind"] == "train":
+            n += 1
+        row = out.setdefault(max(1, min(n, rounds)), {"compute": 0.0, "node_fedrad": 0.0, "task_start": 0.0,
+                                                      "train": 0.0, "eval": 0.0, "tasks": 0})
+        compute = t["train"] + t["eval"]
+        if t["kind"] == "evaluate":  # a plain evaluate task: its time in fedrad is mostly the evaluation
+            row["eval"] += t["fedrad"]
+            compute = t["fedrad"]
+        else:
+            row["train"] += t["train"]
+            row["eval"] += t["eval"]
+        row["compute"] += compute
+        row["node_fedrad"] += t["fedrad"] - compute
+        row["task_start"] += t["age"] - t["fedrad"]
+        row["tasks"] += 1
+    return out
+
+
+def analyse(root: Path, hospitals: list[str], *, separate: bool) -> dict[str, Any]:
+    run_dir = root / "run"
     metrics = json.loads((run_dir / "metrics.json").read_text())
     ckpt = {int(p.stem.split("-")[1]): p.stat().st_mtime for p in (run_dir / "checkpoints").glob("round-*.pt")}
+    rounds = len(metrics["rounds"])
+    nodes = {h: per_round_tasks(node_tasks((root / f"{h}.log").read_text(errors="replace")), rounds,
+                                separate=separate) for h in hospitals}
     rows = []
     for r in metrics["rounds"]:
         n = r["round"]
-        slowest = max(float(h.get("train_seconds", 0.0)) for h in r["hospitals"].values())
+        per = [nodes[h].get(n, {}) for h in hospitals]
+        slowest = max(per, key=lambda x: x.get("compute", 0.0) + x.get("node_fedrad", 0.0) + x.get("task_start", 0.0))
         wall = ckpt[n] - ckpt[n - 1] if n - 1 in ckpt else None
-        rows.append({"round": n, "train_phase_s": r["seconds"], "slowest_train_s": slowest, "round_wall_s": wall,
-                     "overhead_s": None if wall is None else wall - slowest})
+        coord = {k: float(v) for k, v in (r.get("coordinator_seconds") or {}).items()}
+        node_part = slowest.get("compute", 0.0) + slowest.get("node_fedrad", 0.0) + slowest.get("task_start", 0.0)
+        rows.append({
+            "round": n, "round_wall_s": wall, "compute_s": slowest.get("compute", 0.0),
+            "train_s": slowest.get("train", 0.0), "eval_s": slowest.get("eval", 0.0),
+            "node_fedrad_s": slowest.get("node_fedrad", 0.0), "task_start_s": slowest.get("task_start", 0.0),
+            "node_tasks": slowest.get("tasks", 0), "coordinator_s": coord, "coordinator_total_s": sum(coord.values()),
+            "overhead_s": None if wall is None else wall - slowest.get("compute", 0.0),
+            "transfer_and_polling_s": None if wall is None else wall - node_part - sum(coord.values()),
+        })
     over = [r["overhead_s"] for r in rows if r["overhead_s"] is not None]
-    return {"setting": name, **s, "rounds": rows, "total_s": total,
-            "overhead_median_s": statistics.median(over) if over else None,
-            "train_median_s": statistics.median(r["slowest_train_s"] for r in rows)}
+
+    def med(key: str) -> float | None:
+        vals = [r[key] for r in rows if r["overhead_s"] is not None and r[key] is not None]
+        return statistics.median(vals) if vals else None
+
+    return {"rounds": rows, "overhead_median_s": statistics.median(over) if over else None,
+            "components_median_s": {k: med(k) for k in ("compute_s", "train_s", "eval_s", "node_fedrad_s",
+                                                        "task_start_s", "coordinator_total_s",
+                                                        "transfer_and_polling_s")},
+            "coordinator_median_s": {k: statistics.median(r["coordinator_s"].get(k, 0.0) for r in rows[1:] or rows)
+                                     for k in sorted({k for r in rows for k in r["coordinator_s"]})}}
+
+
+def serialisation(model_name: str) -> dict[str, float]:
+    """Seconds to turn the model's state into an ArrayRecord's bytes and back; bytes per copy."""
+    import torch
+    from flwr.app import Array, ArrayRecord
+
+    from fedrad.common.models import build_model
+
+    model = build_model(model_name, in_channels=1, num_classes=2, image_size=28)
+    state = model.state_dict()
+    out: dict[str, float] = {}
+    for label, conv in (("float32", lambda v: v.detach().numpy()),
+                        ("float16", lambda v: v.detach().numpy().astype("float16"))):
+        t = time.perf_counter()
+        rec = ArrayRecord({k: Array(conv(v)) for k, v in state.items()})
+        enc = time.perf_counter() - t
+        t = time.perf_counter()
+        _ = {k: torch.from_numpy(a.numpy()) for k, a in rec.items()}
+        dec = time.perf_counter() - t
+        out[f"{label}_encode_s"], out[f"{label}_decode_s"] = enc, dec
+        out[f"{label}_mb"] = sum(len(a.data) for a in rec.values()) / 1e6
+    return out
 
 
 def import_seconds(module: str, repeats: int = 3) -> float:
@@ -182,10 +296,14 @@ def main() -> int:
     ap.add_argument("--settings", nargs="+", default=["flower", "polls", "tuned"], choices=sorted(SETTINGS))
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--keep", type=Path, help="keep the provisioning, logs and run folders here (default: deleted)")
+    ap.add_argument("--analyse", type=Path, help="only analyse the settings' folders kept earlier under this folder")
     args = ap.parse_args()
+    if args.analyse:
+        return print_analysis(args)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}, "host": os.uname().nodename,
                                "cpus": os.cpu_count(), "load_before": os.getloadavg()}
     results["import_s"] = {m: import_seconds(m) for m in ("torch", "flwr.clientapp", "fedrad.client.runtime.app")}
+    results["serialisation"] = serialisation(args.model)
     if args.keep:
         args.keep.mkdir(parents=True, exist_ok=False)
         results["runs"] = [run_setting(name, args, args.keep) for name in args.settings]
@@ -196,16 +314,47 @@ def main() -> int:
     print(f"model {args.model}, {args.hospitals} hospitals x {args.train} images, {args.rounds} rounds, "
           f"{os.cpu_count()} CPUs, load {results['load_before'][0]:.1f} -> {results['load_after'][0]:.1f}")
     print("import per message (s): " + ", ".join(f"{k} {v:.2f}" for k, v in results["import_s"].items()))
-    print(f"{'setting':8} {'round':>5} {'train phase':>11} {'slowest train':>13} {'round wall':>10} {'overhead':>8}")
+    ser = results["serialisation"]
+    print(f"serialisation of the model: float32 {ser['float32_mb']:.1f} MB, encode {ser['float32_encode_s']:.2f}s, "
+          f"decode {ser['float32_decode_s']:.2f}s; float16 {ser['float16_mb']:.1f} MB, encode "
+          f"{ser['float16_encode_s']:.2f}s, decode {ser['float16_decode_s']:.2f}s")
+    cols = ("round wall", "compute", "train", "eval", "node fedrad", "task start", "coordinator", "transfer+poll",
+            "overhead")
+    print(f"{'setting':15} {'round':>5} " + " ".join(f"{c:>13}" for c in cols))
+
+    def f(v: Any) -> str:
+        return "-" if v is None else f"{v:.1f}"
+
     for run in results["runs"]:
         for r in run["rounds"]:
-            wall = "-" if r["round_wall_s"] is None else f"{r['round_wall_s']:.1f}"
-            over = "-" if r["overhead_s"] is None else f"{r['overhead_s']:.1f}"
-            print(f"{run['setting']:8} {r['round']:>5} {r['train_phase_s']:>11.1f} {r['slowest_train_s']:>13.1f} "
-                  f"{wall:>10} {over:>8}")
-        print(f"{run['setting']:8} median overhead {run['overhead_median_s']:.1f}s/round; total {run['total_s']:.0f}s")
+            vals = (r["round_wall_s"], r["compute_s"], r["train_s"], r["eval_s"], r["node_fedrad_s"],
+                    r["task_start_s"], r["coordinator_total_s"], r["transfer_and_polling_s"], r["overhead_s"])
+            print(f"{run['setting']:15} {r['round']:>5} " + " ".join(f"{f(v):>13}" for v in vals))
+        comp = run["components_median_s"]
+        print(f"{run['setting']:15} median overhead {f(run['overhead_median_s'])}s/round (node fedrad "
+              f"{f(comp['node_fedrad_s'])}, task start {f(comp['task_start_s'])}, coordinator "
+              f"{f(comp['coordinator_total_s'])}, transfers+polling {f(comp['transfer_and_polling_s'])}); "
+              f"coordinator parts " + ", ".join(f"{k} {v:.2f}" for k, v in run["coordinator_median_s"].items())
+              + f"; total {run['total_s']:.0f}s")
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+def print_analysis(args: argparse.Namespace) -> int:
+    """Re-read kept runs (``--keep`` of an earlier call) and print their per-component table."""
+    for name in args.settings:
+        root = args.analyse / name
+        if not (root / "run" / "metrics.json").is_file():
+            print(f"{name}: no finished run under {root}")
+            continue
+        hospitals = sorted(p.stem for p in root.glob("hospital-*.log"))
+        res = analyse(root, hospitals, separate=bool(SETTINGS[name].get("separate_evaluate")))
+        print(f"{name}: median overhead {res['overhead_median_s']}; components {res['components_median_s']}; "
+              f"coordinator {res['coordinator_median_s']}")
+        for r in res["rounds"]:
+            print("  ", {k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()
+                         if k != "coordinator_s"})
     return 0
 
 

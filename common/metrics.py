@@ -8,6 +8,11 @@ coordinator reports about validation (AUC, loss, the operating threshold and the
 specificity and accuracy at it) is post-processing of those counts, per site or pooled (counts
 summed over sites, the metric computed once).
 
+Noisy counts arrive signed (issue 10): a site rounds its noisy counts but does not clip them, so
+an empty cell is centred on 0 and the sum over many sites stays unbiased. Every figure here clips
+its input at 0 itself (post-processing): per site that is the display of one noisy histogram; for
+the pool, :func:`pool_histograms` sums the signed counts first, so the clip comes after pooling.
+
 Bins are logit-spaced (see :data:`BIN_EDGES`): ``HIST_BINS - 2`` bins of the score's logit
 ``z = log(p / (1 - p))`` over ``[-LOGIT_LIMIT, LOGIT_LIMIT]`` plus two open end bins
 ``(-inf, -LOGIT_LIMIT)`` and ``[LOGIT_LIMIT, inf)``. The interior edges are equally spaced in
@@ -42,6 +47,11 @@ BIN_EDGES[0], BIN_EDGES[-1] = -LOGIT_LIMIT, LOGIT_LIMIT
 #: beyond the limit as the half-width of their neighbour. Used for the approximate loss.
 _END = (BIN_EDGES[-1] - BIN_EDGES[-2]) / 2
 BIN_CENTERS = np.concatenate([[BIN_EDGES[0] - _END], (BIN_EDGES[:-1] + BIN_EDGES[1:]) / 2, [BIN_EDGES[-1] + _END]])
+
+
+def nonnegative(hist: np.ndarray) -> np.ndarray:
+    """The counts of a (possibly signed, noisy) histogram clipped at 0, as float64 (post-processing)."""
+    return np.clip(np.asarray(hist, dtype=np.float64), 0.0, None)
 
 
 def sigmoid(z: np.ndarray | float) -> np.ndarray:
@@ -169,8 +179,9 @@ def score_histograms(labels: np.ndarray, probs: np.ndarray) -> np.ndarray:
 
 
 def auc_from_histogram(pos: np.ndarray, neg: np.ndarray) -> float:
-    """AUC from binned scores: P(score_pos > score_neg) + 0.5 P(same bin); exact on the binned data."""
-    pos, neg = np.asarray(pos, dtype=np.float64), np.asarray(neg, dtype=np.float64)
+    """AUC from binned scores: P(score_pos > score_neg) + 0.5 P(same bin); exact on the binned data.
+    Negative (noisy) counts are clipped at 0."""
+    pos, neg = nonnegative(pos), nonnegative(neg)
     n_pos, n_neg = pos.sum(), neg.sum()
     if n_pos <= 0 or n_neg <= 0:
         return float("nan")
@@ -192,7 +203,7 @@ def loss_from_histograms(hist: np.ndarray) -> float:
     """Approximate cross-entropy: every count of ``hist[k, 1]`` (an example of class k) costs
     -log p at its bin's representative probability (:data:`BIN_CENTERS`). Each example is counted
     once (in its own class's slice), so this approximates the categorical cross-entropy for any C."""
-    hist = np.asarray(hist, dtype=np.float64)
+    hist = nonnegative(hist)
     own = hist[:, 1, :].sum(axis=0)
     n = own.sum()
     if n <= 0:
@@ -202,13 +213,14 @@ def loss_from_histograms(hist: np.ndarray) -> float:
 
 
 def num_examples_from_histograms(hist: np.ndarray) -> int:
-    """Examples behind a histogram: the sum of class 0's slice (noisy counts are post-processed)."""
-    return int(np.asarray(hist)[0].sum())
+    """Examples behind a histogram: max(0, the sum of class 0's signed slice). The noisy counts are
+    summed unclipped (an unbiased total), then clipped (post-processing)."""
+    return max(0, int(np.asarray(hist, dtype=np.int64)[0].sum()))
 
 
 def _rates(hist: np.ndarray, edge: int) -> tuple[np.ndarray, np.ndarray]:
     """Per class: (sensitivity, specificity) of "positive iff bin >= edge + 1"."""
-    hist = np.asarray(hist, dtype=np.float64)
+    hist = nonnegative(hist)
     pos, neg = hist[:, 1, :], hist[:, 0, :]
     with np.errstate(divide="ignore", invalid="ignore"):
         sens = pos[:, edge + 1:].sum(1) / pos.sum(1)
@@ -229,7 +241,7 @@ def choose_threshold(hist: np.ndarray, *, target_sensitivity: float | None = Non
     the highest threshold whose sensitivity still reaches the target (the best specificity at that
     sensitivity). None when a class is missing from the counts (nothing to choose from).
     """
-    hist = np.asarray(hist, dtype=np.float64)
+    hist = nonnegative(hist)
     ks = _classes(hist)
     if any(hist[k, 1].sum() <= 0 or hist[k, 0].sum() <= 0 for k in ks):
         return None
@@ -279,7 +291,7 @@ def at_threshold(hist: np.ndarray, threshold: float | None) -> dict[str, object]
     nan = float("nan")
     if threshold is None:
         return {"sensitivity": nan, "specificity": nan, "f1": nan, "accuracy": None, "confusion": None}
-    hist = np.asarray(hist, dtype=np.float64)
+    hist = nonnegative(hist)
     e = _edge_of(threshold)
     ks = _classes(hist)
     sens, spec, f1 = [], [], []
@@ -316,7 +328,8 @@ def summarise_histograms(hist: np.ndarray, *, threshold: float | None = None,
 
 
 def pool_histograms(hists: list[np.ndarray]) -> np.ndarray:
-    """Sum several sites' histograms (same shape) into the pooled one."""
+    """Sum several sites' signed histograms (same shape) into the pooled one, unclipped: the figures
+    computed from it clip at 0 after pooling (issue 10)."""
     return np.sum(np.stack([np.asarray(h, dtype=np.int64) for h in hists]), axis=0)
 
 

@@ -29,6 +29,19 @@ RECEIPT_FIELDS = frozenset({"audit-head", "audit-count"})
 #: charged to the node's ledger, or a fixed, data-independent quantity: ``num-examples`` is the
 #: training set's DP-released size (released once, re-sent unchanged); ``round`` is the node's own
 #: count; the rest describe the mechanism and the budgets. No loss, no timing (data-dependent).
+#: Config key of a train message asking the node to evaluate the incoming global model (the
+#: previous round's aggregate) on its validation split before training, and to return the released
+#: histograms in the train reply (issue 14: one model transfer fewer per round). The node spends
+#: that evaluation exactly like a plain evaluate message (validation account, its own count and
+#: allowance); a refused evaluation leaves the training untouched and is reported as ``val-refused``.
+EVALUATE_FIRST_KEY = "evaluate-first"
+#: Metrics of that evaluation inside a train reply: the evaluate reply's metrics under a ``val-``
+#: prefix, or ``val-refused`` (the fixed refusal code) when the node refused the evaluation.
+TRAIN_EVAL_METRICS = frozenset(
+    {"val-num-examples", "val-histograms", "val-round", "val-epsilon", "val-epsilon_budget", "val-refused"}
+)
+#: The fields an evaluation inside a train reply must carry together (``val-epsilon*`` only with DP).
+TRAIN_EVAL_REQUIRED = frozenset({"val-num-examples", "val-histograms", "val-round"})
 TRAIN_METRICS = frozenset(
     {
         "num-examples",
@@ -44,13 +57,14 @@ TRAIN_METRICS = frozenset(
         "study_epsilon",
         "study_epsilon_budget",
     }
-)
+) | TRAIN_EVAL_METRICS
 #: Metrics a hospital may report after evaluating the global model on its validation data: the
 #: per-class score histograms, DP-released with Gaussian noise (see :mod:`fedrad.client.privacy.releases`),
 #: and their total (post-processing). Every validation figure is derived from them by the coordinator.
 EVAL_METRICS = frozenset({"num-examples", "partition-id", "histograms", "round", "epsilon", "epsilon_budget"})
 #: Metrics that must be whole numbers.
-INT_METRICS = frozenset({"num-examples", "partition-id", "round", "steps"})
+INT_METRICS = frozenset({"num-examples", "partition-id", "round", "steps", "val-num-examples", "val-round",
+                         "val-refused"})
 #: ``Error.code`` of a hospital's reply when it refuses work.
 ERR_REFUSED = 4000  # generic: bad data, bad config, node-side failure
 ERR_BUDGET = 4001  # the round would exceed the site's privacy budget (or the study's turns are used up)
@@ -59,8 +73,23 @@ ERR_POLICY = 4003  # the request breaks the hospital's node policy
 
 #: The only metrics that may be lists: aggregate counts, capped in length. Every other metric is
 #: one number, so nothing per-example can ride along in an allow-listed name.
-LIST_METRICS = frozenset({"histograms"})
+LIST_METRICS = frozenset({"histograms", "val-histograms"})
 MAX_LIST_LEN = 10_000
+#: Largest magnitude of a histogram count. Noisy counts are signed (issue 10: rounded, not clipped,
+#: so that the coordinator's pooled sum is unbiased); the node bounds them to this range.
+HIST_COUNT_LIMIT = 10**7
+#: ``federation.update_encoding`` values: "float32" (the trained weights) or "float16-delta" (the
+#: trained weights minus the global model the node received, float16; floating arrays only).
+UPDATE_ENCODINGS = ("float32", "float16-delta")
+
+
+def update_dtype(model_dtype: str, encoding: str) -> str:
+    """The dtype an array of the model's ``model_dtype`` travels in under ``encoding``."""
+    if encoding not in UPDATE_ENCODINGS:
+        raise ProtocolError(f"unknown update encoding {encoding!r} (known: {', '.join(UPDATE_ENCODINGS)})")
+    if encoding == "float16-delta" and np.dtype(model_dtype).kind == "f":
+        return "float16"
+    return str(np.dtype(model_dtype))
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -87,8 +116,12 @@ def check_reply(
     kind: str,
     expected_shapes: Mapping[str, tuple[int, ...]] | None = None,
     num_classes: int | None = None,
+    update_encoding: str = "float32",
 ) -> None:
-    """Raise :class:`ProtocolError` unless ``content`` is a well-formed, allowed reply."""
+    """Raise :class:`ProtocolError` unless ``content`` is a well-formed, allowed reply.
+
+    ``update_encoding`` (train): the study's ``federation.update_encoding``; with "float16-delta"
+    every array must be float16 (the model's arrays are float32), else float32."""
     if kind not in ("train", "evaluate"):
         raise ProtocolError(f"unknown message kind {kind!r}")
     allowed_metrics = TRAIN_METRICS if kind == "train" else EVAL_METRICS
@@ -113,8 +146,9 @@ def check_reply(
                 raise ProtocolError(f"{kind} reply: metric {key!r} must be a single number, got a list")
             if len(value) > MAX_LIST_LEN:
                 raise ProtocolError(f"{kind} reply: metric {key!r} has {len(value)} values (max {MAX_LIST_LEN})")
-            if any(isinstance(v, bool) or not isinstance(v, int) or v < 0 for v in value):
-                raise ProtocolError(f"{kind} reply: metric {key!r} must hold non-negative integer counts")
+            if any(isinstance(v, bool) or not isinstance(v, int) or abs(v) > HIST_COUNT_LIMIT for v in value):
+                raise ProtocolError(f"{kind} reply: metric {key!r} must hold integer counts of magnitude at "
+                                    f"most {HIST_COUNT_LIMIT}")
         elif isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ProtocolError(f"{kind} reply: metric {key!r} must be a number, got {type(value).__name__}")
         elif not math.isfinite(value):
@@ -126,10 +160,13 @@ def check_reply(
         raise ProtocolError(f"{kind} reply: 'num-examples' must be >= {1 if kind == 'train' else 0}, got {n!r}")
     if "round" in metrics and metrics["round"] < 1:  # type: ignore[operator]
         raise ProtocolError(f"{kind} reply: 'round' must be >= 1, got {metrics['round']!r}")
-    if kind == "evaluate" and num_classes is not None:
+    hist_key = "histograms" if kind == "evaluate" else "val-histograms"
+    if num_classes is not None and hist_key in metrics:
         c = num_classes
-        if "histograms" in metrics and len(metrics["histograms"]) != c * 2 * HIST_BINS:  # type: ignore[arg-type]
-            raise ProtocolError(f"evaluate reply: 'histograms' must hold {c}x2x{HIST_BINS} counts")
+        if len(metrics[hist_key]) != c * 2 * HIST_BINS:  # type: ignore[arg-type]
+            raise ProtocolError(f"{kind} reply: {hist_key!r} must hold {c}x2x{HIST_BINS} counts")
+    if kind == "train":
+        _check_train_evaluation(metrics)
     if kind == "train":
         arrays = content[ARRAYS_KEY]
         if not isinstance(arrays, ArrayRecord):
@@ -144,20 +181,41 @@ def check_reply(
         bad = sorted(k for k in got if got[k] != tuple(expected_shapes[k]))
         if bad:
             raise ProtocolError(f"train reply: arrays with wrong shapes: {bad}")
+        dtype = np.dtype(update_dtype("float32", update_encoding))
         for name, arr in sorted(arrays.items()):
             # Metadata and size first: decoding pre-allocates whatever shape the payload's header claims.
-            if str(arr.dtype) != "float32":
-                raise ProtocolError(f"train reply: arrays.{name}: {arr.dtype}, not float32")
-            want = 4 * int(np.prod(expected_shapes[name], dtype=np.int64))
+            if str(arr.dtype) != str(dtype):
+                raise ProtocolError(f"train reply: arrays.{name}: {arr.dtype}, not {dtype}")
+            want = dtype.itemsize * int(np.prod(expected_shapes[name], dtype=np.int64))
             if len(arr.data) > want + _NPY_HEADER_SLACK:
                 raise ProtocolError(f"train reply: arrays.{name}: {len(arr.data)} bytes for {want} bytes of values")
             nd = arr.numpy()
-            if nd.dtype != np.float32 or tuple(nd.shape) != tuple(expected_shapes[name]):
+            if nd.dtype != dtype or tuple(nd.shape) != tuple(expected_shapes[name]):
                 raise ProtocolError(f"train reply: arrays.{name}: payload is {nd.dtype}{tuple(nd.shape)}, "
-                                    f"not float32{tuple(expected_shapes[name])}")
+                                    f"not {dtype}{tuple(expected_shapes[name])}")
             if not np.isfinite(nd).all():
                 raise ProtocolError(f"train reply: arrays.{name}: holds non-finite values")
     for name in names - {RECEIPT_KEY}:
         if isinstance(content[name], ConfigRecord):
             raise ProtocolError(f"{kind} reply: config records may not leave a hospital ({name!r})")
+
+
+def _check_train_evaluation(metrics: MetricRecord) -> None:
+    """A train reply carries either no evaluation, a whole one, or only its refusal code."""
+    present = set(metrics.keys()) & TRAIN_EVAL_METRICS
+    if not present:
+        return
+    if "val-refused" in present:
+        if present != {"val-refused"}:
+            raise ProtocolError("train reply: 'val-refused' comes alone (a refused evaluation releases nothing)")
+        if metrics["val-refused"] not in (ERR_REFUSED, ERR_BUDGET, ERR_PROTOCOL, ERR_POLICY):
+            raise ProtocolError(f"train reply: 'val-refused' must be a refusal code, got {metrics['val-refused']!r}")
+        return
+    missing = sorted(TRAIN_EVAL_REQUIRED - present)
+    if missing:
+        raise ProtocolError(f"train reply: an evaluation needs {sorted(TRAIN_EVAL_REQUIRED)}, missing {missing}")
+    if metrics["val-num-examples"] < 0:  # type: ignore[operator]
+        raise ProtocolError("train reply: 'val-num-examples' must be >= 0")
+    if metrics["val-round"] < 1:  # type: ignore[operator]
+        raise ProtocolError("train reply: 'val-round' must be >= 1")
 

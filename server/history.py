@@ -56,6 +56,9 @@ class RoundRecord:
     global_test: dict[str, Any] = field(default_factory=dict)
     aggregated: bool = False
     seconds: float = 0.0
+    #: Where the coordinator's time in this round went (seconds): configure, screen, book_validation,
+    #: aggregate, checkpoint, test_and_best. The rest of ``seconds`` is waiting for the hospitals.
+    timings: dict[str, float] = field(default_factory=dict)
 
     def site(self, name: str) -> dict[str, Any]:
         return self.hospitals.setdefault(name, {"status": "ok"})
@@ -72,6 +75,7 @@ class RoundRecord:
             "hospitals": self.hospitals,
             "pooled_validation": self.pooled,
             "global_test": self.global_test,
+            "coordinator_seconds": self.timings,
         }
 
 
@@ -106,7 +110,7 @@ class StudyHistory:
                     hist.rounds[r["round"]] = RoundRecord(
                         round=r["round"], hospitals=r.get("hospitals", {}), pooled=r.get("pooled_validation", {}),
                         global_test=r.get("global_test", {}), aggregated=r.get("aggregated", False),
-                        seconds=r.get("seconds", 0.0),
+                        seconds=r.get("seconds", 0.0), timings=dict(r.get("coordinator_seconds") or {}),
                     )
         return hist
 

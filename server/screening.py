@@ -21,7 +21,14 @@ Rules (train and evaluate replies):
 - every metric a finite number; counts (``round``, ``steps``, ``partition-id``) integers in range;
   privacy figures (epsilon, budgets, noise multiplier, clipping norm, delta, sample rate) >= 0,
   ``delta`` < 1 and ``sample_rate`` <= 1.
-- ``histograms`` (evaluate): C * 2 * HIST_BINS integers in [0, MAX_EXAMPLES].
+- ``histograms`` (evaluate): C * 2 * HIST_BINS integers in [-MAX_EXAMPLES, MAX_EXAMPLES] (noisy
+  counts are signed, issue 10: the coordinator clips after pooling).
+- an evaluation inside a train reply (``val-`` metrics, issue 14): the evaluate reply's checks on
+  ``val-num-examples``, ``val-histograms``, ``val-round``, ``val-epsilon*``; or ``val-refused`` alone
+  (a refusal code). Whether it is used at all is the coordinator's decision (it asked, or it ignores it).
+- ``float16-delta`` updates (``federation.update_encoding``): every floating array float16 (exactly),
+  finite, added in float32 to the coordinator's OWN copy of the global arrays it sent that round
+  (never anything the node states); the sum must be finite too.
 - ``receipt`` (optional ConfigRecord): exactly ``audit-head`` (64 lowercase hex characters) and
   ``audit-count`` (an integer >= 1).
 
@@ -45,6 +52,7 @@ from numpy.lib import format as npy_format
 
 from fedrad.common.errors import ProtocolError
 from fedrad.common.metrics import HIST_BINS
+from fedrad.common.protocol import update_dtype
 
 ARRAYS_KEY = "arrays"
 METRICS_KEY = "metrics"
@@ -61,6 +69,11 @@ HEX64 = re.compile(r"[0-9a-f]{64}")
 TRAIN_FIELDS = frozenset({"num-examples", "round", "steps", "sample_rate", "noise_multiplier", "max_grad_norm",
                           "delta", "epsilon", "epsilon_budget", "study_epsilon", "study_epsilon_budget",
                           "partition-id"})
+#: An evaluation inside a train reply: the evaluate reply's fields under ``val-``, or ``val-refused``.
+TRAIN_EVAL_FIELDS = frozenset({"val-num-examples", "val-histograms", "val-round", "val-epsilon",
+                               "val-epsilon_budget", "val-refused"})
+#: Codes a refused evaluation may state (the node's fixed refusal codes).
+REFUSAL_CODES = frozenset({4000, 4001, 4002, 4003})
 EVAL_FIELDS = frozenset({"num-examples", "histograms", "round", "epsilon", "epsilon_budget", "partition-id"})
 #: Sent by nodes that predate the current contract; ignored (the allow-list refuses them once merged).
 LEGACY_FIELDS = frozenset({"train_loss", "train_seconds", "val_loss", "auc", "accuracy", "sensitivity",
@@ -99,8 +112,12 @@ class ScreenedReply:
     num_examples: int
     metrics: dict[str, int | float]  # contract scalars, legacy fields and num-examples left out
     arrays: dict[str, np.ndarray] = field(default_factory=dict)  # train
-    histograms: np.ndarray | None = None  # evaluate: int64 (C, 2, HIST_BINS)
+    histograms: np.ndarray | None = None  # evaluate: int64 (C, 2, HIST_BINS), signed
     receipt: Receipt | None = None
+    #: train: the evaluation of the global model the node received, if the reply carries one
+    #: (an evaluate-shaped :class:`ScreenedReply`), or the code of its refusal.
+    evaluation: "ScreenedReply | None" = None
+    evaluation_refused: int | None = None
 
 
 def _is_int(value: Any) -> bool:
@@ -159,10 +176,12 @@ def _records(content: RecordDict, *, kind: str, want: set[str]) -> Receipt | Non
     return receipt
 
 
-def _scalars(metrics: MetricRecord, *, allowed: frozenset[str]) -> dict[str, int | float]:
+def _scalars(metrics: MetricRecord | Mapping[str, Any], *, allowed: frozenset[str]) -> dict[str, int | float]:
     out: dict[str, int | float] = {}
     for key, value in metrics.items():
         if key in ("num-examples", "histograms") or key in LEGACY_FIELDS:
+            continue
+        if key in TRAIN_EVAL_FIELDS and allowed is TRAIN_FIELDS:  # screened by screen_train_evaluation
             continue
         if key not in allowed:
             raise RejectedReply(key, "is not a metric of the wire contract")
@@ -250,8 +269,16 @@ def screen_train(
     *,
     expected_shapes: Mapping[str, tuple[int, ...]],
     expected_dtypes: Mapping[str, str] | None = None,
+    update_encoding: str = "float32",
+    sent_global: Mapping[str, np.ndarray] | None = None,
+    num_classes: int | None = None,
 ) -> ScreenedReply:
-    """Check a train reply's values; raises :class:`RejectedReply` naming the field."""
+    """Check a train reply's values; raises :class:`RejectedReply` naming the field.
+
+    ``update_encoding="float16-delta"``: the floating arrays are float16 differences, added to
+    ``sent_global`` (the coordinator's own copy of the global arrays it sent this round); the
+    returned arrays are then the node's weights in the model's dtypes. ``num_classes``: check an
+    evaluation the reply carries (``val-`` metrics); without it such metrics are ignored."""
     receipt = _records(content, kind="train", want={ARRAYS_KEY, METRICS_KEY})
     arrays = content[ARRAYS_KEY]
     if not isinstance(arrays, ArrayRecord):
@@ -261,11 +288,81 @@ def screen_train(
         missing, extra = sorted(set(expected_shapes) - names), sorted(names - set(expected_shapes))
         raise RejectedReply(ARRAYS_KEY, f"names differ from the model (missing {missing}, unexpected {extra})")
     dtypes = expected_dtypes or {}
-    decoded = {name: _decode(name, arrays[name], shape=expected_shapes[name],
-                             dtype=np.dtype(dtypes.get(name, "float32")))
-               for name in expected_shapes}
+    if update_encoding == "float32":
+        decoded = {name: _decode(name, arrays[name], shape=expected_shapes[name],
+                                 dtype=np.dtype(dtypes.get(name, "float32")))
+                   for name in expected_shapes}
+    else:
+        decoded = _decode_deltas(arrays, expected_shapes=expected_shapes, dtypes=dtypes, encoding=update_encoding,
+                                 sent_global=sent_global)
     checked = screen_train_metrics(content[METRICS_KEY])
-    return ScreenedReply(num_examples=checked.num_examples, metrics=checked.metrics, arrays=decoded, receipt=receipt)
+    evaluation, refused = None, None
+    if num_classes is not None:
+        evaluation, refused = screen_train_evaluation(content[METRICS_KEY], num_classes=num_classes)
+    return ScreenedReply(num_examples=checked.num_examples, metrics=checked.metrics, arrays=decoded, receipt=receipt,
+                         evaluation=evaluation, evaluation_refused=refused)
+
+
+def _decode_deltas(arrays: ArrayRecord, *, expected_shapes: Mapping[str, tuple[int, ...]],
+                   dtypes: Mapping[str, str], encoding: str,
+                   sent_global: Mapping[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """A delta-encoded update added to the coordinator's own copy of the global arrays it sent."""
+    if sent_global is None or set(sent_global) != set(expected_shapes):
+        raise ProtocolError("a delta-encoded update needs the coordinator's own copy of the global arrays it sent")
+    out: dict[str, np.ndarray] = {}
+    for name, shape in expected_shapes.items():
+        model_dtype = np.dtype(dtypes.get(name, "float32"))
+        wire = np.dtype(update_dtype(str(model_dtype), encoding))
+        value = _decode(name, arrays[name], shape=shape, dtype=wire)
+        if wire == model_dtype:  # a non-floating array travels as itself
+            out[name] = value
+            continue
+        base = np.asarray(sent_global[name], dtype=model_dtype)
+        full = (base.astype(np.float32) + value.astype(np.float32)).astype(model_dtype)
+        if not np.all(np.isfinite(full)):
+            raise RejectedReply(f"arrays.{name}", "the global model plus this update is not finite")
+        out[name] = full
+    return out
+
+
+def screen_train_evaluation(metrics: MetricRecord, *, num_classes: int) -> tuple[ScreenedReply | None, int | None]:
+    """The evaluation inside a train reply (``val-`` metrics) as an evaluate-shaped reply, or the
+    code of its refusal (``val-refused``), or (None, None) when there is none; raises
+    :class:`RejectedReply` naming the field when it is malformed."""
+    present = {k for k in metrics.keys() if k in TRAIN_EVAL_FIELDS}
+    if not present:
+        return None, None
+    if "val-refused" in present:
+        if present != {"val-refused"}:
+            raise RejectedReply("val-refused", "comes alone (a refused evaluation releases nothing)")
+        code = _int_in("val-refused", metrics["val-refused"], 4000, 4003)
+        if code not in REFUSAL_CODES:
+            raise RejectedReply("val-refused", f"{code} is not a refusal code")
+        return None, code
+    inner = {k[len("val-"):]: metrics[k] for k in present}
+    for need in ("num-examples", "histograms", "round"):
+        if need not in inner:
+            raise RejectedReply(f"val-{need}", "is required with an evaluation in a train reply")
+    n = _int_in("val-num-examples", inner["num-examples"], 0, MAX_EXAMPLES)
+    hist = _histograms("val-histograms", inner["histograms"], num_classes=num_classes)
+    scalars = _scalars({k: v for k, v in inner.items() if k not in ("num-examples", "histograms")},
+                       allowed=EVAL_FIELDS)
+    return ScreenedReply(num_examples=n, metrics=scalars, histograms=hist), None
+
+
+def _histograms(field: str, hist: Any, *, num_classes: int) -> np.ndarray:
+    """C x 2 x HIST_BINS signed integer counts of magnitude at most MAX_EXAMPLES."""
+    want = num_classes * 2 * HIST_BINS
+    if not isinstance(hist, list):
+        raise RejectedReply(field, "must be a list of counts")
+    if len(hist) != want:
+        raise RejectedReply(field, f"holds {len(hist)} counts, expected {num_classes}x2x{HIST_BINS} = {want}")
+    counts = np.empty(want, dtype=np.int64)
+    for i, v in enumerate(hist):
+        if not _is_int(v) or not -MAX_EXAMPLES <= int(v) <= MAX_EXAMPLES:
+            raise RejectedReply(field, f"count {i} is {v!r}, not an integer in [-{MAX_EXAMPLES}, {MAX_EXAMPLES}]")
+        counts[i] = int(v)
+    return counts.reshape(num_classes, 2, HIST_BINS)
 
 
 def screen_train_metrics(metrics: MetricRecord) -> ScreenedReply:
@@ -288,19 +385,9 @@ def screen_evaluate(content: RecordDict, *, num_classes: int) -> ScreenedReply:
     n = _int_in("num-examples", metrics["num-examples"], 0, MAX_EXAMPLES)
     if "histograms" not in metrics:
         raise RejectedReply("histograms", "is required")
-    hist = metrics["histograms"]
-    want = num_classes * 2 * HIST_BINS
-    if not isinstance(hist, list):
-        raise RejectedReply("histograms", "must be a list of counts")
-    if len(hist) != want:
-        raise RejectedReply("histograms", f"holds {len(hist)} counts, expected {num_classes}x2x{HIST_BINS} = {want}")
-    counts = np.empty(want, dtype=np.int64)
-    for i, v in enumerate(hist):
-        if not _is_int(v) or not 0 <= int(v) <= MAX_EXAMPLES:
-            raise RejectedReply("histograms", f"count {i} is {v!r}, not an integer in [0, {MAX_EXAMPLES}]")
-        counts[i] = int(v)
-    return ScreenedReply(num_examples=n, metrics=_scalars(metrics, allowed=EVAL_FIELDS),
-                         histograms=counts.reshape(num_classes, 2, HIST_BINS), receipt=receipt)
+    counts = _histograms("histograms", metrics["histograms"], num_classes=num_classes)
+    return ScreenedReply(num_examples=n, metrics=_scalars(metrics, allowed=EVAL_FIELDS), histograms=counts,
+                         receipt=receipt)
 
 
 def partition_id(metrics: Any) -> int | None:

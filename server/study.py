@@ -3,21 +3,30 @@
 Flower's strategy drives the rounds (``Strategy.start``); fedrad adds, through a mixin, what a
 hospital federation needs around each aggregation: per-hospital records, checks of every reply
 against the wire protocol, refusals kept apart from failures, checkpoints, resume, progress.
+
+Fewer model transfers per round (issue 14): from the second round on, the train message asks the
+hospitals to evaluate the model it carries (the previous round's global model) before training
+(``evaluate-first``), and the released histograms come back in the train reply. They are booked as
+the previous round's validation (pooled and per-site figures, threshold, best model, that round's
+test figures); no separate evaluate message is sent for those rounds. Only the final model gets a
+plain evaluate message. Each hospital still spends one evaluation per round, as before.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import random
 import re
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy.strategy import Strategy
 
@@ -28,7 +37,15 @@ from fedrad.common.errors import ConfigError, FederationError, ProtocolError
 from fedrad.common.evaluation import evaluate
 from fedrad.common.model_card import CARD_KEY, model_card
 from fedrad.common.models import build_model
-from fedrad.common.protocol import ARRAYS_KEY, ERR_BUDGET, ERR_POLICY, METRICS_KEY, check_reply
+from fedrad.common.protocol import (
+    ARRAYS_KEY,
+    CONFIG_KEY,
+    ERR_BUDGET,
+    ERR_POLICY,
+    EVALUATE_FIRST_KEY,
+    METRICS_KEY,
+    check_reply,
+)
 
 from .best_model import BEST_MODEL, LAST_MODEL, MODEL, BestModel, choose_final, noise_warning
 from .checkpoints import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -46,6 +63,10 @@ log = logging.getLogger(__name__)
 
 #: Deliberate refusals by a hospital (as opposed to failures): they can end a study cleanly.
 REFUSALS = (ERR_BUDGET, ERR_POLICY)
+
+#: Diagnostics and benchmarks only (``FEDRAD_SEPARATE_EVALUATE=1`` in the ServerApp's environment):
+#: the flow before issue 14, one evaluate message after every round. Same evaluations per node.
+SEPARATE_EVALUATE = os.environ.get("FEDRAD_SEPARATE_EVALUATE", "") == "1"
 
 
 #: How a simulated hospital names itself at the start of a refusal's reason (deployment: never trusted).
@@ -71,6 +92,15 @@ class _Wiring:
     expected_dtypes: dict[str, str] = field(default_factory=dict)
     #: None: the operating threshold maximises Youden's J on pooled validation.
     target_sensitivity: float | None = None
+    #: ``federation.update_encoding`` of the study (how train replies carry the update).
+    update_encoding: str = "float32"
+    #: Evaluate each round's global model inside the next round's train message (issue 14); only the
+    #: last round of the run (``last_server_round``) gets a plain evaluate message.
+    fold_evaluation: bool = False
+    last_server_round: int = 0
+    #: Called with (round, the global arrays of that round) once that round's validation is booked
+    #: from the next round's train replies (test figures, best model, progress).
+    on_validated: Callable[[int, dict[str, np.ndarray]], None] | None = None
 
 
 def _ok_fields(screened: ScreenedReply, kind: str) -> dict[str, Any]:
@@ -147,17 +177,60 @@ class FedradStrategyMixin:
         return f"node-{node}"
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
-        self._fedrad.reporter.round_started(server_round + self._fedrad.round_offset)
+        w = self._fedrad
+        n = server_round + w.round_offset
+        w.reporter.round_started(n)
         self._t_round = time.perf_counter()
-        return super().configure_train(server_round, arrays, config, grid)  # type: ignore[misc]
+        self._timings: dict[str, float] = {}
+        t = time.perf_counter()
+        # The coordinator's own copy of what it sends: delta-encoded updates are added to it, and the
+        # previous round's validation (evaluated on it) books its test figures and best model from it.
+        self._sent_arrays = {k: np.array(v.numpy(), copy=True) for k, v in arrays.items()}
+        messages = list(super().configure_train(server_round, arrays, ConfigRecord(dict(config)), grid))  # type: ignore[misc]
+        prev = w.history.rounds.get(n - 1)
+        self._asked: set[int] = set()
+        self._pending_validation: int | None = None
+        if w.fold_evaluation and messages and prev is not None and not prev.pooled:
+            messages = self._ask_evaluation(messages, arrays)
+            self._pending_validation = n - 1
+        self._timings["configure"] = time.perf_counter() - t
+        return messages
+
+    def _ask_evaluation(self, messages: list[Message], arrays: ArrayRecord) -> list[Message]:
+        """The train messages, a sample of them (``fraction_evaluate``, at least ``min_evaluate_nodes``)
+        asking for an evaluation of the model they carry first."""
+        fraction = float(getattr(self, "fraction_evaluate", 1.0))
+        k = len(messages)
+        if fraction < 1.0:
+            k = min(k, max(int(getattr(self, "min_evaluate_nodes", 0)), int(len(messages) * fraction)))
+        chosen = {m.metadata.dst_node_id for m in random.sample(messages, k)}
+        self._asked = chosen
+        base = dict(messages[0].content[CONFIG_KEY])
+        asking = RecordDict({ARRAYS_KEY: arrays, CONFIG_KEY: ConfigRecord({**base, EVALUATE_FIRST_KEY: True})})
+        out = []
+        for m in messages:
+            node = m.metadata.dst_node_id
+            out.append(Message(content=asking, message_type=MessageType.TRAIN, dst_node_id=node) if node in chosen else m)
+        return out
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> Iterable[Message]:
+        w = self._fedrad
+        if w.fold_evaluation and server_round < w.last_server_round:
+            return []  # this round's model is evaluated inside the next round's train messages
+        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
 
     def _screen_one(self, msg: Message, kind: str) -> ScreenedReply:
-        """Protocol allow-lists (``check_reply``), then the coordinator's value checks."""
+        """Protocol allow-lists (``check_reply``), then the coordinator's value checks. An evaluation
+        inside a train reply is screened (and used) only when this coordinator asked that node for one."""
         w = self._fedrad
-        check_reply(msg.content, kind=kind, expected_shapes=w.expected_shapes if kind == "train" else None,
-                    num_classes=w.num_classes)
         if kind == "train":
-            return screen_train(msg.content, expected_shapes=w.expected_shapes, expected_dtypes=w.expected_dtypes)
+            check_reply(msg.content, kind=kind, expected_shapes=w.expected_shapes, num_classes=w.num_classes,
+                        update_encoding=w.update_encoding)
+            asked = msg.metadata.src_node_id in getattr(self, "_asked", set())
+            return screen_train(msg.content, expected_shapes=w.expected_shapes, expected_dtypes=w.expected_dtypes,
+                                update_encoding=w.update_encoding, sent_global=getattr(self, "_sent_arrays", None),
+                                num_classes=w.num_classes if asked else None)
+        check_reply(msg.content, kind=kind, num_classes=w.num_classes)
         return screen_evaluate(msg.content, num_classes=w.num_classes)
 
     def _screen(self, server_round: int, replies: Iterable[Message], kind: str) -> tuple[list[Message], list[tuple[str, int, str]]]:
@@ -187,6 +260,7 @@ class FedradStrategyMixin:
                 continue
             site.update(_ok_fields(screened, kind))
             if kind == "train":
+                self._take_evaluation(name, screened, rec.round)
                 warning = noise_warning(w.history, rec.round, name)
                 if warning:
                     w.history.event(warning)
@@ -199,6 +273,41 @@ class FedradStrategyMixin:
             valid.append(_sanitised(msg, screened, kind, weight_key))
         return valid, refused
 
+    def _take_evaluation(self, name: str, screened: ScreenedReply, n: int) -> None:
+        """File the evaluation a train reply carries (of round ``n - 1``'s model) under that round."""
+        if screened.evaluation is None and screened.evaluation_refused is None:
+            return
+        w = self._fedrad
+        prev = w.history.round(n - 1)
+        if screened.evaluation_refused is not None:
+            prev.site(name)["val_status"] = f"evaluation refused (code {screened.evaluation_refused})"
+            w.history.event(f"round {n - 1}: {name} refused the evaluation asked in round {n}'s train message "
+                            f"(code {screened.evaluation_refused}); it trained")
+            return
+        ev = screened.evaluation
+        prev.site(name).update(_ok_fields(ev, "evaluate"))
+        if ev.histograms is not None:
+            self._piggyback[name] = ev.histograms
+
+    @property
+    def _piggyback(self) -> dict[str, np.ndarray]:
+        """Screened histograms from the current train round's evaluations (of the previous model)."""
+        if not hasattr(self, "_fedrad_piggyback"):
+            self._fedrad_piggyback: dict[str, np.ndarray] = {}
+        return self._fedrad_piggyback
+
+    def _book_validation(self) -> None:
+        """Round n - 1's validation from round n's train replies, then its deferred records."""
+        m = getattr(self, "_pending_validation", None)
+        if m is None:
+            return
+        w = self._fedrad
+        self._pending_validation = None
+        w.history.pool_validation(m, dict(self._piggyback), target_sensitivity=w.target_sensitivity)
+        self._piggyback.clear()
+        if w.on_validated is not None:
+            w.on_validated(m, self._sent_arrays)
+
     @property
     def _histograms(self) -> dict[str, np.ndarray]:
         """The current evaluate round's screened histograms by site (filled by :meth:`_screen`)."""
@@ -209,7 +318,14 @@ class FedradStrategyMixin:
     def aggregate_train(self, server_round: int, replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         w = self._fedrad
         replies = list(replies)
+        t = time.perf_counter()
+        self._piggyback.clear()
         valid, refused = self._screen(server_round, replies, "train")
+        timings = getattr(self, "_timings", {})
+        timings["screen"] = time.perf_counter() - t
+        t = time.perf_counter()
+        self._book_validation()
+        timings["book_validation"] = time.perf_counter() - t
         rec = w.history.round(server_round + w.round_offset)
         if not valid and refused and all(code in REFUSALS for _, code, _ in refused):
             w.history.event(f"round {rec.round}: every hospital refused (privacy budget or node policy); study ends")
@@ -223,7 +339,9 @@ class FedradStrategyMixin:
             w.history.event(f"round {rec.round}: aggregation weights do not sum to a positive number; "
                             "global model kept")
             return None, None
+        t = time.perf_counter()
         arrays, metrics = super().aggregate_train(server_round, valid)  # type: ignore[misc]
+        timings["aggregate"] = time.perf_counter() - t
         if arrays is not None:
             bad = all_finite(arrays)
             if bad is not None:
@@ -369,36 +487,70 @@ def run_study(
     prep = prepare_study(study=study, run_dir=run_dir, reporter=reporter, names=names)
     model, class_names, test, study_dict, study_id = prep.model, prep.class_names, prep.test, prep.study_dict, prep.study_id
     ckpt_dir, offset, history, device, wiring = prep.ckpt_dir, prep.offset, prep.history, prep.device, prep.wiring
+    wiring.update_encoding = fed.update_encoding
+    wiring.fold_evaluation = fed.fraction_evaluate > 0 and not SEPARATE_EVALUATE
+    wiring.last_server_round = fed.rounds - offset
     strategy = make_strategy(study, wiring)
     config = ConfigRecord({"study": study.to_json(), "study-id": study_id, "total-rounds": fed.rounds,
                            "round-offset": offset, **(extra_config or {})})
     best = BestModel.resume(run_dir / BEST_MODEL, history=history)
     ckpt_extra = {"study_id": study_id}
 
+    def test_metrics(n: int) -> dict[str, Any]:
+        """``model`` on the coordinator's test split, at the latest pooled threshold up to round ``n``."""
+        if test is None:
+            return {}
+        chosen = history.latest_threshold(up_to=n)  # round n's pooled validation is booked by now
+        ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size,
+                      threshold=chosen[1] if chosen else None)
+        return ev.test_metrics()
+
+    def validated(n: int) -> dict[str, Any]:
+        """What waits for round ``n``'s pooled validation: its test figures and the best model."""
+        t = time.perf_counter()
+        rec = history.round(n)
+        metrics = rec.global_test = test_metrics(n)
+        best.offer(n, rec.pooled, state_dict=model.state_dict(), study=study_dict, class_names=class_names,
+                   extra=ckpt_extra)
+        rec.timings["test_and_best"] = time.perf_counter() - t
+        history.save()
+        return metrics
+
+    def on_validated(n: int, arrays: dict[str, np.ndarray]) -> None:
+        """Round ``n``'s validation arrived in round n + 1's train replies (``arrays``: its model)."""
+        model.load_state_dict({k: torch.from_numpy(np.asarray(v)) for k, v in arrays.items()})
+        validated(n)
+        rec = history.round(n)
+        log.info("round %d validation (from round %d's train replies): pooled AUC %s, %d sites", n, n + 1,
+                 rec.pooled.get("auc"), int(rec.pooled.get("sites", 0) or 0))
+        shown = getattr(reporter, "round_validated", None)  # reporters that can show it late
+        if callable(shown):
+            shown(rec, history)
+
+    wiring.on_validated = on_validated
+
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
         n = server_round + offset
         if server_round == 0 and offset:
             return None
         model.load_state_dict(arrays.to_torch_state_dict())
-        metrics: dict[str, Any] = {}
-        if test is not None:
-            chosen = history.latest_threshold(up_to=n)  # this round's pooled validation ran just before
-            ev = evaluate(model, test, device=device, batch_size=study.training.eval_batch_size,
-                          threshold=chosen[1] if chosen else None)
-            metrics = ev.test_metrics()
         if server_round == 0:
-            history.initial_test = metrics
+            history.initial_test = test_metrics(n)
             history.save()
             return None
         rec = history.round(n)
-        rec.global_test = metrics
         rec.seconds = time.perf_counter() - getattr(strategy, "_t_round", time.perf_counter())
+        rec.timings.update(getattr(strategy, "_timings", {}))
+        t = time.perf_counter()
         if n % study.output.checkpoint_every == 0 or n == fed.rounds:
             save_checkpoint(ckpt_dir / f"round-{n:04d}.pt", state_dict=model.state_dict(), study=study_dict,
                             round=n, class_names=class_names, extra=ckpt_extra)
-        best.offer(n, rec.pooled, state_dict=model.state_dict(), study=study_dict, class_names=class_names,
-                   extra=ckpt_extra)
-        history.save()
+        rec.timings["checkpoint"] = time.perf_counter() - t
+        if wiring.fold_evaluation and server_round < wiring.last_server_round:
+            history.save()  # test figures and best model wait for this model's validation (next round's replies)
+            reporter.round_finished(rec, history)
+            return None
+        metrics = validated(n)
         reporter.round_finished(rec, history)
         return MetricRecord({k: float(v) for k, v in metrics.items() if v is not None and np.isfinite(v)})
 

@@ -13,6 +13,7 @@ import numpy as np
 from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.common.errors import PrivacyError
 from fedrad.common.planning import DATASET_RELEASE_NOISE_MULTIPLIER
+from fedrad.common.protocol import HIST_COUNT_LIMIT
 
 #: Noise multiplier of the one-off release of the training set's size (a count: sensitivity 1, so
 #: the noise std is 8 examples). Charged to the training account as (8, q=1, 1 step). The
@@ -76,12 +77,14 @@ def balanced_class_weights(*, counts: list[int]) -> list[float]:
 def gaussian_histograms(hist: np.ndarray, *, noise_multiplier: float, seed: int | None = None) -> np.ndarray:
     """The Gaussian mechanism over a (c, 2, bins) histogram: adding or removing one example changes
     one count in each of the c class slices, so the L2 sensitivity is sqrt(c); noise std is
-    ``noise_multiplier * sqrt(c)``. Rounded and clipped at 0 (post-processing). ``seed``: only for a
-    reproducible simulation; else OS entropy."""
+    ``noise_multiplier * sqrt(c)``. Rounded to signed integers and NOT clipped at 0 (issue 10: a
+    count clipped on every site biases each empty cell upwards, and pooling 20 sites adds those
+    biases up; the coordinator clips after pooling). Bounded to +-:data:`HIST_COUNT_LIMIT` (the
+    contract's range; post-processing). ``seed``: only for a reproducible simulation; else OS entropy."""
     if not noise_multiplier > 0 or math.isnan(noise_multiplier):
         raise PrivacyError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
     h = np.asarray(hist, dtype=np.float64)
     c = h.shape[0]
     rng = np.random.default_rng(seed)  # None: 128 bits of OS entropy
     noisy = h + rng.normal(0.0, noise_multiplier * math.sqrt(c), size=h.shape)
-    return np.clip(np.rint(noisy), 0, None).astype(np.int64)
+    return np.clip(np.rint(noisy), -HIST_COUNT_LIMIT, HIST_COUNT_LIMIT).astype(np.int64)

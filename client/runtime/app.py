@@ -21,7 +21,17 @@ coordinator's message beyond the study it describes and the global weights. So:
   A budget refusal after the size release leaves it released: its numbers may appear in the
   refusal, and it is never re-drawn;
 * every reply, refusal and failure is recorded in the node's audit log, and a reply carries the
-  log's head as a receipt.
+  log's head as a receipt;
+* a train message may ask the node to evaluate the incoming global model first (``evaluate-first``,
+  issue 14): after the round's training is planned and reserved, the node runs exactly its plain
+  evaluation (its own evaluation count and allowance, the validation account, OS-entropy noise) on
+  the weights it received, before training changes them, and returns the released histograms in
+  the train reply under ``val-`` names. Whatever the coordinator asks, the node's allowance and
+  budgets bound what it spends. A refused evaluation (budget, allowance) does not stop the
+  training: the reply then carries only ``val-refused`` (the fixed refusal code), and the refusal
+  is audited. Secure-aggregation train requests never evaluate (their reply leaves masked);
+* with ``federation.update_encoding: float16-delta`` the node sends its update as float16
+  differences from the global model it received (post-processing of the DP output).
 """
 
 from __future__ import annotations
@@ -37,7 +47,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedrad.client.governance.audit_log import AuditLog
@@ -67,10 +77,12 @@ from fedrad.common.protocol import (
     ERR_POLICY,
     ERR_PROTOCOL,
     ERR_REFUSED,
+    EVALUATE_FIRST_KEY,
     METRICS_KEY,
     RECEIPT_KEY,
     check_receipt,
     check_reply,
+    update_dtype,
 )
 
 log = logging.getLogger(__name__)
@@ -204,6 +216,16 @@ class _Request:
     policy_version: str = ""
     epsilon_before: float | None = None
     stats: dict[str, float] | None = None
+    #: A train request's evaluation of the incoming global model (``evaluate-first``), if released.
+    evaluation: "_Evaluation | None" = None
+
+
+@dataclass
+class _Evaluation:
+    """An evaluation released inside a train reply: audited as its own entry before the train entry."""
+
+    request: _Request
+    metrics: dict[str, float | int | list[int]]  # the evaluate reply's metrics (without the ``val-`` prefix)
 
 
 @dataclass
@@ -291,6 +313,10 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
                         reason=f"{tag}{type(exc).__name__}: the node failed on this request (see the node's log)")
     metrics = reply.content[METRICS_KEY]
     try:
+        if req.evaluation is not None:  # the evaluation inside a train reply: its own entry, first
+            ev = req.evaluation
+            _audit(ev.request, kind="evaluate", content=RecordDict({METRICS_KEY: MetricRecord(ev.metrics)}),  # type: ignore[arg-type]
+                   epsilon_after=ev.metrics.get("epsilon"), outcome="sent (in the train reply)")  # type: ignore[arg-type]
         head = _audit(req, kind=kind, content=reply.content, epsilon_after=metrics.get("epsilon"),  # type: ignore[arg-type]
                       outcome="sent")
     except Exception as exc:  # noqa: BLE001 - nothing leaves unaudited
@@ -303,9 +329,9 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
         reply.content[RECEIPT_KEY] = receipt
     age = task_age()
     if age is not None:  # deployment: where a task's time goes (process start and imports vs. the work)
-        log.info("%s task (%s start): %.2fs in fedrad (train %.2fs), %.2fs since the task process started", kind,
-                 "warm" if os.environ.get(WARM_TASK_ENV) else "cold", time.monotonic() - started,
-                 (req.stats or {}).get("seconds", 0.0), age)
+        log.info("%s task (%s start): %.2fs in fedrad (train %.2fs, evaluate %.2fs), %.2fs since the task process "
+                 "started", kind, "warm" if os.environ.get(WARM_TASK_ENV) else "cold", time.monotonic() - started,
+                 (req.stats or {}).get("seconds", 0.0), (req.stats or {}).get("eval_seconds", 0.0), age)
     return reply
 
 
@@ -386,6 +412,15 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
     if weights is None and study.training.class_weighting == "balanced":  # a non-DP study: exact counts
         weights = balanced_class_weights(counts=np.bincount(np.asarray(site.data.train.labels, dtype=np.int64),
                                                             minlength=site.data.num_classes).tolist())
+    req.stats = {}
+    if not secure_aggregation and _asks_evaluation(cfg):  # the incoming global model, before training changes it
+        t_eval = time.monotonic()
+        metrics.update(_evaluate_inside(study=study, cfg=cfg, site=site, model=model, ledger=ledger, key=key,
+                                        req=req, rounds_trained=nxt.number - 1))
+        req.stats["eval_seconds"] = time.monotonic() - t_eval
+    encoding = "float32" if secure_aggregation else study.federation.update_encoding
+    sent_global = ({k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                   if encoding != "float32" else None)
     device = resolve_device(study.training.device)
     stats = train_local(
         model=model,
@@ -401,14 +436,16 @@ def _train(msg: Message, context: Context, req: _Request, *, secure_aggregation:
         expected_batch_size=plan.expected_batch_size if plan else None,
         class_weights=weights,
     )
-    req.stats = {"seconds": stats.seconds}
+    req.stats["seconds"] = stats.seconds
     metrics["steps"] = stats.steps
     if site.partition_id is not None:
         metrics["partition-id"] = site.partition_id
     content = RecordDict(
-        {ARRAYS_KEY: ArrayRecord(model.cpu().state_dict()), METRICS_KEY: MetricRecord(metrics)}
+        {ARRAYS_KEY: encode_update(model.cpu().state_dict(), sent_global, encoding=encoding),
+         METRICS_KEY: MetricRecord(metrics)}  # type: ignore[arg-type]
     )
-    check_reply(content, kind="train", expected_shapes=_shapes(model))
+    check_reply(content, kind="train", expected_shapes=_shapes(model), num_classes=site.data.num_classes,
+                update_encoding=encoding)
     # loss and time stay here, in the node's own log (they are not DP-protected)
     log.info("%s study %s round %d/%d: trained %d steps, loss %.4f, %.2fs", site.name, key[:16], nxt.number,
              nxt.planned, stats.steps, stats.train_loss, stats.seconds)
@@ -434,8 +471,53 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
     if policy is not None:  # a study the hospital would not train for gets nothing from its data either
         check_study(policy=policy, study=study)
     model = _model(study, site, msg)
+    ledger = _open_ledger(site, study.privacy)
+    metrics = _evaluation(study=study, cfg=cfg, site=site, model=model, ledger=ledger, key=key, req=req)
+    if site.partition_id is not None:
+        metrics["partition-id"] = site.partition_id
+    content = RecordDict({METRICS_KEY: MetricRecord(metrics)})  # type: ignore[arg-type]
+    check_reply(content, kind="evaluate", num_classes=site.data.num_classes)
+    return Message(content=content, reply_to=msg)
+
+
+def _asks_evaluation(cfg: dict[str, object]) -> bool:
+    """Whether a train message asks for an evaluation first (anything but an explicit True is no)."""
+    return cfg.get(EVALUATE_FIRST_KEY) is True
+
+
+def _evaluate_inside(*, study: StudyConfig, cfg: dict[str, object], site: Site, model: torch.nn.Module,
+                     ledger: PrivacyLedger, key: str, req: _Request, rounds_trained: int) -> dict[str, Any]:
+    """The evaluation a train message asks for, as ``val-`` metrics of the train reply; a refusal
+    (budget, allowance, policy) is audited and becomes ``val-refused`` (its fixed code), and the
+    training goes on. ``rounds_trained``: the node's own count of rounds behind the model received."""
+    sub = _Request(site=site, study_id=req.study_id, policy_version=req.policy_version)
+    claims = dict(cfg)
+    try:  # the model received is the previous round's: its evaluation is the coordinator's round - 1
+        claims["server-round"] = int(cfg.get("server-round", 1)) - 1  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        pass
+    try:
+        metrics = _evaluation(study=study, cfg=claims, site=site, model=model, ledger=ledger, key=key, req=sub,
+                              rounds_trained=rounds_trained)
+    except FedradError as exc:
+        log.warning("evaluation inside the train request refused (training goes on): %s", exc)
+        try:
+            _audit(sub, kind="evaluate", content=None, epsilon_after=sub.epsilon_before, outcome=f"refused: {exc}")
+        except Exception:  # noqa: BLE001 - the refusal releases nothing; the log says why it is not audited
+            log.exception("evaluate refusal could not be recorded in the audit log")
+        return {"val-refused": error_code(exc)}
+    req.evaluation = _Evaluation(request=sub, metrics=metrics)
+    return {f"val-{k}": v for k, v in metrics.items()}
+
+
+def _evaluation(*, study: StudyConfig, cfg: dict[str, object], site: Site, model: torch.nn.Module,
+                ledger: PrivacyLedger, key: str, req: _Request, rounds_trained: int | None = None) -> dict[str, Any]:
+    """One DP evaluation of ``model`` on the site's validation split: the node's next evaluation turn
+    (its own count and allowance), charged to the validation account before anything is computed;
+    returns the evaluate reply's metrics (without ``partition-id``). ``rounds_trained``: the rounds
+    behind ``model`` by the node's own count (default: its ledger's rounds trained so far)."""
+    policy = site.policy
     priv = study.privacy
-    ledger = _open_ledger(site, priv)
     nxt = _next_turn(ledger, study, site, key=key, kind="evaluate")
     req.round = nxt.number
     _log_claims(cfg, key=key, kind="evaluate", turn=nxt.number, planned=nxt.planned)
@@ -445,9 +527,10 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
         req.epsilon_before = ledger.spent("val")
         sdelta = study_delta(ledger=ledger, privacy=priv)
         rec = ledger.study(key)
+        trained = rounds_trained if rounds_trained is not None else (rec.train_rounds if rec else 0)
         plan = plan_evaluation(ledger=ledger, privacy=priv, evaluation=nxt.number, planned_evaluations=nxt.planned,
                                study_id=key, study_delta=sdelta, planned_rounds=nxt.turn.planned_rounds,
-                               rounds_trained=rec.train_rounds if rec else 0)
+                               rounds_trained=trained)
         if policy is not None:
             check_request(policy=policy, study=study, study_id=key, ledger=ledger, plan=plan,
                           secure_aggregation=study.secure_aggregation.enabled, account="val", study_delta=sdelta)
@@ -469,11 +552,30 @@ def _evaluate(msg: Message, context: Context, req: _Request) -> Message:
     if sigma is not None:
         hist = gaussian_histograms(hist, noise_multiplier=sigma, seed=_seed(study, site, nxt.number, 1))
     metrics["histograms"] = hist.reshape(-1).astype(int).tolist()
-    metrics["num-examples"] = int(hist[0].sum())  # every example counts once in class 0's two slices
-    if site.partition_id is not None:
-        metrics["partition-id"] = site.partition_id
-    content = RecordDict({METRICS_KEY: MetricRecord(metrics)})
-    check_reply(content, kind="evaluate", num_classes=site.data.num_classes)
+    # every example counts once in class 0's two slices; noisy counts are signed (issue 10)
+    metrics["num-examples"] = max(0, int(hist[0].sum()))
     log.info("%s study %s evaluation %d/%d: %d examples, loss %.4f (sent: histograms only%s)", site.name, key[:16],
              nxt.number, nxt.planned, stats.num_examples, stats.loss, ", DP-noised" if sigma is not None else "")
-    return Message(content=content, reply_to=msg)
+    return metrics
+
+
+#: Largest finite float16: a float16 delta beyond it is clipped (post-processing; a DP-SGD step
+#: moves no weight that far).
+_F16_MAX = float(np.finfo(np.float16).max)
+
+
+def encode_update(local: dict[str, torch.Tensor], sent_global: dict[str, torch.Tensor] | None, *,
+                  encoding: str) -> ArrayRecord:
+    """The train reply's arrays: the trained weights ("float32"), or ("float16-delta") the floating
+    arrays as float16 differences from the global model the node received (other dtypes as they are)."""
+    if encoding == "float32" or sent_global is None:
+        return ArrayRecord(local)
+    out: dict[str, Array] = {}
+    for name, value in local.items():
+        want = update_dtype(str(value.detach().cpu().numpy().dtype), encoding)
+        if value.is_floating_point():
+            delta = (value.detach().cpu().float() - sent_global[name].float()).numpy()
+            out[name] = Array(np.clip(delta, -_F16_MAX, _F16_MAX).astype(want))
+        else:
+            out[name] = Array(value.detach().cpu().numpy())
+    return ArrayRecord(out)  # type: ignore[arg-type]

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import DEFAULT_TTL, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
+from flwr.app import DEFAULT_TTL, Array, ArrayRecord, ConfigRecord, Message, MessageType, Metadata, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedrad.common import protocol
@@ -107,9 +107,15 @@ class FakeHospitals(Grid):
         pid = self.node_ids.index(node)
         train, val = self.sites[pid]
         model = self._model(msg.content)
+        s = self.study
         if msg.metadata.message_type == MessageType.TRAIN:
             if self.crash_at is not None and n == self.crash_at:
                 raise CoordinatorKilled(f"coordinator killed during round {n}")
+            first: dict[str, Any] = {}
+            if cfg.get(getattr(protocol, "EVALUATE_FIRST_KEY", "evaluate-first")) is True:
+                # the model it received is round n - 1's: evaluated before training, as a real node does
+                first = {f"val-{k}": v for k, v in self._evaluation(model, val, n - 1, pid).items()
+                         if k != "partition-id"}
             sigma = self.noisy.get(n, 1.0)
             gen = torch.Generator().manual_seed(1000 * n + pid)
             opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -132,13 +138,22 @@ class FakeHospitals(Grid):
                 metrics["round"] = n
             if not self.simulation:
                 del metrics["partition-id"]
+            metrics.update(first)
             arrays = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items()})
+            if getattr(s.federation, "update_encoding", "float32") == "float16-delta":  # what a real node sends
+                received = msg.content["arrays"].to_torch_state_dict()
+                arrays = ArrayRecord({k: Array((v.detach() - received[k]).numpy().astype(np.float16))
+                                      for k, v in model.state_dict().items()})
             return self._reply(msg, {"arrays": arrays, "metrics": MetricRecord(metrics)})
-        hist = evaluate(model, val, device=CPU).histograms
-        metrics = {"num-examples": int(hist[0].sum()), "histograms": [int(v) for v in hist.reshape(-1)],
-                   "epsilon": 0.1 * n, "epsilon_budget": 2.0, "partition-id": pid}
-        if "round" in protocol.EVAL_METRICS:
-            metrics["round"] = n
+        metrics = self._evaluation(model, val, n, pid)
         if not self.simulation:
             del metrics["partition-id"]
         return self._reply(msg, {"metrics": MetricRecord(metrics)})
+
+    def _evaluation(self, model: torch.nn.Module, val: ImageSplit, n: int, pid: int) -> dict[str, Any]:
+        hist = evaluate(model, val, device=CPU).histograms
+        metrics: dict[str, Any] = {"num-examples": int(hist[0].sum()), "histograms": [int(v) for v in hist.reshape(-1)],
+                                   "epsilon": 0.1 * n, "epsilon_budget": 2.0, "partition-id": pid}
+        if "round" in protocol.EVAL_METRICS:
+            metrics["round"] = max(1, n)
+        return metrics

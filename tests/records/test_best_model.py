@@ -32,7 +32,8 @@ def test_coordinator_killed_in_last_round_then_resumed_keeps_the_better_model(tm
         run_study(FakeHospitals(study, sites=sites, crash_at=3), study=study, run_dir=run_dir)
     before = json.loads((run_dir / "metrics.json").read_text())
     assert [r["round"] for r in before["rounds"]] == [1, 2] and before["status"] == "running"
-    auc_before_crash = before["rounds"][-1]["pooled_validation"]["auc"]
+    # round 2's model is validated inside round 3's train messages (issue 14), which the crash cut off
+    assert before["rounds"][0]["pooled_validation"]["auc"] is not None and not before["rounds"][-1]["pooled_validation"]
     ckpt2 = torch.load(run_dir / "checkpoints" / "round-0002.pt", weights_only=True)
 
     # act: resume; the re-run round 3 is trained with ten times the noise (little budget left)
@@ -42,6 +43,7 @@ def test_coordinator_killed_in_last_round_then_resumed_keeps_the_better_model(tm
     m = json.loads((run_dir / "metrics.json").read_text())
     pooled = {r["round"]: r["pooled_validation"]["auc"] for r in m["rounds"]}
     assert m["status"] == "completed" and sorted(pooled) == [1, 2, 3]
+    auc_before_crash = pooled[2]  # the resumed run's first train messages validated the checkpointed model
     assert pooled[3] < auc_before_crash, pooled  # precondition: the resumed round really is worse
     choice = m["model"]
     assert choice["is"] == "best" and choice["round"] in (1, 2) and choice["last_round"] == 3
