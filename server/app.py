@@ -69,6 +69,10 @@ class LogReporter:
         log.info("round %d finished in %.1fs: %d hospitals answered, aggregated=%s",
                  record.round, record.seconds, len(record.hospitals), record.aggregated)
 
+    def round_validated(self, record: RoundRecord, history: StudyHistory) -> None:
+        log.info("round %d validated: pooled AUC %s, test AUC %s", record.round, record.pooled.get("auc"),
+                 record.global_test.get("auc"))
+
     def study_finished(self, history: StudyHistory) -> None:
         log.info("study finished: %s", history.status)
 

@@ -71,6 +71,13 @@ class RichReporter:
         self.progress.console.print(f"round {record.round} ({record.seconds:.1f}s): " + "; ".join(parts) + tail)
         self.progress.advance(self.task)
 
+    def round_validated(self, record: RoundRecord, history: StudyHistory) -> None:
+        """A round's model validated late (its histograms came with the next round's train replies)."""
+        pooled, test = record.pooled, record.global_test
+        self.progress.console.print(f"round {record.round} validated: val AUC {_f(pooled.get('auc'))} "
+                                    f"loss {_f(pooled.get('loss'))} | test AUC {_f(test.get('auc'))} "
+                                    f"loss {_f(test.get('loss'))}")
+
     def note(self, text: str) -> None:
         """A warning for the operator, printed above the progress bar."""
         self.progress.console.print(f"[yellow]warning:[/] {text}")

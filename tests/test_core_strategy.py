@@ -246,6 +246,7 @@ def test_console_shows_pooled_validation_and_test_at_the_threshold(tmp_path: Pat
     reporter = RichReporter(console)
     reporter.study_started(name="t", first_round=1, total_rounds=1, hospitals=1)
     reporter.round_finished(rec, history)
+    reporter.round_validated(rec, history)  # evaluate-first: the figures may arrive a round later
     reporter.study_finished(history)
     console.print(rounds_table(history))
     console.print(final_table(history))
@@ -253,4 +254,5 @@ def test_console_shows_pooled_validation_and_test_at_the_threshold(tmp_path: Pat
 
     assert f"val AUC {rec.pooled['auc']:.3f} loss {rec.pooled['loss']:.3f}" in text
     assert "hospital-1 lifetime eps 1.00/20" in text  # the account named, with its own budget
+    assert f"round 1 validated: val AUC {rec.pooled['auc']:.3f}" in text and "test AUC 0.930" in text
     assert f"{rec.pooled['threshold']:.4g}" in text and "0.810" in text and "0.770" in text
