@@ -521,3 +521,21 @@ def test_bad_weights_and_view_counts_are_refused(bad: torch.Tensor) -> None:
             make_dp_step(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
                          max_grad_norm=1.0, expected_batch_size=4.0, generator=torch.Generator(),
                          views=views)  # type: ignore[arg-type]
+
+
+def test_group_norm_reuses_the_forward_statistics_exactly() -> None:
+    # arrange
+    gn = nn.GroupNorm(2, 4)
+    a = torch.randn(3, 4, 5, 5)
+    out = gn(a)
+    g = torch.randn_like(out)
+    # act
+    stats = norm_samplers.group_norm_forward_stats(gn, out)
+    reused = norm_samplers.group_norm_grad_sample(gn, [a], g, stats=stats)
+    recomputed = norm_samplers.group_norm_grad_sample(gn, [a], g)
+    # assert
+    assert stats is not None and stats[0].shape == (3, 2)
+    for p in (gn.weight, gn.bias):
+        torch.testing.assert_close(reused[p], recomputed[p], rtol=RTOL, atol=ATOL)
+    with torch.no_grad():
+        assert norm_samplers.group_norm_forward_stats(gn, gn(a)) is None  # no autograd record: recompute

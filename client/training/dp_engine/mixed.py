@@ -79,16 +79,17 @@ class LayerRule:
     """How one layer type computes norms and clipped sums."""
 
     def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
-              views: int = 1) -> LayerNorms:
+              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
         """``a``, ``g``: the layer's input and output gradient, ``B*K`` rows (``views`` = K
         consecutive rows per example). Norms and clipped sums are per EXAMPLE: of the sum of its
-        views' gradients (the loss already averages over views, so that sum is the mean gradient)."""
+        views' gradients (the loss already averages over views, so that sum is the mean gradient).
+        ``output``: the layer's recorded output (for statistics its forward pass saved)."""
         raise NotImplementedError
 
 
 class LinearRule(LayerRule):
     def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
-              views: int = 1) -> LayerNorms:
+              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
         assert isinstance(layer, nn.Linear)
         b = g.shape[0] // views
         a = a.to(g.dtype)
@@ -128,7 +129,7 @@ class LinearRule(LayerRule):
 
 class Conv2dRule(LayerRule):
     def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
-              views: int = 1) -> LayerNorms:
+              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
         assert isinstance(layer, nn.Conv2d)
         if not ns.conv_fast_path(layer):
             return OpacusRule().norms(layer, a, g, mode, views=views)
@@ -162,9 +163,11 @@ class Conv2dRule(LayerRule):
 
 class GroupNormRule(LayerRule):
     def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
-              views: int = 1) -> LayerNorms:
+              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
         assert isinstance(layer, nn.GroupNorm)
-        grads = {p: sum_views(gs, views) for p, gs in ns.group_norm_grad_sample(layer, [a], g).items()}
+        stats = None if output is None else ns.group_norm_forward_stats(layer, output)
+        grads = {p: sum_views(gs, views)
+                 for p, gs in ns.group_norm_grad_sample(layer, [a], g, stats=stats).items()}
         norm2, grads = _materialised(grads, g.shape[0] // views, g)
         return LayerNorms(norm2=norm2, finish=_finish_materialised(grads))
 
@@ -173,7 +176,7 @@ class OpacusRule(LayerRule):
     """Any other layer Opacus has a per-sample gradient sampler for: materialised."""
 
     def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
-              views: int = 1) -> LayerNorms:
+              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
         sampler = GradSampleModule.GRAD_SAMPLERS.get(type(layer))
         if sampler is None:
             raise PrivacyError(f"no per-sample gradient rule for layer type {type(layer).__name__}")

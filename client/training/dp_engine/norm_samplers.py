@@ -185,13 +185,33 @@ def compute_conv2d_norm_sample(
     return ret
 
 
+def group_norm_forward_stats(layer: nn.GroupNorm, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-sample, per-group ``(mean, rstd)`` the forward pass computed and autograd saved for
+    the backward (``NativeGroupNormBackward0``), or None where they are not available."""
+    fn = output.grad_fn
+    if type(fn).__name__ != "NativeGroupNormBackward0":
+        return None
+    try:
+        mean, rstd = fn._saved_result1, fn._saved_result2  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        return None
+    shape = (output.shape[0], layer.num_groups)
+    if not (isinstance(mean, torch.Tensor) and isinstance(rstd, torch.Tensor)) or mean.shape != shape \
+            or rstd.shape != shape:
+        return None
+    return mean.detach(), rstd.detach()
+
+
 def group_norm_grad_sample(
-    layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+    layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor, *,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients ``(B, C)`` of GroupNorm's affine weight and bias.
 
     ``dW_i[c] = sum_s xhat_i[c, s] g_i[c, s] = rstd_i[k] * (sum_s x g - mean_i[k] * sum_s g)`` for
     channel ``c`` in group ``k``: two reductions over the inputs, no normalised copy of them.
+    ``stats``: the forward pass' ``(mean, rstd)`` per sample and group
+    (:func:`group_norm_forward_stats`); recomputed from the inputs if None.
     """
     a = activations[0].to(backprops.dtype)
     ret: dict[nn.Parameter, torch.Tensor] = {}
@@ -200,8 +220,11 @@ def group_norm_grad_sample(
     sum_g = g.sum(dim=2)
     if layer.weight is not None and layer.weight.requires_grad:
         groups = layer.num_groups
-        var, mean = torch.var_mean(a.reshape(b, groups, -1), dim=2, unbiased=False)
-        rstd = (var + layer.eps).rsqrt()
+        if stats is None:
+            var, mean = torch.var_mean(a.reshape(b, groups, -1), dim=2, unbiased=False)
+            rstd = (var + layer.eps).rsqrt()
+        else:
+            mean, rstd = stats[0].to(g.dtype), stats[1].to(g.dtype)
         x = a.reshape(b * c, 1, -1)
         sum_xg = torch.bmm(x, g.reshape(b * c, -1, 1)).view(b, c)
         per_group = c // groups

@@ -221,7 +221,8 @@ class DPStep:
         for (name, m, rule), g in zip(recorded, backprops):
             if g is None:  # output not used by the loss: zero gradient for this layer
                 continue
-            result = rule.norms(m, self._records[m].activation, g.detach(), self.mode, views=self.views)
+            result = rule.norms(m, self._records[m].activation, g.detach(), self.mode, views=self.views,
+                                output=self._records[m].output)
             norm2 = norm2 + result.norm2.to(norm2.dtype)
             pending.append(result)
             if first:
