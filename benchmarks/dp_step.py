@@ -202,6 +202,7 @@ def main() -> int:
     for case in args.cases:  # alternate allocators case by case, so load drift hits both alike
         for alloc in args.allocators:
             r = _child(argparse.Namespace(**{**vars(args), "cases": [case]}), alloc)
+            print(json.dumps(r), file=sys.stderr, flush=True)  # partial results survive an interrupted run
             results.setdefault(alloc, {**r, "cases": {}})["cases"].update(r["cases"])
     for alloc, r in results.items():
         console.print(table(r, args.engines, args.rounds, args.steps))
