@@ -224,6 +224,8 @@ def run_stop(args: argparse.Namespace) -> int:
     co = cdn.Coordinator(prov_dir(args.prov))
     _running(co)
     run_id = _pick(co, args.run_id, running=True)
-    cdn.stop(co, run_id)
-    console.print(f"run {run_id} stopped")
+    folder = cdn.stop(co, run_id)
+    console.print(f"run {run_id} stopped" + (f"; {folder}/metrics.json says 'interrupted' "
+                                             f"(`fedrad run` of the same study with `--out {folder}` resumes it)" if folder else ""),
+                  soft_wrap=True)
     return 0

@@ -93,6 +93,10 @@ class Coordinator:
         return self.coord / "state"
 
     @property
+    def runs_index_path(self) -> Path:
+        return self.state_dir / "runs.json"
+
+    @property
     def flwr_home(self) -> Path:
         return self.state_dir / "flwr"
 
@@ -419,7 +423,21 @@ def submit(co: Coordinator, *, study_file: Path, run_dir: Path, poll_interval: f
     data = flwr_json(co, ["run", str(app), CONNECTION, "--run-config", str(overrides)], timeout=120)
     run_id = str(data["run-id"])
     (run_dir / "flower-run-id").write_text(run_id + "\n", encoding="utf-8")
+    index = run_dirs(co)
+    index[run_id] = str(run_dir.resolve())
+    _atomic_write(co.runs_index_path, json.dumps(index, indent=1, sort_keys=True) + "\n")
     return run_id
+
+
+def run_dirs(co: Coordinator) -> dict[str, str]:
+    """Flower run id -> the run folder, for every run this coordinator submitted."""
+    try:
+        data = json.loads(co.runs_index_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as exc:
+        raise FederationError(f"{co.runs_index_path}: unreadable run index ({exc})") from None
+    return {str(k): str(v) for k, v in data.items()} if isinstance(data, dict) else {}
 
 
 def runs(co: Coordinator, run_id: str | None = None) -> list[dict[str, Any]]:
@@ -427,8 +445,27 @@ def runs(co: Coordinator, run_id: str | None = None) -> list[dict[str, Any]]:
     return list(flwr_json(co, args).get("runs", []))
 
 
-def stop(co: Coordinator, run_id: str) -> None:
+def stop(co: Coordinator, run_id: str, *, timeout: float = 120.0, poll: float = 2.0) -> Path | None:
+    """Stop a run and wait (bounded) until Flower reports it finished. Flower ends the ServerApp
+    without a signal it could catch, so the run's ``metrics.json`` is then marked here: status
+    ``interrupted`` (a resume re-runs the unfinished round). Returns the run folder when known."""
+    from fedrad.server.run_records import mark_interrupted
+
     flwr_json(co, ["stop", run_id, CONNECTION])
+    deadline = time.monotonic() + timeout
+    while True:
+        listed = runs(co, run_id)
+        if all(str(r.get("status", "")).startswith("finished") for r in listed):
+            break
+        if time.monotonic() > deadline:
+            raise FederationError(f"run {run_id} was asked to stop but is still {listed[0].get('status')!r} "
+                                  f"after {timeout:.0f} s; `fedrad status` shows it")
+        time.sleep(poll)
+    folder = run_dirs(co).get(run_id)
+    if folder is None:
+        return None
+    mark_interrupted(Path(folder), reason="stopped with `fedrad stop`")
+    return Path(folder)
 
 
 def logs(co: Coordinator, run_id: str, *, timeout: float = 60.0) -> str:

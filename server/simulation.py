@@ -52,6 +52,8 @@ def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = N
         except StudyInterrupted as exc:  # a runner that does not record interruptions itself
             outcome["history"] = _interrupted_history(run_dir, reason=str(exc))
 
+    # run_engine keeps these handlers in force over Ray's start (Ray's own SIGTERM handler exits at
+    # once, leaving the ServerApp thread waiting and the state unsaved)
     with stop_on_signals(stop):
         run_engine(server_app, client_app_ref=SECAGG_CLIENT_APP_REF if secure else CLIENT_APP_REF, study=study)
     if "history" not in outcome:

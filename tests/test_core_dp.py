@@ -17,8 +17,8 @@ from opacus.accountants import RDPAccountant
 from opacus.data_loader import DPDataLoader
 from torch.utils.data import DataLoader, TensorDataset
 
-from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.client.privacy.budget import plan_round, reserve_round
+from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.client.training.train import train_local
 from fedrad.common.config import AugmentationConfig, PrivacyConfig, TrainingConfig
 from fedrad.common.datasets import ImageSplit

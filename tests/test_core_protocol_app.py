@@ -21,7 +21,7 @@ from flwr.app import (
     RecordDict,
 )
 
-from fedrad.client import app as client_app
+from fedrad.client.runtime import app as client_app
 from fedrad.client.runtime.site import simulated_site
 from fedrad.common.config import StudyConfig, parse_study
 from fedrad.common.errors import ProtocolError

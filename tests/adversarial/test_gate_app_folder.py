@@ -25,11 +25,11 @@ from flwr.clientapp.utils import get_load_client_app_fn as flower_loader
 from flwr.supercore.fab import Fab
 
 import fedrad.client.runtime.app as fedrad_app
-from fedrad.client import gate
 from fedrad.client.cli import main as node_main
 from fedrad.client.governance.app_folder import APP_DIR, flower_app_folder, folder_problems
 from fedrad.client.governance.approval import AppAllowList, fab_hash, inspect_fab
 from fedrad.client.governance.audit_log import AuditLog
+from fedrad.client.runtime import gate
 from fedrad.client.runtime.node_config import NODE_CONFIG_KEY
 from fedrad.common.protocol import ERR_POLICY
 

@@ -36,9 +36,10 @@ from adversarial.test_gate_app_folder import (  # noqa: F401 - ``node`` is a fix
     _runner,
     node,
 )
-from fedrad.client import app_folder, approval, gate
+from fedrad.client.governance import app_folder, approval
 from fedrad.client.governance.app_folder import bundle_files, sweep_stale_private
 from fedrad.client.governance.approval import AppNotApproved, fab_hash, inspect_fab
+from fedrad.client.runtime import gate
 
 GOOD_TOML = PYPROJECT.format(name="fedradstudy", publisher="coordinator", clientapp="fedrad.client.runtime.secagg_app:app")
 

@@ -27,7 +27,7 @@ from flwr.supercore.superexec.plugin import base_exec_plugin
 from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
 from flwr.supernode.nodestate.in_memory_nodestate import InMemoryNodeState
 
-from fedrad.client import gate
+from fedrad.client.runtime import gate
 
 OTHER_TYPES = [t for t in TaskType if t != TaskType.CLIENT_APP]
 

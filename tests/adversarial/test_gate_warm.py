@@ -28,8 +28,7 @@ def task(argv: list[str]) -> int:
     import types
 
     import fedrad.client.runtime.app as fedrad_app
-    from fedrad.client import gate
-
+    from fedrad.client.runtime import gate
     node = types.SimpleNamespace(yaml=Path(argv[0]))
     runner = _runner(node, CODE_FREE)
     gate.install_gate(runner)

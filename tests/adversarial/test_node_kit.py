@@ -94,8 +94,7 @@ def deployed_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, **node_over: 
 
 
 def test_kit_builds_a_working_simulated_and_deployed_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from fedrad.client import app as client_app
-
+    from fedrad.client.runtime import app as client_app
     s = study()
     sim = client_app.train(message(s, "train", tmp_path / "sim"), sim_context())
     node_yaml, ctx = deployed_node(tmp_path, monkeypatch)

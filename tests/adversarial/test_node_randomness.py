@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedrad.client import app as client_app
 from fedrad.client.governance.audit_log import AuditLog
+from fedrad.client.runtime import app as client_app
 from fedrad.common.protocol import ERR_POLICY
 from tests.adversarial.test_node_kit import deployed_node, flat, message, sim_context, study
 

@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from fedrad.client import app as client_app
 from fedrad.client.governance.audit_log import AuditLog
+from fedrad.client.runtime import app as client_app
 from fedrad.common.errors import AuditError
 from fedrad.common.protocol import ERR_REFUSED, check_receipt
 from tests.adversarial.test_node_kit import message, sim_context, study

@@ -17,8 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fedrad.client import app as client_app
 from fedrad.client.privacy.releases import SIZE_NOISE_MULTIPLIER, gaussian_histograms
+from fedrad.client.runtime import app as client_app
 from fedrad.common.metrics import HIST_BINS
 from fedrad.common.planning import sampling_plan
 from fedrad.common.protocol import ERR_BUDGET, ERR_POLICY, EVAL_METRICS, TRAIN_METRICS

@@ -17,10 +17,10 @@ import pytest
 import torch
 from torch import nn
 
-from fedrad.client import app as client_app
 from fedrad.client.governance.audit_log import AuditLog
 from fedrad.client.privacy.budget import plan_round
 from fedrad.client.privacy.ledger import PrivacyLedger
+from fedrad.client.runtime import app as client_app
 from fedrad.client.training.train import train_local
 from fedrad.common.config import AugmentationConfig, PrivacyConfig, TrainingConfig, study_key
 from fedrad.common.datasets import ImageSplit

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client import app as client_app
 from fedrad.client.privacy.ledger import PrivacyLedger
+from fedrad.client.runtime import app as client_app
 from fedrad.common.config import COSMETIC_FIELDS, study_key
 from fedrad.common.privacy import calibrate_noise
 from fedrad.common.protocol import ERR_BUDGET, ERR_POLICY

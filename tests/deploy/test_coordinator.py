@@ -17,6 +17,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+
 from fedrad.client.commands.node import supernode_command
 from fedrad.client.runtime.node import probe_superlink
 from fedrad.client.runtime.node_config import load_node_config

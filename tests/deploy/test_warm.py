@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client import gate
+from fedrad.client.runtime import gate
 from fedrad.client.runtime.warm import WARM_SOCKET_ENV, run_via_warm_runtime
 
 HERE = Path(__file__).resolve().parent

@@ -6,11 +6,10 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
+from dicom_testutil import pydicom_file
 from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 from pydicom.uid import DeflatedExplicitVRLittleEndian, ExplicitVRBigEndian
-
-from dicom_testutil import pydicom_file
 
 #: SOP Classes of objects that are not images, with pydicom's names for them.
 NON_IMAGE_SOP_CLASSES = {

@@ -9,8 +9,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from dicom_testutil import pydicom_file
+
 from fedrad.client.dicom import DicomDataConfig
 from fedrad.client.dicom.index import build_index
 from fedrad.client.dicom.walk import (

@@ -9,8 +9,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
 from dicom_testutil import pydicom_file
+
 from fedrad.client.dicom.chatter import set_verbose
 from fedrad.client.dicom.cli import main
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
+from dicom_testutil import pydicom_file, shared_file
 from pydicom.pixels import apply_color_lut, apply_modality_lut, pixel_array
 
 from fedrad.client.dicom.decode import (
@@ -20,8 +21,6 @@ from fedrad.client.dicom.decode import (
     grey_to_unit,
     pad_and_resize,
 )
-
-from dicom_testutil import pydicom_file, shared_file
 
 MR_VARIANTS = [
     "MR_small_RLE.dcm",

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.encaps import encapsulate
 from dicom_testutil import pydicom_file
+from pydicom.encaps import encapsulate
 
 from fedrad.client.dicom import DicomDataConfig
 from fedrad.client.dicom.index import REPORT_FILE, build_index

@@ -5,13 +5,13 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+import dicom_builders as build
 import numpy as np
 import pydicom
 import pytest
+from dicom_testutil import pydicom_file
 from pydicom.pixels import apply_color_lut, apply_modality_lut
 
-import dicom_builders as build
-from dicom_testutil import pydicom_file
 from fedrad.client.dicom import DicomDataConfig, load_dicom_site
 from fedrad.client.dicom.decode import (
     NOTE_CONFIGURED_WINDOW_OUTSIDE,

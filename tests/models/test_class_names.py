@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client import app as client_app
+from fedrad.client.runtime import app as client_app
 from tests.adversarial.test_node_kit import message, sim_context, study
 
 

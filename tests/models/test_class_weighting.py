@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from opacus.optimizers import DPOptimizer
 
-from fedrad.client import app as client_app
 from fedrad.client.privacy.ledger import CLASS_COUNTS_RELEASE, PrivacyLedger
 from fedrad.client.privacy.releases import CLASS_COUNTS_NOISE_MULTIPLIER, balanced_class_weights, released_class_counts
+from fedrad.client.runtime import app as client_app
 from fedrad.client.training.train import WeightedDPOptimizer
 from fedrad.common.errors import LedgerError, PrivacyError
 from fedrad.common.privacy import epsilon_for

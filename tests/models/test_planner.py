@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from opacus.accountants import RDPAccountant
 
-from fedrad.client import app as client_app
 from fedrad.client.privacy.budget import check_useful, plan_round, reserve_round
 from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.client.privacy.releases import SIZE_NOISE_MULTIPLIER, released_size
+from fedrad.client.runtime import app as client_app
 from fedrad.common.config import PrivacyConfig, TrainingConfig, parse_study
 from fedrad.common.errors import BudgetExceededError
 from fedrad.common.planning import (

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from fedrad.client.governance.audit_key import KEY_BYTES
 from fedrad.client.cli import main as node_main
 from fedrad.client.commands.node import preflight
+from fedrad.client.governance.audit_key import KEY_BYTES
 from fedrad.client.runtime.node_config import load_node_config
 from fedrad.server import provision
 

@@ -12,7 +12,11 @@ from pathlib import Path
 import pytest
 
 from fedrad.client.commands.node import (
-    ONLINE_MARKER, REFUSED_MARKER, ConnectionWatch, NodeRefusedError, supervise,
+    ONLINE_MARKER,
+    REFUSED_MARKER,
+    ConnectionWatch,
+    NodeRefusedError,
+    supervise,
 )
 
 #: A SuperNode stand-in that is refused at once, as Flower's would be (its watch writes the marker).

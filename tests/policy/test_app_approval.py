@@ -13,13 +13,12 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from flwr.app import ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, Metadata, RecordDict
 from flwr.cli.build import build_fab_from_files
 from flwr.cli.install import install_from_fab as flower_install
-from flwr.app import MessageType
 from flwr.supercore.fab import Fab
 
-from fedrad.client import gate
+from fedrad.client.cli import main as node_main
 from fedrad.client.governance.approval import (
     AppAllowList,
     AppApprovalSettings,
@@ -29,7 +28,7 @@ from fedrad.client.governance.approval import (
     verify_app,
 )
 from fedrad.client.governance.audit_log import AuditLog
-from fedrad.client.cli import main as node_main
+from fedrad.client.runtime import gate
 from fedrad.client.runtime.node_config import NODE_CONFIG_KEY
 from fedrad.common.errors import ConfigError, FedradError, PolicyViolation
 from fedrad.common.protocol import ERR_POLICY
@@ -268,7 +267,6 @@ def test_shim_is_what_superexec_finds_on_path(tmp_path: Path, node_yaml: Path) -
 def test_node_superexec_starts_only_the_gate_by_absolute_path(tmp_path: Path, monkeypatch) -> None:
     from flwr.supercore import cli
     from flwr.supercore.constant import TASK_TYPE_TO_COMMAND, TaskType
-
     from flwr.supercore.superexec.plugin.base_exec_plugin import AutoExecPlugin
 
     bin_dir = tmp_path / "bin"

@@ -10,8 +10,8 @@ import pytest
 import torch
 from flwr.app import ArrayRecord, MetricRecord, RecordDict
 
-from fedrad.client.governance.audit_log import AuditLog
 from fedrad.client.cli import main as node_main
+from fedrad.client.governance.audit_log import AuditLog
 
 
 def _content(seed: int) -> RecordDict:

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.client.governance.node_policy import NodePolicy, check_request, load_policy
 from fedrad.client.privacy.budget import RoundPlan, plan_round
+from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.common.config import parse_study
 from fedrad.common.errors import ConfigError, PolicyViolation
 

@@ -12,11 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from fedrad.client import app as client_app
-from fedrad.client.governance.audit_log import AuditLog
-from fedrad.common.config import StudyConfig, parse_study
-from fedrad.common.models import build_model
-from fedrad.common.protocol import ERR_POLICY
 from flwr.app import (
     DEFAULT_TTL,
     ArrayRecord,
@@ -26,6 +21,12 @@ from flwr.app import (
     Metadata,
     RecordDict,
 )
+
+from fedrad.client.governance.audit_log import AuditLog
+from fedrad.client.runtime import app as client_app
+from fedrad.common.config import StudyConfig, parse_study
+from fedrad.common.models import build_model
+from fedrad.common.protocol import ERR_POLICY
 
 SIZE = 28
 

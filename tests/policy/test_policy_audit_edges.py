@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from fedrad.client.governance.audit_log import AuditLog, _digest
+from flwr.app import ArrayRecord, MetricRecord, RecordDict
+from pydantic import ValidationError
+
 from fedrad.client.cli import main as node_main
+from fedrad.client.governance.audit_log import AuditLog, _digest
 from fedrad.client.governance.node_policy import NodePolicy, check_request, load_policy
 from fedrad.common.config import parse_study
 from fedrad.common.errors import AuditError, ConfigError, FedradError, PolicyViolation
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
-from pydantic import ValidationError
 
 # ----------------------------------------------------------------------------- policy
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.client.governance.node_policy import NodePolicy, check_request
 from fedrad.client.privacy.budget import RoundPlan, plan_round, reserve_round
+from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.common.config import PrivacyConfig, TrainingConfig, parse_study
 from fedrad.common.errors import BudgetExceededError, PolicyViolation
 

@@ -12,7 +12,6 @@ from fedrad.common.config import parse_study
 from fedrad.server.best_model import BEST_MODEL, LAST_MODEL, MODEL, noise_warning
 from fedrad.server.history import StudyHistory
 from fedrad.server.study import run_study
-
 from tests.conftest import small_study_dict
 from tests.records.fake_hospitals import CoordinatorKilled, FakeHospitals, hospital_splits
 

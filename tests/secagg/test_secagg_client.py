@@ -16,10 +16,10 @@ from flwr.common import FitIns, ndarrays_to_parameters, parameters_to_ndarrays
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE
 from flwr.compat.common import recorddict_compat as compat
 
+from fedrad.client.runtime import app as plain_app
 from fedrad.client.runtime.secagg_app import ARRAY_NAMES_KEY, CAPTURE_ENV, refusals_as_errors, secagg_fit
 from fedrad.common.config import parse_study
 from fedrad.common.models import build_model
-from fedrad.client import app as plain_app
 from fedrad.common.protocol import ERR_POLICY, ERR_PROTOCOL
 from fedrad.server.secagg import ARRAY_NAMES_KEY as SERVER_ARRAY_NAMES_KEY
 from tests.conftest import small_study_dict

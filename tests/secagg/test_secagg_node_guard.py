@@ -20,8 +20,8 @@ from flwr.common import FitIns, ndarrays_to_parameters
 from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_CONFIGS, Key, Stage
 from flwr.compat.common import recorddict_compat as compat
 
-from fedrad.client import app as plain_app
-from fedrad.client import secagg_app
+from fedrad.client.runtime import app as plain_app
+from fedrad.client.runtime import secagg_app
 from fedrad.common.config import parse_study
 from fedrad.common.errors import ProtocolError
 from fedrad.common.models import build_model

@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.client.privacy.budget import plan_round
+from fedrad.client.privacy.ledger import PrivacyLedger
 from fedrad.client.runtime.secagg_app import CAPTURE_ENV
 from fedrad.client.runtime.site import simulated_site
 from fedrad.common.config import parse_study

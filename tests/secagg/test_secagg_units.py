@@ -8,12 +8,12 @@ import os
 
 import numpy as np
 import pytest
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 from flwr.common.secure_aggregation.ndarrays_arithmetic import factor_combine, factor_extract, parameters_multiply
 from flwr.common.secure_aggregation.quantization import dequantize, quantize
 from flwr.common.secure_aggregation.secaggplus_utils import pseudo_rand_gen
-from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
 
-from fedrad.client import secagg_app
+from fedrad.client.runtime import secagg_app
 from fedrad.common.config import parse_study
 from fedrad.common.errors import ConfigError, FederationError
 from fedrad.server.secagg import (

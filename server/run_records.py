@@ -1,0 +1,35 @@
+"""Mark a run folder whose ServerApp ended without writing its own last word (a run stopped through
+Flower, a killed process): ``metrics.json`` then says ``interrupted`` with the reason, and rounds
+after the last checkpoint are dropped so that a resume re-runs them."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from fedrad.common.errors import FederationError
+
+from .history import StudyHistory
+
+log = logging.getLogger(__name__)
+
+
+def mark_interrupted(run_dir: Path, *, reason: str) -> StudyHistory | None:
+    """Mark ``run_dir`` interrupted when its ``metrics.json`` still says ``running``; a run that
+    finished, failed or was already marked is left as it is. None when there is no metrics.json yet."""
+    from .study import save_interrupted
+
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise FederationError(f"{path}: unreadable ({exc})") from None
+    if data.get("status") != "running":
+        return None
+    history = StudyHistory.resume(path, study=data.get("study", {}), study_id=data.get("study_id", ""),
+                                  up_to_round=10**9)
+    log.info("marking %s interrupted: %s", run_dir.name, reason)
+    return save_interrupted(history, run_dir=run_dir, reason=reason)
