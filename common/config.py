@@ -113,7 +113,7 @@ class PrivacyConfig(_Frozen):
     #: gradients). fedrad's (:mod:`fedrad.client.training.dp_engine`): "ghost" (per-sample gradient norms from
     #: activations and output gradients, no per-sample gradients), "per-sample", and "mixed" (per
     #: layer, whichever of the two is cheaper; Bu et al. 2022). All give the same clipped gradients.
-    grad_sample_mode: Literal["hooks", "ew", "functorch", "mixed", "ghost", "per-sample"] = "ew"
+    grad_sample_mode: Literal["hooks", "ew", "functorch", "mixed", "ghost", "per-sample"] = "mixed"
 
 
 class TrainingConfig(_Frozen):
@@ -132,9 +132,11 @@ class TrainingConfig(_Frozen):
     #: per-class counts, released once per dataset and charged to its ledger), so no example's
     #: contribution exceeds max_grad_norm and the accounting is unchanged. "none": unweighted.
     class_weighting: Literal["none", "balanced"] = "balanced"
-    #: Augmentation multiplicity (De et al. 2022): each sampled example's gradient is the mean over
-    #: this many independently augmented views, taken *before* clipping, so sensitivity and
-    #: accounting are unchanged. 1 = one view (needs ``data.augmentation`` to matter).
+    #: Augmentation multiplicity K (De et al. 2022): each Poisson-sampled example is augmented K
+    #: times independently (the node's OS-entropy generator) and its gradient is the mean of its K
+    #: views' gradients, taken *before* clipping: one example is still one unit for clipping, noise
+    #: and accounting. Costs about K times the compute per step. 1 = one view; without
+    #: ``data.augmentation`` the views would be identical, so the node trains with one.
     augmentation_multiplicity: int = Field(1, ge=1, le=32)
 
 

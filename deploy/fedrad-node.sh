@@ -12,6 +12,11 @@
 #   FEDRAD_VENV          a virtual environment to activate first (optional)
 #   FEDRAD_SKIP_CHECK=1  skip the preflight (not recommended)
 #   FEDRAD_NODE_DEBUG=1  the SuperNode logs at DEBUG, every request included (default INFO)
+#   FEDRAD_JEMALLOC=1    run the node with jemalloc instead of glibc malloc (LD_PRELOAD; optional,
+#                        off by default). DP training allocates and frees large per-step buffers;
+#                        see benchmarks/results/engine.md for what it measured. Needs libjemalloc.so.2
+#                        (Debian/Ubuntu: apt-get install libjemalloc2); the node refuses to start if
+#                        asked for it and it is missing. FEDRAD_JEMALLOC_LIB=/path overrides the lookup.
 # Exit codes: those of `fedrad-node start`: 0 stopped, 2 configuration error, 10 the coordinator
 # refuses this node's key (not registered or revoked; final), 1 anything else.
 set -euo pipefail
@@ -25,6 +30,21 @@ if [[ -n "${FEDRAD_VENV:-}" ]]; then
     [[ -f "$FEDRAD_VENV/bin/activate" ]] || die "FEDRAD_VENV=$FEDRAD_VENV is not a virtual environment"
     # shellcheck disable=SC1091
     source "$FEDRAD_VENV/bin/activate"
+fi
+
+if [[ "${FEDRAD_JEMALLOC:-0}" == "1" ]]; then
+    lib="${FEDRAD_JEMALLOC_LIB:-}"
+    if [[ -z "$lib" ]]; then
+        for candidate in /usr/lib/x86_64-linux-gnu/libjemalloc.so.2 /usr/lib/aarch64-linux-gnu/libjemalloc.so.2 \
+                         /usr/lib64/libjemalloc.so.2 /usr/lib/libjemalloc.so.2 /usr/local/lib/libjemalloc.so.2; do
+            if [[ -f "$candidate" ]]; then lib="$candidate"; break; fi
+        done
+    fi
+    [[ -n "$lib" && -f "$lib" ]] || die "FEDRAD_JEMALLOC=1 but libjemalloc.so.2 not found (apt-get install libjemalloc2, or set FEDRAD_JEMALLOC_LIB)"
+    export LD_PRELOAD="$lib${LD_PRELOAD:+:$LD_PRELOAD}"
+    echo "fedrad-node.sh: using jemalloc ($lib)" >&2
+elif [[ "${FEDRAD_JEMALLOC:-0}" != "0" ]]; then
+    die "FEDRAD_JEMALLOC must be 0 or 1 (got ${FEDRAD_JEMALLOC})"
 fi
 
 [[ -f "$config" ]] || die "node configuration $config not found (pass its path or set FEDRAD_NODE_CONFIG)"

@@ -373,3 +373,169 @@ def test_close_removes_hooks_and_state() -> None:
     dp.close()
     assert all(not m._forward_hooks for m in model.modules())
     assert all(getattr(p, "summed_grad", None) is None for p in model.parameters())
+
+
+# ---- augmentation multiplicity (views) and per-example weights -------------------------------------------
+
+def _clip_of_mean_views(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, views: int, clip: float,
+                        weights: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Reference, one example and one view at a time with plain autograd: each example's gradient
+    is the mean of its views' gradients; clip it (Opacus' factor), weight it, sum over examples."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    examples = []
+    for i in range(len(y)):
+        per_view = []
+        for k in range(views):
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[i * views + k: i * views + k + 1]), y[i: i + 1]).backward()
+            per_view.append([p.grad.detach().clone() for p in params])
+        examples.append([torch.stack(gs).mean(dim=0) for gs in zip(*per_view)])
+    norms = torch.stack([torch.cat([g.flatten() for g in ex]).norm() for ex in examples])
+    coef = (clip / (norms + 1e-6)).clamp(max=1.0)
+    if weights is not None:
+        coef = coef * weights
+    summed = [sum(c * g for c, g in zip(coef, gs)) for gs in zip(*examples)]
+    return norms, summed  # type: ignore[return-value]
+
+
+VIEW_CASES = ["conv3x3", "conv-stride2-bias", "conv-groups", "conv-padding-same", "groupnorm", "linear",
+              "linear-sequence"]
+
+
+@pytest.mark.parametrize("case", VIEW_CASES)
+@pytest.mark.parametrize("mode", MODES)
+def test_views_clip_the_mean_of_the_views_gradients(case: str, mode: str) -> None:
+    # arrange: 4 examples x 3 views (example-major rows), weights that differ per example
+    torch.manual_seed(0)
+    layer, shape = _layer_cases()[case]
+    model = Flat(layer, _out_features(layer, shape))
+    x, _ = _batch(shape, 12, seed=5)
+    y = torch.tensor([0, 2, 1, 2])
+    w = torch.tensor([1.0, 0.5, 0.25, 1.0])
+    norms, _ = _clip_of_mean_views(copy.deepcopy(model), x, y, views=3, clip=1.0)
+    clip = float(norms.median())
+    _, want = _clip_of_mean_views(copy.deepcopy(model), x, y, views=3, clip=clip, weights=w)
+    dp = make_dp_step(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=0.0,
+                      max_grad_norm=clip, expected_batch_size=4.0, generator=torch.Generator(),
+                      mode=mode, views=3)  # type: ignore[arg-type]
+    # act
+    got_norms = dp.per_sample_norms(x, y)
+    dp.step(x, y, weights=w)
+    got = [p.summed_grad.detach().clone() for p in model.parameters()]  # type: ignore[attr-defined]
+    dp.close()
+    # assert
+    assert (norms > clip).any() and (norms < clip).any()
+    torch.testing.assert_close(got_norms, norms, rtol=RTOL, atol=ATOL)
+    _assert_same(got, want)
+
+
+@pytest.mark.parametrize(("name", "mode"), [("cnn", "mixed"), ("cnn", "ghost"), ("resnet", "mixed"),
+                                            pytest.param("resnet", "per-sample", marks=SLOW)])
+def test_model_views_equal_reference_and_opacus_ew_with_views(name: str, mode: str) -> None:
+    """Clipped and noised gradients with K=3 views: engine == per-example reference == Opacus ew
+    with fedrad's view folding (WeightedDPOptimizer.views), same noise generator state."""
+    from fedrad.client.training.train import WeightedDPOptimizer
+
+    # arrange
+    model_name, size, options = MODELS[name]
+    torch.manual_seed(3)
+    model = build_model(model_name, in_channels=1, num_classes=2, image_size=size, options=options).train()
+    x, _ = _batch((1, size, size), 9, classes=2, seed=4)
+    y = torch.tensor([0, 1, 1])
+    w = torch.tensor([0.5, 1.0, 0.75])
+    _, want_clipped = _clip_of_mean_views(copy.deepcopy(model), x, y, views=3, clip=0.3, weights=w)
+    ref = copy.deepcopy(model)
+    gsm = prepare_module(ref, grad_sample_mode="ew", wrap_model=True, batch_first=True, loss_reduction="mean")
+    opt = WeightedDPOptimizer(torch.optim.SGD(ref.parameters(), lr=0.0), noise_multiplier=1.3, max_grad_norm=0.3,
+                              expected_batch_size=5.0, generator=torch.Generator().manual_seed(11))
+    opt.views, opt.sample_weights = 3, w
+    dp = make_dp_step(model, torch.optim.SGD(model.parameters(), lr=0.0), noise_multiplier=1.3, max_grad_norm=0.3,
+                      expected_batch_size=5.0, generator=torch.Generator().manual_seed(11), mode=mode,
+                      views=3)  # type: ignore[arg-type]
+    # act
+    opt.zero_grad(set_to_none=True)
+    F.cross_entropy(gsm(x), y.repeat_interleave(3)).backward()
+    opt.step()
+    dp.step(x, y, weights=w)
+    got_clipped = [p.summed_grad.detach().clone() for p in model.parameters()]  # type: ignore[attr-defined]
+    dp.close()
+    # assert
+    _assert_same(got_clipped, want_clipped)
+    _assert_same([p.summed_grad for p in ref.parameters()], want_clipped)  # type: ignore[attr-defined]
+    _assert_same([p.grad for p in model.parameters()], [p.grad for p in ref.parameters()])
+
+
+def test_one_view_is_todays_engine_exactly() -> None:
+    _, size, options = MODELS["cnn"]
+    torch.manual_seed(6)
+    model = build_model("cnn", in_channels=1, num_classes=2, image_size=size, options=options)
+    x, y = _batch((1, size, size), 5, classes=2, seed=6)
+    grads = []
+    for kwargs in ({}, {"views": 1}):
+        m = copy.deepcopy(model)
+        dp = make_dp_step(m, torch.optim.SGD(m.parameters(), lr=0.0), noise_multiplier=0.9, max_grad_norm=0.2,
+                          expected_batch_size=5.0, generator=torch.Generator().manual_seed(1), **kwargs)
+        dp.step(x, y)
+        dp.close()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    assert torch.equal(grads[0], grads[1])
+
+
+def test_weighted_contributions_never_exceed_the_clip_norm() -> None:
+    # arrange: one huge-gradient example, weight 1 and weight 0.3
+    _, size, options = MODELS["cnn"]
+    torch.manual_seed(7)
+    model = build_model("cnn", in_channels=1, num_classes=2, image_size=size, options=options)
+    x, y = _batch((1, size, size), 4, classes=2, seed=7)
+    x[-1] *= 50.0
+
+    def clipped_sum(n: int, w: torch.Tensor) -> torch.Tensor:
+        m = copy.deepcopy(model)
+        dp = make_dp_step(m, torch.optim.SGD(m.parameters(), lr=0.0), noise_multiplier=0.0, max_grad_norm=0.25,
+                          expected_batch_size=1.0, generator=torch.Generator())
+        dp.step(x[:n], y[:n], weights=w[:n])
+        dp.close()
+        return torch.cat([p.grad.flatten() for p in m.parameters()])
+
+    # act
+    full = clipped_sum(4, torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    light = clipped_sum(4, torch.tensor([1.0, 1.0, 1.0, 0.3]))
+    without = clipped_sum(3, torch.ones(4))
+    # assert
+    assert float((full - without).norm()) == pytest.approx(0.25, rel=1e-4)
+    assert float((light - without).norm()) == pytest.approx(0.3 * 0.25, rel=1e-4)
+
+
+@pytest.mark.parametrize("bad", [torch.tensor([1.0, 1.5, 1.0]), torch.tensor([1.0, -0.1, 1.0]),
+                                 torch.tensor([1.0, float("nan"), 1.0]), torch.tensor([1.0, 1.0])])
+def test_bad_weights_and_view_counts_are_refused(bad: torch.Tensor) -> None:
+    model = _tiny()
+    dp = make_dp_step(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0, max_grad_norm=1.0,
+                      expected_batch_size=4.0, generator=torch.Generator(), views=2)
+    with pytest.raises(PrivacyError):
+        dp.step(torch.randn(6, 4), torch.tensor([0, 1, 2]), weights=bad)
+    with pytest.raises(PrivacyError, match="view"):
+        dp.step(torch.randn(5, 4), torch.tensor([0, 1, 2]))
+    for views in (0, True, 1.5):
+        with pytest.raises(PrivacyError):
+            make_dp_step(model, torch.optim.SGD(model.parameters(), lr=0.1), noise_multiplier=1.0,
+                         max_grad_norm=1.0, expected_batch_size=4.0, generator=torch.Generator(),
+                         views=views)  # type: ignore[arg-type]
+
+
+def test_group_norm_reuses_the_forward_statistics_exactly() -> None:
+    # arrange
+    gn = nn.GroupNorm(2, 4)
+    a = torch.randn(3, 4, 5, 5)
+    out = gn(a)
+    g = torch.randn_like(out)
+    # act
+    stats = norm_samplers.group_norm_forward_stats(gn, out)
+    reused = norm_samplers.group_norm_grad_sample(gn, [a], g, stats=stats)
+    recomputed = norm_samplers.group_norm_grad_sample(gn, [a], g)
+    # assert
+    assert stats is not None and stats[0].shape == (3, 2)
+    for p in (gn.weight, gn.bias):
+        torch.testing.assert_close(reused[p], recomputed[p], rtol=RTOL, atol=ATOL)
+    with torch.no_grad():
+        assert norm_samplers.group_norm_forward_stats(gn, gn(a)) is None  # no autograd record: recompute

@@ -1,10 +1,18 @@
-"""Local training (DP-SGD with Opacus, or plain SGD) of one site's model.
+"""Local training (DP-SGD, or plain SGD) of one site's model.
 
 DP-SGD here takes sampling out of Opacus' data loader: the node draws each step's Poisson mask
 itself (every example independently with probability ``sample_rate``) for exactly the planned
 number of steps, so the steps taken are the steps reserved in the ledger for every dataset size.
-Opacus does the per-sample clipping and the noise (its ``DPOptimizer``, given a data-independent
-``expected_batch_size``). An empty Poisson batch takes its step too: pure noise.
+Per-sample clipping and noise: ``privacy.grad_sample_mode`` "mixed", "ghost" or "per-sample" use
+fedrad's engine (:mod:`fedrad.client.training.dp_engine`: one forward, one backward, per-sample
+gradient norms without per-sample gradients where that is cheaper); "ew", "hooks", "functorch"
+use Opacus' ``GradSampleModule`` and ``DPOptimizer``. Both use Opacus' clipping factor and noise
+(a data-independent ``expected_batch_size``) and give the same gradients to float rounding. An
+empty Poisson batch takes its step too: pure noise.
+
+Augmentation multiplicity K (``training.augmentation_multiplicity``, De et al. 2022): each sampled
+example is augmented K times independently; its gradient is the mean of its K views' gradients,
+taken before clipping, so one example is still one unit for clipping, noise and accounting.
 
 All DP randomness (Poisson masks, augmentation, Gaussian noise) comes from generators seeded
 with fresh OS entropy on every call; torch's global generator is never used for it. An explicit
@@ -23,19 +31,20 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from opacus.grad_sample.utils import prepare_module
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.validators import ModuleValidator
-from torch import nn
-from torch.utils.data import Dataset
-
+from fedrad.client.training.dp_engine import MODES as ENGINE_MODES
+from fedrad.client.training.dp_engine import DPStep, make_dp_step
 from fedrad.common.augment import augment_batch
 from fedrad.common.config import AugmentationConfig, PrivacyConfig, TrainingConfig
 from fedrad.common.datasets import ImageSplit
 from fedrad.common.errors import PrivacyError
 from fedrad.common.planning import sampling_plan
 from fedrad.common.privacy import steps_per_epoch
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 
@@ -76,30 +85,44 @@ class TrainStats:
 
 
 class WeightedDPOptimizer(DPOptimizer):
-    """Opacus' DP optimiser with per-example weights applied *after* clipping.
+    """Opacus' DP optimiser with per-example weights applied *after* clipping, and views.
 
     Each example's gradient is clipped to ``max_grad_norm`` exactly as in :class:`DPOptimizer`,
     then multiplied by its weight ``w_i`` in [0, 1] before summing, so every example still moves
     the sum by at most ``max_grad_norm``: the sensitivity, the noise and the accounting are those
     of plain DP-SGD. (Weighting the loss instead would be undone by clipping.) ``sample_weights``
     is set before each step; None means all ones.
+
+    ``views`` = K > 1 (augmentation multiplicity): the per-sample gradients hold K consecutive
+    rows (views) per example; an example's gradient is their mean, taken before clipping.
     """
 
     sample_weights: torch.Tensor | None = None
+    views: int = 1
+
+    def _per_example(self, grad_sample: torch.Tensor) -> torch.Tensor:
+        if self.views == 1:
+            return grad_sample
+        if len(grad_sample) % self.views:
+            raise PrivacyError(f"{len(grad_sample)} per-sample gradients are not {self.views} views per example")
+        return grad_sample.reshape(len(grad_sample) // self.views, self.views, *grad_sample.shape[1:]).mean(dim=1)
 
     def clip_and_accumulate(self) -> None:
         w = self.sample_weights
-        if w is None or len(self.grad_samples[0]) == 0:
+        if (w is None and self.views == 1) or len(self.grad_samples[0]) == 0:
             super().clip_and_accumulate()
             return
-        if bool((w < 0).any()) or bool((w > 1).any()):
+        if w is not None and (bool((w < 0).any()) or bool((w > 1).any())):
             raise PrivacyError("per-example weights must lie in [0, 1] (they may not raise the sensitivity)")
-        per_sample_norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in self.grad_samples],
+        per_example = [self._per_example(g) for g in self.grad_samples]
+        per_sample_norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in per_example],
                                        dim=1).norm(2, dim=1)
-        factor = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0) * w.to(per_sample_norms)
+        factor = (self.max_grad_norm / (per_sample_norms + 1e-6)).clamp(max=1.0)
+        if w is not None:
+            factor = factor * w.to(per_sample_norms)
         for p in self.params:
             _check_processed_flag(p.grad_sample)
-            grad_sample = self._get_flat_grad_sample(p).to(p.dtype)
+            grad_sample = self._per_example(self._get_flat_grad_sample(p).to(p.dtype))
             grad = torch.einsum("i,i...", factor.to(grad_sample.device).to(p.dtype), grad_sample)
             if p.summed_grad is not None:
                 p.summed_grad += grad
@@ -142,6 +165,26 @@ def dp_generators(device: torch.device, *, seed: int | None = None) -> tuple[tor
     return sampling, noise
 
 
+def _views(*, training: TrainingConfig, augmentation: AugmentationConfig) -> int:
+    """The augmentation multiplicity K to train with (1 where augmentation is off: K identical
+    views average to the one view, so they would only cost time)."""
+    k = int(training.augmentation_multiplicity)
+    if k > 1 and not augmentation.enabled:
+        log.warning("training.augmentation_multiplicity=%d without data.augmentation: identical views, "
+                    "training with one view", k)
+        return 1
+    return k
+
+
+def _with_views(x: torch.Tensor, views: int, augmentation: AugmentationConfig,
+                generator: torch.Generator) -> torch.Tensor:
+    """``views`` independently augmented copies of each example, example-major: rows
+    ``i*K .. i*K+K-1`` are example i's views (augmentation randomness from ``generator``)."""
+    if views > 1:
+        x = x.repeat_interleave(views, dim=0)
+    return augment_batch(x, augmentation, generator)
+
+
 def _noise_only_step(optimizer: DPOptimizer) -> None:
     """The DP step of an empty Poisson batch: no gradient, only the Gaussian noise (its privacy
     cost is that of any step, and it is reserved like any step). Opacus' own empty-batch path:
@@ -178,8 +221,9 @@ def train_local(
 
     ``seed``: None (always, on a node) draws all randomness from OS entropy; an int only for a
     reproducible simulation or a test. ``class_weights`` (one per class, each in (0, 1]): under DP
-    each example's clipped gradient is scaled by its class's weight (:class:`WeightedDPOptimizer`);
-    without DP the loss is weighted.
+    each example's clipping coefficient is scaled by its class's weight (``w_i * min(1, C/||g_i||)``);
+    without DP the loss is weighted. ``training.augmentation_multiplicity`` K: every example is
+    seen as K augmented views and its gradient is their mean (before clipping).
     """
     if privacy.enabled and noise_multiplier is None:
         raise PrivacyError("DP training needs an explicit noise_multiplier (calibrate and reserve it first)")
@@ -195,7 +239,9 @@ def train_local(
     n = len(split)
     optimizer: Any = _optimizer(model, training)
     hooks: Any = None
+    engine: DPStep | None = None
     forward: nn.Module = model
+    views = _views(training=training, augmentation=augmentation)
     if privacy.enabled:
         default = sampling_plan(num_examples=n, batch_size=training.batch_size, local_epochs=training.local_epochs)
         q = sample_rate if sample_rate is not None else default.sample_rate
@@ -205,12 +251,20 @@ def train_local(
             raise PrivacyError(f"bad DP plan: sample_rate={q!r}, steps={total!r}, expected_batch_size={ebs!r}")
         ModuleValidator.validate(model, strict=True)
         mode = privacy.grad_sample_mode
-        hooks = prepare_module(model, grad_sample_mode=mode, wrap_model=mode == "ew", batch_first=True,
-                               loss_reduction="mean")
-        forward = hooks if mode == "ew" else model
-        optimizer = WeightedDPOptimizer(optimizer, noise_multiplier=float(noise_multiplier or 0.0),
-                                max_grad_norm=privacy.max_grad_norm, expected_batch_size=ebs,  # type: ignore[arg-type]
-                                loss_reduction="mean", generator=noise_gen)
+        if mode in ENGINE_MODES:
+            engine = make_dp_step(model, optimizer, noise_multiplier=float(noise_multiplier or 0.0),
+                                  max_grad_norm=privacy.max_grad_norm, expected_batch_size=ebs,
+                                  generator=noise_gen, mode=mode, views=views)  # type: ignore[arg-type]
+            optimizer = engine.optimizer
+        else:
+            hooks = prepare_module(model, grad_sample_mode=mode, wrap_model=mode == "ew", batch_first=True,
+                                   loss_reduction="mean")
+            forward = hooks if mode == "ew" else model
+            optimizer = WeightedDPOptimizer(optimizer, noise_multiplier=float(noise_multiplier or 0.0),
+                                            max_grad_norm=privacy.max_grad_norm,
+                                            expected_batch_size=ebs,  # type: ignore[arg-type]
+                                            loss_reduction="mean", generator=noise_gen)
+            optimizer.views = views
         batches = (torch.nonzero(torch.rand(n, generator=gen) < q).flatten().numpy() for _ in range(total))
     else:
         q, total = 1.0, steps_per_epoch(num_examples=n, batch_size=training.batch_size) * training.local_epochs
@@ -226,29 +280,38 @@ def train_local(
     total_loss, total_n, taken = torch.zeros((), device=device), 0, 0
     try:
         for idx in batches:
-            optimizer.zero_grad(set_to_none=True)
             if len(idx) > 0:
                 x, y = dataset.batch(idx)
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                x = augment_batch(x, augmentation, gen)
-                if weights is not None and privacy.enabled:
-                    optimizer.sample_weights = weights[y]
-                    loss = F.cross_entropy(forward(x), y)
-                elif weights is not None:
-                    loss = (F.cross_entropy(forward(x), y, reduction="none") * weights[y]).mean()
+                x = _with_views(x, views, augmentation, gen)
+                if engine is not None:
+                    loss = engine.step(x, y, weights=None if weights is None else weights[y])
                 else:
-                    loss = F.cross_entropy(forward(x), y)
-                loss.backward()
-                optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                    yv = y if views == 1 else y.repeat_interleave(views)
+                    if weights is not None and privacy.enabled:
+                        optimizer.sample_weights = weights[y]
+                        loss = F.cross_entropy(forward(x), yv)
+                    elif weights is not None:
+                        loss = (F.cross_entropy(forward(x), yv, reduction="none") * weights[yv]).mean()
+                    else:
+                        loss = F.cross_entropy(forward(x), yv)
+                    loss.backward()
+                    optimizer.step()
                 total_loss += loss.detach() * len(y)
                 total_n += len(y)
+            elif engine is not None:
+                engine.noise_step()
             elif privacy.enabled:
+                optimizer.zero_grad(set_to_none=True)
                 _noise_only_step(optimizer)
             _proximal_pull(model, anchor, training.proximal_mu, training.lr)
             taken += 1
             if progress is not None:
                 progress(taken, total, float(total_loss) / max(total_n, 1))
     finally:
+        if engine is not None:
+            engine.close()
         if hooks is not None and hasattr(hooks, "cleanup"):
             hooks.cleanup()
         elif hooks is not None and hasattr(hooks, "_close"):

@@ -26,11 +26,10 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from opacus.grad_sample import GradSampleModule
-from torch import nn
-
 from fedrad.client.training.dp_engine import norm_samplers as ns
 from fedrad.common.errors import PrivacyError
+from opacus.grad_sample import GradSampleModule
+from torch import nn
 
 Mode = Literal["mixed", "ghost", "per-sample"]
 MODES: tuple[str, ...] = ("mixed", "ghost", "per-sample")
@@ -69,19 +68,33 @@ def _finish_materialised(grads: dict[nn.Parameter, torch.Tensor]) -> Finish:
     return lambda coef: {p: _weighted(coef, gs) for p, gs in grads.items()}
 
 
+def sum_views(per_row: torch.Tensor, views: int) -> torch.Tensor:
+    """``(B*K, ...)`` per-view tensors (example-major rows) to ``(B, ...)`` sums over each example's views."""
+    if views == 1:
+        return per_row
+    return per_row.reshape(per_row.shape[0] // views, views, *per_row.shape[1:]).sum(dim=1)
+
+
 class LayerRule:
     """How one layer type computes norms and clipped sums."""
 
-    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode) -> LayerNorms:
+    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
+              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
+        """``a``, ``g``: the layer's input and output gradient, ``B*K`` rows (``views`` = K
+        consecutive rows per example). Norms and clipped sums are per EXAMPLE: of the sum of its
+        views' gradients (the loss already averages over views, so that sum is the mean gradient).
+        ``output``: the layer's recorded output (for statistics its forward pass saved)."""
         raise NotImplementedError
 
 
 class LinearRule(LayerRule):
-    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode) -> LayerNorms:
+    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
+              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
         assert isinstance(layer, nn.Linear)
-        b = g.shape[0]
+        b = g.shape[0] // views
         a = a.to(g.dtype)
-        a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])  # (B, T, d)
+        # (B, K*T, d): an example's views are further positions of that example
+        a3, g3 = a.reshape(b, -1, a.shape[-1]), g.reshape(b, -1, g.shape[-1])
         t = a3.shape[1]
         norm2 = torch.zeros(b, device=g.device, dtype=g.dtype)
         per_sample: dict[nn.Parameter, torch.Tensor] = {}
@@ -115,11 +128,12 @@ class LinearRule(LayerRule):
 
 
 class Conv2dRule(LayerRule):
-    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode) -> LayerNorms:
+    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
+              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
         assert isinstance(layer, nn.Conv2d)
         if not ns.conv_fast_path(layer):
-            return OpacusRule().norms(layer, a, g, mode)
-        b = g.shape[0]
+            return OpacusRule().norms(layer, a, g, mode, views=views)
+        b = g.shape[0] // views
         a = a.to(g.dtype)
         norm2 = torch.zeros(b, device=g.device, dtype=g.dtype)
         per_sample: dict[nn.Parameter, torch.Tensor] = {}
@@ -128,42 +142,46 @@ class Conv2dRule(LayerRule):
         if w.requires_grad:
             s = ns.conv_shape(layer, g)
             ghost_w = mode == "ghost" or (mode == "mixed" and ns.prefer_ghost(
-                positions=s.positions, fan_in=s.fan_in, fan_out=s.fan_out, groups=s.groups))
+                positions=views * s.positions, fan_in=s.fan_in, fan_out=s.fan_out, groups=s.groups))
             if ghost_w:
-                norm2 = norm2 + ns.conv2d_weight_ghost_norm2(layer, a, g)
+                norm2 = norm2 + ns.conv2d_weight_ghost_norm2(layer, a, g, views=views)
             else:
-                per_sample[w] = ns.conv2d_weight_grad_sample(layer, a, g)
+                per_sample[w] = ns.conv2d_weight_grad_sample(layer, a, g, views=views)
         if layer.bias is not None and layer.bias.requires_grad:
-            per_sample[layer.bias] = ns.conv2d_bias_grad_sample(g)
+            per_sample[layer.bias] = sum_views(ns.conv2d_bias_grad_sample(g), views)
         for gs in per_sample.values():
             norm2 = norm2 + _sq_norms(gs, b)
 
         def finish(coef: torch.Tensor) -> dict[nn.Parameter, torch.Tensor]:
             out = {p: _weighted(coef, gs) for p, gs in per_sample.items()}
             if ghost_w:
-                out[w] = ns.conv2d_weighted_weight_grad(layer, a, g, coef)
+                out[w] = ns.conv2d_weighted_weight_grad(layer, a, g, coef.repeat_interleave(views))
             return out
 
         return LayerNorms(norm2=norm2, finish=finish, ghost=["weight"] if ghost_w else [])
 
 
 class GroupNormRule(LayerRule):
-    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode) -> LayerNorms:
+    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
+              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
         assert isinstance(layer, nn.GroupNorm)
-        grads = ns.group_norm_grad_sample(layer, [a], g)
-        norm2, grads = _materialised(grads, g.shape[0], g)
+        stats = None if output is None else ns.group_norm_forward_stats(layer, output)
+        grads = {p: sum_views(gs, views)
+                 for p, gs in ns.group_norm_grad_sample(layer, [a], g, stats=stats).items()}
+        norm2, grads = _materialised(grads, g.shape[0] // views, g)
         return LayerNorms(norm2=norm2, finish=_finish_materialised(grads))
 
 
 class OpacusRule(LayerRule):
     """Any other layer Opacus has a per-sample gradient sampler for: materialised."""
 
-    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode) -> LayerNorms:
+    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
+              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
         sampler = GradSampleModule.GRAD_SAMPLERS.get(type(layer))
         if sampler is None:
             raise PrivacyError(f"no per-sample gradient rule for layer type {type(layer).__name__}")
-        grads = {p: gs for p, gs in sampler(layer, [a], g).items() if p.requires_grad}
-        norm2, grads = _materialised(grads, g.shape[0], g)
+        grads = {p: sum_views(gs, views) for p, gs in sampler(layer, [a], g).items() if p.requires_grad}
+        norm2, grads = _materialised(grads, g.shape[0] // views, g)
         return LayerNorms(norm2=norm2, finish=_finish_materialised(grads))
 
 

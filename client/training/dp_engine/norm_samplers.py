@@ -93,18 +93,29 @@ def conv_fast_path(layer: nn.Module) -> bool:
     )
 
 
-def conv2d_weight_grad_sample(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Per-sample weight gradients ``(B, *weight.shape)`` in one grouped weight-gradient kernel.
+def _views_into_batch(t: torch.Tensor, views: int) -> torch.Tensor:
+    """``(B*K, C, ...)`` (example-major: rows ``i*K .. i*K+K-1`` are example i's views) to
+    ``(K, B*C, ...)``: the views become the batch a weight-gradient kernel sums over, the examples
+    become channel groups."""
+    b = t.shape[0] // views
+    return t.reshape(b, views, *t.shape[1:]).transpose(0, 1).reshape(views, b * t.shape[1], *t.shape[2:])
+
+
+def conv2d_weight_grad_sample(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, *,
+                              views: int = 1) -> torch.Tensor:
+    """Per-example weight gradients ``(B, *weight.shape)`` in one grouped weight-gradient kernel.
 
     The batch is folded into the channels (groups = B * layer.groups), so the native convolution
-    backward computes every sample's gradient at once (no unfolded input in memory).
+    backward computes every sample's gradient at once (no unfolded input in memory). With
+    ``views`` = K > 1 the ``B*K`` rows of ``a`` and ``g`` are K consecutive views per example and
+    each example's gradient is the SUM over its views (the kernel's own batch reduction).
     """
-    b = a.shape[0]
+    b = a.shape[0] // views
     w = layer.weight
     grads = conv2d_weight(
-        a.reshape(1, b * a.shape[1], *a.shape[2:]),
+        _views_into_batch(a, views),
         (b * w.shape[0], *w.shape[1:]),
-        g.reshape(1, b * g.shape[1], *g.shape[2:]),
+        _views_into_batch(g, views),
         stride=layer.stride,
         padding=layer.padding,  # type: ignore[arg-type]
         dilation=layer.dilation,
@@ -113,14 +124,24 @@ def conv2d_weight_grad_sample(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor
     return grads.view(b, *w.shape)
 
 
-def conv2d_weight_ghost_norm2(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Squared per-sample weight-gradient norms ``(B,)`` from Gram matrices (no per-sample gradient)."""
-    b, groups = a.shape[0], layer.groups
+def conv2d_weight_ghost_norm2(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, *,
+                              views: int = 1) -> torch.Tensor:
+    """Squared per-example weight-gradient norms ``(B,)`` from Gram matrices (no per-sample gradient).
+
+    With ``views`` = K > 1, an example's K views are K*T positions of one example (the norm of the
+    sum of its views' gradients).
+    """
+    groups = layer.groups
+    b = a.shape[0] // views
     u = F.unfold(a, layer.kernel_size, dilation=layer.dilation, padding=layer.padding,  # type: ignore[arg-type]
-                 stride=layer.stride)  # (B, Cin*k, T)
+                 stride=layer.stride)  # (B*K, Cin*k, T)
     t = u.shape[-1]
-    u = u.view(b * groups, -1, t)
-    go = g.reshape(b * groups, -1, t)
+    if views == 1:
+        u = u.view(b * groups, -1, t)
+        go = g.reshape(b * groups, -1, t)
+    else:
+        u = u.view(b, views, groups, -1, t).permute(0, 2, 3, 1, 4).reshape(b * groups, -1, views * t)
+        go = g.reshape(b, views, groups, -1, t).permute(0, 2, 3, 1, 4).reshape(b * groups, -1, views * t)
     gram_u = torch.bmm(u.transpose(1, 2), u)
     gram_g = torch.bmm(go.transpose(1, 2), go)
     return (gram_u * gram_g).view(b, -1).sum(dim=1).clamp(min=0)
@@ -164,13 +185,33 @@ def compute_conv2d_norm_sample(
     return ret
 
 
+def group_norm_forward_stats(layer: nn.GroupNorm, output: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The per-sample, per-group ``(mean, rstd)`` the forward pass computed and autograd saved for
+    the backward (``NativeGroupNormBackward0``), or None where they are not available."""
+    fn = output.grad_fn
+    if type(fn).__name__ != "NativeGroupNormBackward0":
+        return None
+    try:
+        mean, rstd = fn._saved_result1, fn._saved_result2  # type: ignore[union-attr]
+    except (AttributeError, RuntimeError):
+        return None
+    shape = (output.shape[0], layer.num_groups)
+    if not (isinstance(mean, torch.Tensor) and isinstance(rstd, torch.Tensor)) or mean.shape != shape \
+            or rstd.shape != shape:
+        return None
+    return mean.detach(), rstd.detach()
+
+
 def group_norm_grad_sample(
-    layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor
+    layer: nn.GroupNorm, activations: Sequence[torch.Tensor], backprops: torch.Tensor, *,
+    stats: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> dict[nn.Parameter, torch.Tensor]:
     """Per-sample gradients ``(B, C)`` of GroupNorm's affine weight and bias.
 
     ``dW_i[c] = sum_s xhat_i[c, s] g_i[c, s] = rstd_i[k] * (sum_s x g - mean_i[k] * sum_s g)`` for
     channel ``c`` in group ``k``: two reductions over the inputs, no normalised copy of them.
+    ``stats``: the forward pass' ``(mean, rstd)`` per sample and group
+    (:func:`group_norm_forward_stats`); recomputed from the inputs if None.
     """
     a = activations[0].to(backprops.dtype)
     ret: dict[nn.Parameter, torch.Tensor] = {}
@@ -179,8 +220,11 @@ def group_norm_grad_sample(
     sum_g = g.sum(dim=2)
     if layer.weight is not None and layer.weight.requires_grad:
         groups = layer.num_groups
-        var, mean = torch.var_mean(a.reshape(b, groups, -1), dim=2, unbiased=False)
-        rstd = (var + layer.eps).rsqrt()
+        if stats is None:
+            var, mean = torch.var_mean(a.reshape(b, groups, -1), dim=2, unbiased=False)
+            rstd = (var + layer.eps).rsqrt()
+        else:
+            mean, rstd = stats[0].to(g.dtype), stats[1].to(g.dtype)
         x = a.reshape(b * c, 1, -1)
         sum_xg = torch.bmm(x, g.reshape(b * c, -1, 1)).view(b, c)
         per_group = c // groups

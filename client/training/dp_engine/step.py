@@ -15,6 +15,15 @@
 
 So the noisy gradient is the one Opacus' ``ew``/``hooks`` engines produce for the same batch and the
 same noise generator state, to float rounding (tests/test_dp_engine.py checks it).
+
+Two extensions, neither of which changes the sensitivity (each example moves the clipped sum by
+at most ``max_grad_norm``) or the accounting (one example is one unit):
+
+- per-example weights ``w_i`` in [0, 1] (class weighting) multiply the clipping coefficient:
+  ``w_i * min(1, C / ||g_i||)``;
+- augmentation multiplicity K (De et al. 2022, ``views``): the batch holds K augmented views per
+  example (rows ``i*K .. i*K+K-1``); an example's loss is the MEAN of its views' losses, so its
+  gradient (the one clipped) is the mean of its views' gradients.
 """
 
 from __future__ import annotations
@@ -26,12 +35,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from fedrad.client.training.dp_engine.mixed import (
+    MODES,
+    LayerNorms,
+    LayerRule,
+    Mode,
+    clip_coefficients,
+    rule_for,
+)
+from fedrad.common.errors import PrivacyError
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.validators import ModuleValidator
 from torch import nn
-
-from fedrad.client.training.dp_engine.mixed import MODES, LayerNorms, LayerRule, Mode, clip_coefficients, rule_for
-from fedrad.common.errors import PrivacyError
 
 log = logging.getLogger(__name__)
 
@@ -70,11 +85,13 @@ class DPStep:
         mode: Mode = "mixed",
         loss_fn: LossFn = per_sample_cross_entropy,
         secure_mode: bool = False,
+        views: int = 1,
     ) -> None:
         _check_arguments(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
-                         expected_batch_size=expected_batch_size, generator=generator, mode=mode)
+                         expected_batch_size=expected_batch_size, generator=generator, mode=mode, views=views)
         self.model = model
         self.mode: Mode = mode
+        self.views = int(views)
         self.loss_fn = loss_fn
         self.max_grad_norm = float(max_grad_norm)
         self.layers: list[tuple[str, nn.Module, LayerRule]] = []
@@ -114,13 +131,14 @@ class DPStep:
         self._records[module] = _Record(inputs[0].detach(), output)
 
     # ---- steps ---------------------------------------------------------------------------------------
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def step(self, x: torch.Tensor, y: torch.Tensor, *, weights: torch.Tensor | None = None) -> torch.Tensor:
         """One DP step on the batch ``(x, y)``; returns the batch's mean loss (detached, on the device).
 
-        The returned loss is not DP-protected: keep it on the node.
+        ``x``: ``B * views`` inputs (each example's views consecutive), ``y``: the ``B`` examples'
+        targets. ``weights``: None, or ``B`` per-example weights in [0, 1] multiplying each
+        example's clipping coefficient. The returned loss is not DP-protected: keep it on the node.
         """
-        if x.shape[0] != y.shape[0]:
-            raise PrivacyError(f"batch of {x.shape[0]} inputs but {y.shape[0]} targets")
+        self._check_batch(x, y, weights)
         if x.shape[0] == 0:
             self.noise_step()
             return torch.zeros((), device=x.device)
@@ -133,7 +151,7 @@ class DPStep:
             self._capturing = False
         try:
             losses = self._per_sample_losses(logits, y)
-            self._clip_and_accumulate(losses)
+            self._clip_and_accumulate(losses, weights)
         finally:
             self._records.clear()
         self.optimizer.step()
@@ -151,6 +169,7 @@ class DPStep:
 
         For tests and diagnostics on the node only: the norms are NOT DP-protected.
         """
+        self._check_batch(x, y, None)
         self._records.clear()
         self._capturing = True
         try:
@@ -163,11 +182,26 @@ class DPStep:
             self._records.clear()
         return norm2.sqrt()
 
+    def _check_batch(self, x: torch.Tensor, y: torch.Tensor, weights: torch.Tensor | None) -> None:
+        if x.shape[0] != y.shape[0] * self.views:
+            raise PrivacyError(f"batch of {x.shape[0]} inputs but {y.shape[0]} targets "
+                               f"with {self.views} view(s) per example")
+        if weights is None:
+            return
+        if weights.shape != (y.shape[0],):
+            raise PrivacyError(f"need one weight per example, shape ({y.shape[0]},); got {tuple(weights.shape)}")
+        if not bool(torch.isfinite(weights).all()) or bool((weights < 0).any()) or bool((weights > 1).any()):
+            raise PrivacyError("per-example weights must lie in [0, 1] (they may not raise the sensitivity)")
+
     def _per_sample_losses(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        losses = self.loss_fn(logits, y)
-        if losses.shape != (y.shape[0],):
-            raise PrivacyError(f"loss_fn must return one loss per sample, shape ({y.shape[0]},); "
+        """One loss per EXAMPLE: with views, the mean of its views' losses."""
+        target = y if self.views == 1 else y.repeat_interleave(self.views)
+        losses = self.loss_fn(logits, target)
+        if losses.shape != (target.shape[0],):
+            raise PrivacyError(f"loss_fn must return one loss per sample, shape ({target.shape[0]},); "
                                f"got {tuple(losses.shape)}")
+        if self.views > 1:
+            losses = losses.view(y.shape[0], self.views).mean(dim=1)
         return losses
 
     def _norms(self, losses: torch.Tensor) -> tuple[torch.Tensor, list[LayerNorms]]:
@@ -178,6 +212,8 @@ class DPStep:
                 raise PrivacyError(f"layer {name!r}: its output was modified in place; "
                                    "per-sample gradients would be wrong")
         outputs = [self._records[m].output for _, m, _ in recorded]
+        # the gradient of the SUM of per-example losses at each layer output: row r holds view r's
+        # gradient already divided by K (the loss averages an example's views)
         backprops = torch.autograd.grad(losses.sum(), outputs, allow_unused=True) if outputs else ()
         norm2 = torch.zeros(losses.shape[0], device=losses.device, dtype=losses.dtype)
         pending: list[LayerNorms] = []
@@ -185,7 +221,8 @@ class DPStep:
         for (name, m, rule), g in zip(recorded, backprops):
             if g is None:  # output not used by the loss: zero gradient for this layer
                 continue
-            result = rule.norms(m, self._records[m].activation, g.detach(), self.mode)
+            result = rule.norms(m, self._records[m].activation, g.detach(), self.mode, views=self.views,
+                                output=self._records[m].output)
             norm2 = norm2 + result.norm2.to(norm2.dtype)
             pending.append(result)
             if first:
@@ -196,9 +233,11 @@ class DPStep:
                       len(self.ghost_parameters), self.ghost_parameters)
         return norm2, pending
 
-    def _clip_and_accumulate(self, losses: torch.Tensor) -> None:
+    def _clip_and_accumulate(self, losses: torch.Tensor, weights: torch.Tensor | None = None) -> None:
         norm2, pending = self._norms(losses)
         coef = clip_coefficients(norm2, max_grad_norm=self.max_grad_norm)
+        if weights is not None:  # w_i * min(1, C/||g_i||) <= C/||g_i||: the sensitivity stays <= C
+            coef = coef * weights.to(device=coef.device, dtype=coef.dtype)
         for result in pending:
             for p, s in result.finish(coef).items():
                 p.grad = s.to(p.dtype).view_as(p)
@@ -225,9 +264,11 @@ class DPStep:
 
 def _check_arguments(model: nn.Module, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                      max_grad_norm: float, expected_batch_size: float, generator: torch.Generator,
-                     mode: str) -> None:
+                     mode: str, views: int) -> None:
     if mode not in MODES:
         raise PrivacyError(f"unknown DP engine mode {mode!r} (known: {', '.join(MODES)})")
+    if isinstance(views, bool) or not isinstance(views, int) or views < 1:
+        raise PrivacyError(f"bad views (augmentation multiplicity): {views!r}")
     for name, value, ok in (
         ("noise_multiplier", noise_multiplier, lambda v: v >= 0),
         ("max_grad_norm", max_grad_norm, lambda v: v > 0),
@@ -258,6 +299,7 @@ def make_dp_step(
     mode: Mode = "mixed",
     loss_fn: LossFn = per_sample_cross_entropy,
     secure_mode: bool = False,
+    views: int = 1,
 ) -> DPStep:
     """A :class:`DPStep` for ``model`` trained by ``optimizer``.
 
@@ -266,7 +308,8 @@ def make_dp_step(
     give the same gradients to float rounding. ``loss_fn(logits, target)`` must return per-sample
     losses (default: cross-entropy). ``expected_batch_size`` divides the noisy sum (Opacus'
     ``loss_reduction="mean"``); it must not depend on the data (``q * N_released`` on a node).
+    ``views``: augmentation multiplicity K (each step's input holds K consecutive views per example).
     """
     return DPStep(model, optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
                   expected_batch_size=expected_batch_size, generator=generator, mode=mode, loss_fn=loss_fn,
-                  secure_mode=secure_mode)
+                  secure_mode=secure_mode, views=views)
