@@ -25,7 +25,7 @@ class _Frozen(BaseModel):
 class FederationConfig(_Frozen):
     name: str = "fedrad-study"
     num_hospitals: int = Field(3, ge=1, le=1000)
-    rounds: int = Field(10, ge=1, le=10000)
+    rounds: int = Field(5, ge=1, le=10000)
     min_hospitals: int = Field(1, ge=1, description="fewest hospitals an aggregation may use")
     fraction_train: float = Field(1.0, gt=0.0, le=1.0)
     fraction_evaluate: float = Field(1.0, ge=0.0, le=1.0)
@@ -61,15 +61,13 @@ class ModelConfig(_Frozen):
 class AugmentationConfig(_Frozen):
     """Per-sample augmentation (applied to each training image independently)."""
 
-    # Defaults: mild, label-preserving changes (no flips: laterality matters in radiographs); set a
-    # field to 0 to switch it off. Measured with the defaults in benchmarks/ISSUE10.md.
     hflip: float = Field(0.0, ge=0.0, le=1.0, description="probability of a horizontal flip")
     vflip: float = Field(0.0, ge=0.0, le=1.0)
-    rotate_deg: float = Field(5.0, ge=0.0, le=180.0)
-    shift: float = Field(0.05, ge=0.0, le=0.5, description="max shift as a fraction of size")
-    zoom: float = Field(0.05, ge=0.0, le=0.5, description="max relative zoom in or out")
-    brightness: float = Field(0.05, ge=0.0, le=1.0)
-    contrast: float = Field(0.05, ge=0.0, le=1.0)
+    rotate_deg: float = Field(0.0, ge=0.0, le=180.0)
+    shift: float = Field(0.0, ge=0.0, le=0.5, description="max shift as a fraction of size")
+    zoom: float = Field(0.0, ge=0.0, le=0.5, description="max relative zoom in or out")
+    brightness: float = Field(0.0, ge=0.0, le=1.0)
+    contrast: float = Field(0.0, ge=0.0, le=1.0)
 
     @property
     def enabled(self) -> bool:
@@ -118,7 +116,7 @@ class PrivacyConfig(_Frozen):
 
 class TrainingConfig(_Frozen):
     local_epochs: int = Field(1, ge=1, le=1000)
-    batch_size: int = Field(128, ge=1, description="expected (Poisson) batch size under DP")
+    batch_size: int = Field(64, ge=1, description="expected (Poisson) batch size under DP")
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = Field(0.1, gt=0.0)
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
@@ -131,7 +129,7 @@ class TrainingConfig(_Frozen):
     #: class weight (the rarest class 1, others min_count / count <= 1, from the node's noisy
     #: per-class counts, released once per dataset and charged to its ledger), so no example's
     #: contribution exceeds max_grad_norm and the accounting is unchanged. "none": unweighted.
-    class_weighting: Literal["none", "balanced"] = "balanced"
+    class_weighting: Literal["none", "balanced"] = "none"
     #: Augmentation multiplicity K (De et al. 2022): each Poisson-sampled example is augmented K
     #: times independently (the node's OS-entropy generator) and its gradient is the mean of its K
     #: views' gradients, taken *before* clipping: one example is still one unit for clipping, noise
@@ -175,9 +173,19 @@ class SecureAggregationConfig(_Frozen):
     max_weight: float = Field(10_000.0, gt=0.0)
 
 
-#: The model a study gets when it names none, by its privacy budget (issue 10; measured in
-#: benchmarks/ISSUE10.md): a fixed wavelet-scattering front end (no trainable or data-dependent
-#: part) with a small CNN head, or, at low epsilon, with a linear head and a smaller step size.
+#: What a study gets for what it leaves out (issue 10: a study that sets only ``privacy.epsilon``
+#: must train a useful model; measured in benchmarks/ISSUE10.md). Applied to the study as written
+#: (YAML, dict), before validation; the section classes keep their neutral defaults (no
+#: augmentation, no weighting) for code that builds them one by one.
+STUDY_DEFAULTS: dict[str, dict[str, Any]] = {
+    "federation": {"rounds": 10},
+    "training": {"batch_size": 128, "class_weighting": "balanced"},
+    # mild, label-preserving changes (no flips: laterality matters in radiographs)
+    "data": {"augmentation": {"rotate_deg": 5.0, "shift": 0.05, "zoom": 0.05, "brightness": 0.05, "contrast": 0.05}},
+}
+#: The model a study gets when it names none, by its privacy budget: a fixed wavelet-scattering
+#: front end (no trainable or data-dependent part) with a small CNN head, or, at low epsilon, with
+#: a linear head and a smaller step size.
 LOW_EPSILON = 2.0
 DEFAULT_MODEL = "scatter-cnn"
 LOW_EPSILON_MODEL = "scatter-linear"
@@ -186,8 +194,15 @@ MODEL_LR: dict[str, float] = {"scatter-linear": 0.05}
 
 
 def _budget_defaults(data: dict[str, Any]) -> dict[str, Any]:
-    """Fill in ``model`` (and ``training.lr`` for it) from the privacy budget when the study names
-    no model; anything the study sets is kept as it is."""
+    """Fill in :data:`STUDY_DEFAULTS` and, when the study names no model, ``model`` (and
+    ``training.lr`` for it) from the privacy budget; anything the study sets is kept as it is."""
+    data = dict(data)
+    for section, defaults in STUDY_DEFAULTS.items():
+        given = data.get(section)
+        if given is None:
+            data[section] = dict(defaults)
+        elif isinstance(given, dict):
+            data[section] = {**defaults, **given}
     model = data.get("model")
     if model is not None and not (isinstance(model, dict) and "name" not in model):
         return data
@@ -233,6 +248,9 @@ class StudyConfig(_Frozen):
             raise ValueError("model.options.weight_standardization needs privacy.grad_sample_mode "
                              "'mixed', 'ghost', 'per-sample' or 'hooks' (Opacus' 'ew' engine cannot "
                              "differentiate the standardised convolution per sample)")
+        if self.training.augmentation_multiplicity > 1 and not self.data.augmentation.enabled:
+            raise ValueError(f"training.augmentation_multiplicity: {self.training.augmentation_multiplicity} views "
+                             "need data.augmentation (without it the views are identical)")
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -241,8 +259,8 @@ class StudyConfig(_Frozen):
             # Off: left out, so that studies without it keep their fingerprint (study id, ledger
             # entries, checkpoints) from before the block existed.
             d.pop("secure_aggregation")
-        if self.training.class_weighting == "none":
-            d["training"].pop("class_weighting")  # off: fingerprints from before the option stay
+        # training.class_weighting always stays: leaving out "none" would read back as the study
+        # default ("balanced", STUDY_DEFAULTS), so a study must round-trip through its own dict.
         if self.training.augmentation_multiplicity == 1:
             d["training"].pop("augmentation_multiplicity")  # off: fingerprints from before the option stay
         if self.federation.update_encoding == "float32":

@@ -28,9 +28,11 @@ def small_study_dict(**overrides: Any) -> dict[str, Any]:
             "max_test": 64,
             "class_names": ["normal", "pneumonia"],
             "partition": {"scheme": "iid", "min_per_hospital": 16},
+            "augmentation": {},  # none: a unit study's flows stay exact (a test asks for more)
         },
         "privacy": {"enabled": True, "epsilon": 8.0, "delta": 1e-5},
-        "training": {"batch_size": 16, "lr": 0.05, "momentum": 0.0, "device": "cpu", "num_threads": 1},
+        "training": {"batch_size": 16, "lr": 0.05, "momentum": 0.0, "device": "cpu", "num_threads": 1,
+                     "class_weighting": "none"},
     }
     for section, values in overrides.items():
         if isinstance(values, dict) and isinstance(d.get(section), dict):

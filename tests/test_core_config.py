@@ -299,3 +299,12 @@ def test_weight_standardisation_with_the_ew_engine_is_refused_up_front() -> None
                      "privacy": {"grad_sample_mode": "ew"}})
 
     assert "weight_standardization" in _problems(ei) and "grad_sample_mode" in _problems(ei)
+
+
+@pytest.mark.parametrize("raw", [None, {"privacy": {"epsilon": 1}}, {"privacy": {"enabled": False}},
+                                 {"training": {"class_weighting": "none"}, "data": {"augmentation": {}}}])
+def test_a_study_round_trips_through_its_own_dict(raw: dict | None) -> None:
+    study = parse_study(raw)
+
+    assert parse_study(study.to_dict()) == study
+    assert study_from_json(study.to_json()) == study

@@ -59,7 +59,8 @@ E2E_STUDY = {
     # A loose budget and a wide clip norm: at max_grad_norm 1 clipping bias alone stops this tiny
     # model from learning in 8 steps (measured), which would make the loss check flaky.
     "privacy": {"enabled": True, "epsilon": 50.0, "max_grad_norm": 20.0},
-    "training": {"batch_size": 100, "lr": 0.05, "momentum": 0.9, "device": "cpu", "num_threads": 1},
+    "training": {"batch_size": 100, "lr": 0.05, "momentum": 0.9, "device": "cpu", "num_threads": 1,
+                 "class_weighting": "none"},
 }
 
 

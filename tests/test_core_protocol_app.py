@@ -143,7 +143,8 @@ STUDY = {
     "data": {"max_train_per_hospital": 64, "max_val_per_hospital": 32, "class_names": ["normal", "pneumonia"],
              "partition": {"scheme": "iid", "min_per_hospital": 16}},
     "privacy": {"enabled": True, "epsilon": 8.0},
-    "training": {"batch_size": 16, "lr": 0.05, "momentum": 0.0, "device": "cpu", "num_threads": 1},
+    "training": {"batch_size": 16, "lr": 0.05, "momentum": 0.0, "device": "cpu", "num_threads": 1,
+                 "class_weighting": "none"},
 }
 N_TRAIN, N_VAL, SIZE = 64, 32, 28
 

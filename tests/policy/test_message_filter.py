@@ -40,7 +40,9 @@ def _eval(**metrics: object) -> RecordDict:
         # weights renamed: the model's own array missing
         (_train(ArrayRecord({"w": torch.zeros(3, 4), "bias": torch.zeros(3)})), "train", "missing \\['b'\\]"),
         # counts that are not counts
-        (_eval(histograms=[4, -1] + [0] * (2 * 2 * HIST_BINS - 2)), "evaluate", "non-negative integer counts"),
+        # (signed noisy counts are allowed since issue 10; floats and huge magnitudes are not)
+        (_eval(histograms=[4.5] + [0.0] * (2 * 2 * HIST_BINS - 1)), "evaluate", "integer counts"),
+        (_eval(histograms=[10**8, -1] + [0] * (2 * 2 * HIST_BINS - 2)), "evaluate", "integer counts"),
         (_eval(histograms=[0] * (2 * 2 * HIST_BINS + 1)), "evaluate", f"2x2x{HIST_BINS}"),
         # per-example values in a scalar metric name
         (_train(epsilon=[0.1, 0.2]), "train", "single number"),
