@@ -135,7 +135,6 @@ def dispatch_sweep(n: int, repeats: int = 20) -> tuple[float, float]:
     """Seconds of one dispatch sweep over ``n`` nodes with one (delivered) message stored per node,
     mid-round: Flower 1.41's loop (``get_message_ins`` for every node) and fedrad's (one scan, then
     only the nodes with a message waiting)."""
-    from fedrad.server.engine import _pending_nodes
     from flwr.app import ConfigRecord, Message, RecordDict
     from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
     from flwr.server.superlink.fleet.vce.vce_api import _register_nodes
@@ -147,6 +146,8 @@ def dispatch_sweep(n: int, repeats: int = 20) -> tuple[float, float]:
     from flwr.supercore.task_identity import TaskIdentity
     from flwr.superlink.federation import NoOpFederationManager
     from flwr.superlink.grid import InMemoryGrid
+
+    from fedrad.server.engine import _pending_nodes
 
     factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
     state = factory.state()

@@ -112,8 +112,9 @@ def run_run(args: argparse.Namespace) -> int:
 
 def follow(co: Any, run_id: str, run_dir: Path, *, total_rounds: int, poll: float = 1.0) -> int:
     """Show rounds as they finish (from the run folder's metrics.json) until the run ends."""
-    from fedrad.server import coordinator as cdn
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from fedrad.server import coordinator as cdn
 
     names = co.names_by_node_id()
     shown = 0
@@ -170,8 +171,9 @@ def _round_line(rec: dict[str, Any], names: dict[str, str]) -> str:
 
 
 def run_status(args: argparse.Namespace) -> int:
-    from fedrad.server import coordinator as cdn
     from rich.table import Table
+
+    from fedrad.server import coordinator as cdn
 
     co = cdn.Coordinator(prov_dir(args.prov))
     info = _running(co)

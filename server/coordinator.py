@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+
 from fedrad.common.errors import FederationError, FedradError
 
 log = logging.getLogger(__name__)

@@ -43,11 +43,12 @@ from dataclasses import dataclass
 from queue import Queue
 from typing import Any
 
-from fedrad.common.config import StudyConfig
-from fedrad.common.errors import FederationError
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.serverapp import ServerApp
+
+from fedrad.common.config import StudyConfig
+from fedrad.common.errors import FederationError
 
 log = logging.getLogger(__name__)
 

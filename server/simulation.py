@@ -10,10 +10,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from fedrad.common.config import StudyConfig
-from fedrad.common.errors import FederationError
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
+
+from fedrad.common.config import StudyConfig
+from fedrad.common.errors import FederationError
 
 from .engine import CLIENT_APP_REF, run_engine
 from .history import StudyHistory

@@ -31,6 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from opacus.grad_sample.utils import prepare_module
+from opacus.optimizers import DPOptimizer
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+from opacus.validators import ModuleValidator
+from torch import nn
+from torch.utils.data import Dataset
+
 from fedrad.client.training.dp_engine import MODES as ENGINE_MODES
 from fedrad.client.training.dp_engine import DPStep, make_dp_step
 from fedrad.common.augment import augment_batch
@@ -39,12 +46,6 @@ from fedrad.common.datasets import ImageSplit
 from fedrad.common.errors import PrivacyError
 from fedrad.common.planning import sampling_plan
 from fedrad.common.privacy import steps_per_epoch
-from opacus.grad_sample.utils import prepare_module
-from opacus.optimizers import DPOptimizer
-from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
-from opacus.validators import ModuleValidator
-from torch import nn
-from torch.utils.data import Dataset
 
 log = logging.getLogger(__name__)
 

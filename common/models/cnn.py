@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import register_model
 from .layers import conv_gn_relu
+from .registry import register_model
 
 
 class ClassicCNN(nn.Module):

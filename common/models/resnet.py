@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .registry import register_model
 from .layers import WSConv2d, group_norm
+from .registry import register_model
 
 
 class BasicBlock(nn.Module):

@@ -20,6 +20,7 @@ from flwr.app import ConfigRecord
 
 from fedrad.client.runtime import app as client_app
 from fedrad.client.runtime.site import simulated_site
+from fedrad.common.errors import ProtocolError
 from fedrad.common.evaluation import evaluate
 from fedrad.common.metrics import HIST_BINS
 from fedrad.common.protocol import (
@@ -28,7 +29,6 @@ from fedrad.common.protocol import (
     TRAIN_METRICS,
     check_reply,
 )
-from fedrad.common.errors import ProtocolError
 from tests.adversarial.test_node_kit import global_arrays, message, sim_context, sim_ledger, study
 
 

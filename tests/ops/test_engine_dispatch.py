@@ -10,7 +10,6 @@ import time
 from queue import Empty, Queue
 from typing import Any
 
-from fedrad.server.engine import _dispatch_messages, linear_dispatch
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.proto.task_pb2 import Task  # pylint: disable=no-name-in-module
 from flwr.server.superlink.fleet.vce import vce_api
@@ -23,6 +22,8 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 from flwr.superlink.federation import NoOpFederationManager
 from flwr.superlink.grid import InMemoryGrid
+
+from fedrad.server.engine import _dispatch_messages, linear_dispatch
 
 
 class CountingState:

@@ -7,10 +7,11 @@ import pickle
 import time
 
 import pytest
-from fedrad.common.errors import FederationError
-from fedrad.server.engine import LazyClientApp, check_client_app_ref, engine_plan
 from flwr.app import Context, Message, Metadata, RecordDict
 from flwr.clientapp import ClientApp
+
+from fedrad.common.errors import FederationError
+from fedrad.server.engine import LazyClientApp, check_client_app_ref, engine_plan
 
 
 def _flower_pool_size(plan_cpus: int, client_cpus: float) -> int:

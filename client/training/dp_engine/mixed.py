@@ -26,10 +26,11 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
-from fedrad.client.training.dp_engine import norm_samplers as ns
-from fedrad.common.errors import PrivacyError
 from opacus.grad_sample import GradSampleModule
 from torch import nn
+
+from fedrad.client.training.dp_engine import norm_samplers as ns
+from fedrad.common.errors import PrivacyError
 
 Mode = Literal["mixed", "ghost", "per-sample"]
 MODES: tuple[str, ...] = ("mixed", "ghost", "per-sample")

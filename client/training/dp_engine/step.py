@@ -35,6 +35,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.validators import ModuleValidator
+from torch import nn
+
 from fedrad.client.training.dp_engine.mixed import (
     MODES,
     LayerNorms,
@@ -44,9 +48,6 @@ from fedrad.client.training.dp_engine.mixed import (
     rule_for,
 )
 from fedrad.common.errors import PrivacyError
-from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
-from opacus.validators import ModuleValidator
-from torch import nn
 
 log = logging.getLogger(__name__)
 
