@@ -33,7 +33,7 @@ import yaml
 
 from fedrad import bundled_path
 from fedrad.common.cli import setup_logging
-from fedrad.common.config import StudyConfig, load_study, parse_study
+from fedrad.common.config import StudyConfig, parse_study
 
 ROWS: dict[str, dict[str, Any]] = {
     "demo-eps8": {},
@@ -70,8 +70,10 @@ def _set(d: dict[str, Any], dotted: str, value: Any) -> None:
     d[leaf] = value
 
 
-def row_study(base: StudyConfig, row: str, seed: int, overrides: dict[str, Any], out: Path) -> StudyConfig:
-    d = base.to_dict()
+def row_study(base: dict[str, Any], row: str, seed: int, overrides: dict[str, Any], out: Path) -> StudyConfig:
+    """The demo study as its YAML is written, with the row's and the variant's fields set; parsed
+    afterwards, so the defaults that depend on the budget (model, lr) follow the row's epsilon."""
+    d = json.loads(json.dumps(base))
     for dotted, value in {**ROWS[row], **overrides, "federation.seed": seed}.items():
         if dotted == "@small":
             _set(d, "data.path", str(small_sites_npz(out / f"small-sites-{seed}.npz", seed=seed)))
@@ -158,7 +160,7 @@ def main() -> int:
 
     overrides = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in args.set)}
     tag = ",".join(args.set) or "defaults"
-    base = load_study(bundled_path("configs", "demo.yaml"))
+    base = yaml.safe_load(bundled_path("configs", "demo.yaml").read_text(encoding="utf-8"))
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "results.jsonl"
     for row in args.rows:
