@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Any
 
 from fedrad.common.errors import FederationError
 
@@ -15,21 +16,30 @@ from .history import StudyHistory
 log = logging.getLogger(__name__)
 
 
-def mark_interrupted(run_dir: Path, *, reason: str) -> StudyHistory | None:
-    """Mark ``run_dir`` interrupted when its ``metrics.json`` still says ``running``; a run that
-    finished, failed or was already marked is left as it is. None when there is no metrics.json yet."""
+def interrupted_history(run_dir: Path, *, reason: str) -> StudyHistory:
+    """The run's history as saved so far (empty when there is no metrics.json), marked interrupted."""
     from .study import save_interrupted
 
     path = run_dir / "metrics.json"
-    if not path.is_file():
+    data = _read(path) if path.is_file() else {}
+    history = StudyHistory.resume(path, study=data.get("study", {}), study_id=data.get("study_id", ""),
+                                  up_to_round=10**9)
+    return save_interrupted(history, run_dir=run_dir, reason=reason)
+
+
+def mark_interrupted(run_dir: Path, *, reason: str) -> StudyHistory | None:
+    """Mark ``run_dir`` interrupted when its ``metrics.json`` still says ``running``; a run that
+    finished, failed or was already marked is left as it is. None when there is no metrics.json yet."""
+    path = run_dir / "metrics.json"
+    if not path.is_file() or _read(path).get("status") != "running":
         return None
+    log.info("marking %s interrupted: %s", run_dir.name, reason)
+    return interrupted_history(run_dir, reason=reason)
+
+
+def _read(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise FederationError(f"{path}: unreadable ({exc})") from None
-    if data.get("status") != "running":
-        return None
-    history = StudyHistory.resume(path, study=data.get("study", {}), study_id=data.get("study_id", ""),
-                                  up_to_round=10**9)
-    log.info("marking %s interrupted: %s", run_dir.name, reason)
-    return save_interrupted(history, run_dir=run_dir, reason=reason)
+    return data if isinstance(data, dict) else {}

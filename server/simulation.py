@@ -20,8 +20,9 @@ from .engine import CLIENT_APP_REF, run_engine
 from .history import StudyHistory
 from .interrupt import InterruptibleGrid, StopRequest, StudyInterrupted, stop_on_signals
 from .progress import Reporter
+from .run_records import interrupted_history
 from .secagg import SECAGG_CLIENT_APP_REF, run_secagg_study
-from .study import run_study, save_interrupted
+from .study import run_study
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,7 @@ def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = N
                 outcome["history"] = run_study(safe_grid, study=study, run_dir=run_dir, reporter=reporter,
                                                extra_config=extra)
         except StudyInterrupted as exc:  # a runner that does not record interruptions itself
-            outcome["history"] = _interrupted_history(run_dir, reason=str(exc))
+            outcome["history"] = interrupted_history(run_dir, reason=str(exc))
 
     # run_engine keeps these handlers in force over Ray's start (Ray's own SIGTERM handler exits at
     # once, leaving the ServerApp thread waiting and the state unsaved)
@@ -59,17 +60,6 @@ def simulate(study: StudyConfig, *, run_dir: Path, reporter: Reporter | None = N
         run_engine(server_app, client_app_ref=SECAGG_CLIENT_APP_REF if secure else CLIENT_APP_REF, study=study)
     if "history" not in outcome:
         if stop.is_set():
-            return _interrupted_history(run_dir, reason=stop.reason or "stop requested")
+            return interrupted_history(run_dir, reason=stop.reason or "stop requested")
         raise FederationError("the simulated federation ended without a result (see the log above)")
     return outcome["history"]
-
-
-def _interrupted_history(run_dir: Path, *, reason: str) -> StudyHistory:
-    """The run's history as saved so far, marked interrupted (when the runner did not do it)."""
-    import json
-
-    path = run_dir / "metrics.json"
-    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    history = StudyHistory.resume(path, study=data.get("study", {}), study_id=data.get("study_id", ""),
-                                  up_to_round=10**9)
-    return save_interrupted(history, run_dir=run_dir, reason=reason)
