@@ -7,6 +7,7 @@ One provisioning folder (see :mod:`fedrad.server.provision`) drives everything::
     <prov>/coordinator/state/flwr/config.toml the Flower CLI connection "fedrad" (FLWR_HOME)
     <prov>/coordinator/state/coordinator.json where it listens, its PID, TLS on/off
     <prov>/coordinator/state/nodes.json       hospital name -> Flower node id (registered keys)
+    <prov>/coordinator/state/runs.json        Flower run id -> run folder (``fedrad stop`` marks it)
     <prov>/coordinator/state/app/             the Flower App that ``fedrad run`` submits
 
 The SuperLink runs with TLS (the provisioned certificate), SuperNode authentication (only the
