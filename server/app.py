@@ -25,6 +25,7 @@ the run folder (``run-config.toml``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import signal
@@ -43,7 +44,9 @@ from .deploy_grid import FastPollGrid
 from .history import RoundRecord, StudyHistory
 from .names import RegistryNames
 from .resume import accept_run
+from .run_records import mark_interrupted
 from .secagg import run_secagg_study
+from .stop_request import RunStopRequested, guard_run, metrics_lock, stop_requested
 from .study import check_study_data, run_study
 
 log = logging.getLogger(__name__)
@@ -102,9 +105,20 @@ def _raise_stop(signum: int, frame: object) -> None:
     raise RunStopped(128 + signum)
 
 
-def mark_ended(metrics_file: Path, exc: BaseException) -> None:
-    """Make a run's metrics.json tell the truth when the study did not end by itself: a status still
+def mark_ended(metrics_file: Path, exc: BaseException, *, run_id: str) -> None:
+    """Make a run's metrics.json tell the truth when the study did not end by itself. After
+    ``fedrad stop`` (its stop request names ``run_id``) the run is marked ``interrupted``, as
+    ``fedrad stop`` itself does, whichever of the two gets there first. Otherwise a status still
     "running" becomes "stopped: ..." (the operator or Flower ended the run) or "failed: ..." (a crash)."""
+    run_dir = metrics_file.parent
+    if stop_requested(run_dir, run_id=run_id):
+        mark_interrupted(run_dir, reason="stopped with `fedrad stop`")
+        return
+    with metrics_lock(run_dir) if run_dir.is_dir() else contextlib.nullcontext():
+        _mark_ended(metrics_file, exc)
+
+
+def _mark_ended(metrics_file: Path, exc: BaseException) -> None:
     try:
         data = json.loads(metrics_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -134,13 +148,19 @@ def main(grid: Grid, context: Context) -> None:
     if poll > 0:
         grid = FastPollGrid(grid, interval=poll)
     previous = signal.signal(signal.SIGTERM, _raise_stop) if threading.current_thread() is threading.main_thread() else None
+    run_id = str(context.run_id)
     try:
-        if study.secure_aggregation.enabled:
-            history = run_secagg_study(grid, study=study, run_dir=run_dir, context=context, reporter=LogReporter())
-        else:
-            history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter(), names=names)
+        with guard_run(run_dir, run_id=run_id):  # once `fedrad stop` asks, this run saves nothing more
+            if study.secure_aggregation.enabled:
+                history = run_secagg_study(grid, study=study, run_dir=run_dir, context=context,
+                                           reporter=LogReporter())
+            else:
+                history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter(), names=names)
     except BaseException as exc:  # fedrad stop (Flower ends the run), SIGTERM, or a crash: records say so
-        mark_ended(run_dir / "metrics.json", exc)
+        mark_ended(run_dir / "metrics.json", exc, run_id=run_id)
+        if isinstance(exc, RunStopRequested):
+            log.info("%s", exc)
+            return
         raise
     finally:
         if previous is not None:

@@ -448,11 +448,16 @@ def runs(co: Coordinator, run_id: str | None = None) -> list[dict[str, Any]]:
 
 
 def stop(co: Coordinator, run_id: str, *, timeout: float = 120.0, poll: float = 2.0) -> Path | None:
-    """Stop a run and wait (bounded) until Flower reports it finished. Flower ends the ServerApp
-    without a signal it could catch, so the run's ``metrics.json`` is then marked here: status
-    ``interrupted`` (a resume re-runs the unfinished round). Returns the run folder when known."""
+    """Stop a run and wait (bounded) until Flower reports it finished, then mark the run's
+    ``metrics.json`` ``interrupted`` (a resume re-runs the unfinished round). A stop request left in
+    the run folder first makes the run's ServerApp save nothing more (it may still be waiting for
+    replies when Flower ends the run), so the mark is the last word. Returns the run folder when known."""
     from fedrad.server.run_records import mark_interrupted
+    from fedrad.server.stop_request import request_stop
 
+    folder = run_dirs(co).get(run_id)
+    if folder is not None:
+        request_stop(Path(folder), run_id=run_id)
     flwr_json(co, ["stop", run_id, CONNECTION])
     deadline = time.monotonic() + timeout
     while True:
@@ -463,7 +468,6 @@ def stop(co: Coordinator, run_id: str, *, timeout: float = 120.0, poll: float = 
             raise FederationError(f"run {run_id} was asked to stop but is still {listed[0].get('status')!r} "
                                   f"after {timeout:.0f} s; `fedrad status` shows it")
         time.sleep(poll)
-    folder = run_dirs(co).get(run_id)
     if folder is None:
         return None
     mark_interrupted(Path(folder), reason="stopped with `fedrad stop`")

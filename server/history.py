@@ -20,6 +20,8 @@ from fedrad.common.metrics import (
     summarise_histograms,
 )
 
+from .stop_request import check_not_stopped, guarded_run, metrics_lock
+
 #: Per-hospital fields reported for every round (see README "Outputs"). Training figures come from
 #: the hospital's train reply; every validation figure is computed here from its DP histograms
 #: (accuracy at the pooled threshold, None when C > 2). ``val_epsilon`` is the validation account.
@@ -195,4 +197,13 @@ class StudyHistory:
         }
 
     def save(self) -> None:
-        write_json_atomic(self.path, self.as_dict())
+        """Write ``metrics.json``; in a ServerApp guarding its run, only while no stop is requested
+        (raises :class:`~fedrad.server.stop_request.RunStopRequested` once ``fedrad stop`` asked)."""
+        run_dir = self.path.parent
+        run_id = guarded_run(run_dir)
+        if run_id is None:
+            write_json_atomic(self.path, self.as_dict())
+            return
+        with metrics_lock(run_dir):
+            check_not_stopped(run_dir, run_id=run_id)
+            write_json_atomic(self.path, self.as_dict())

@@ -12,6 +12,7 @@ from typing import Any
 from fedrad.common.errors import FederationError
 
 from .history import StudyHistory
+from .stop_request import metrics_lock
 
 log = logging.getLogger(__name__)
 
@@ -31,10 +32,13 @@ def mark_interrupted(run_dir: Path, *, reason: str) -> StudyHistory | None:
     """Mark ``run_dir`` interrupted when its ``metrics.json`` still says ``running``; a run that
     finished, failed or was already marked is left as it is. None when there is no metrics.json yet."""
     path = run_dir / "metrics.json"
-    if not path.is_file() or _read(path).get("status") != "running":
+    if not path.is_file():
         return None
-    log.info("marking %s interrupted: %s", run_dir.name, reason)
-    return interrupted_history(run_dir, reason=reason)
+    with metrics_lock(run_dir):  # a ServerApp's save cannot land between this check and the mark
+        if not path.is_file() or _read(path).get("status") != "running":
+            return None
+        log.info("marking %s interrupted: %s", run_dir.name, reason)
+        return interrupted_history(run_dir, reason=reason)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 from pathlib import Path
 
+import pytest
+
+from fedrad.server.app import mark_ended
 from fedrad.server.history import StudyHistory
 from fedrad.server.run_records import mark_interrupted
+from fedrad.server.stop_request import RunStopRequested, guard_run, request_stop, stop_requested
 
 
 def _running_history(run_dir: Path, rounds: int) -> None:
@@ -38,3 +44,80 @@ def test_a_finished_or_missing_record_is_left_alone(tmp_path: Path) -> None:
 
     assert mark_interrupted(tmp_path, reason="x") is None
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "completed"
+
+
+def test_after_a_stop_request_the_runs_serverapp_saves_nothing_more(tmp_path: Path) -> None:
+    # arrange: the ServerApp of run "7" guards its folder; `fedrad stop 7` leaves its request
+    history = StudyHistory(tmp_path / "metrics.json", study={}, study_id="s-1")
+    with guard_run(tmp_path, run_id="7"):
+        history.save()
+        request_stop(tmp_path, run_id="7")
+        history.round(1).seconds = 1.0
+
+        # act / assert: the next save is refused and writes nothing
+        with pytest.raises(RunStopRequested, match="fedrad stop"):
+            history.save()
+    assert json.loads((tmp_path / "metrics.json").read_text())["rounds"] == []
+    history.save()  # outside the ServerApp's guard (e.g. `fedrad stop` itself) saves still work
+    assert len(json.loads((tmp_path / "metrics.json").read_text())["rounds"]) == 1
+
+
+def test_an_old_stop_request_does_not_stop_a_resumed_run(tmp_path: Path) -> None:
+    request_stop(tmp_path, run_id="7")  # the first run, stopped
+    history = StudyHistory(tmp_path / "metrics.json", study={}, study_id="s-1")
+
+    with guard_run(tmp_path, run_id="8"):  # resumed in the same folder: a new Flower run id
+        history.save()
+
+    assert stop_requested(tmp_path, run_id="7") and not stop_requested(tmp_path, run_id="8")
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "running"
+
+
+def test_the_mark_is_the_last_word_while_the_serverapp_keeps_saving(tmp_path: Path) -> None:
+    # arrange: a ServerApp thread saving "running" as fast as it can (the race seen in e2e runs)
+    history = StudyHistory(tmp_path / "metrics.json", study={}, study_id="s-1")
+    history.save()
+    ended: list[BaseException] = []
+
+    def serverapp() -> None:
+        with guard_run(tmp_path, run_id="7"):
+            deadline = time.monotonic() + 30
+            try:
+                while time.monotonic() < deadline:
+                    history.round(1).seconds += 1.0
+                    history.save()
+            except RunStopRequested as exc:
+                ended.append(exc)
+
+    worker = threading.Thread(target=serverapp)
+    worker.start()
+    time.sleep(0.05)
+
+    # act: what `fedrad stop` does: request, (Flower stops the run), mark
+    request_stop(tmp_path, run_id="7")
+    marked = mark_interrupted(tmp_path, reason="stopped with `fedrad stop`")
+    worker.join(timeout=30)
+
+    # assert
+    assert not worker.is_alive() and len(ended) == 1
+    assert marked is not None
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+
+
+def test_a_serverapp_ending_after_a_stop_request_marks_it_interrupted_too(tmp_path: Path) -> None:
+    # the ServerApp may end before `fedrad stop` marks (or `fedrad stop` may have given up waiting)
+    _running_history(tmp_path, rounds=1)
+    request_stop(tmp_path, run_id="7")
+
+    mark_ended(tmp_path / "metrics.json", RuntimeError("run is not running"), run_id="7")
+
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
+    assert mark_interrupted(tmp_path, reason="stopped with `fedrad stop`") is None  # already marked
+
+
+def test_without_a_stop_request_a_crash_is_recorded_as_failed(tmp_path: Path) -> None:
+    _running_history(tmp_path, rounds=1)
+
+    mark_ended(tmp_path / "metrics.json", RuntimeError("boom"), run_id="7")
+
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed: RuntimeError"
