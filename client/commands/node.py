@@ -12,15 +12,19 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from fedrad.common.cli import console, err_console, stop_process
 from fedrad.common.errors import ConfigError, FederationError, FedradError
 
 if TYPE_CHECKING:
     from fedrad.client.runtime.node_config import NodeConfig
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -386,7 +390,38 @@ def supernode_main() -> None:
     folder = os.environ.get(MARKERS_ENV)
     configure_supernode_logging(level_name=os.environ.get(LOG_LEVEL_ENV, "INFO"),
                                 markers=Path(folder) if folder else None)
+    if folder:
+        from flwr.supernode.fleet_http_client import FleetHttpClient
+
+        FleetHttpClient.ActivateNode = retry_refusal_while_maybe_online(  # type: ignore[method-assign]
+            FleetHttpClient.ActivateNode, online=Path(folder) / ONLINE_MARKER)
     runpy.run_module("fedrad.client.runtime.node", run_name="__main__", alter_sys=True)
+
+
+def retry_refusal_while_maybe_online(activate: Callable[..., T], *, online: Path, pause_s: float = 1.0,
+                                     online_window_s: float = ONLINE_WINDOW_S) -> Callable[..., T]:
+    """Wrap Flower's ``ActivateNode`` call so that the refusal Flower gives a node it still counts
+    online (HTTP 412 "Failed to activate SuperNode": a crash and a quick restart) is retried in this
+    process, every ``pause_s``, while this node's last sign of life (``online``'s time) is under
+    ``online_window_s`` old. Without it the SuperNode exits and the launcher pays its pause and a
+    cold SuperNode start (40 s and more on a loaded machine): the node missed the next rounds. Any
+    other error, or a refusal after that window (an unknown or revoked key), is raised as before."""
+    import httpx
+
+    def wrapped(*args: Any, **kwargs: Any) -> T:
+        while True:
+            try:
+                return activate(*args, **kwargs)
+            except httpx.HTTPStatusError as exc:
+                last_alive = _mtime(online)
+                if exc.response.status_code != 412 or REFUSED_TEXT not in exc.response.text \
+                        or last_alive is None or time.time() - last_alive >= online_window_s:
+                    raise
+                log.info("activation refused while the previous connection may still count online "
+                         "(last sign of life %.0f s ago); retrying in %.0f s", time.time() - last_alive, pause_s)
+                time.sleep(pause_s)
+
+    return wrapped
 
 
 def _mtime(path: Path) -> float | None:

@@ -131,3 +131,61 @@ def test_a_supernode_that_ran_a_while_starts_a_new_streak_of_failures(tmp_path: 
         supervise(child, env=_env(), rejoin_timeout_s=1.5, markers=tmp_path / "run", pause_s=0.2, long_run_s=1.0)
     # assert: restarted after the long run (the rejoin timeout counts from its end, not its start)
     assert len(attempts.read_text()) >= 2
+
+
+def _refusal(status: int = 412, text: str = '{"code": 2004, "message": "Failed to activate SuperNode."}') -> Exception:
+    import httpx
+
+    request = httpx.Request("POST", "https://127.0.0.1:1/v1/fleet/activate-node")
+    return httpx.HTTPStatusError("refused", request=request, response=httpx.Response(status, text=text,
+                                                                                      request=request))
+
+
+class _Activation:
+    """Flower's ActivateNode stand-in: refuses ``refusals`` times, then activates."""
+
+    def __init__(self, refusals: int, error: Exception | None = None) -> None:
+        self.calls, self.refusals, self.error = 0, refusals, error or _refusal()
+
+    def __call__(self, request: str) -> str:
+        self.calls += 1
+        if self.calls <= self.refusals:
+            raise self.error
+        return f"activated {request}"
+
+
+def test_a_refusal_while_the_old_connection_may_count_online_is_retried_in_process(tmp_path: Path) -> None:
+    # arrange: this node was alive a moment ago (its launcher touched the marker), then crashed
+    from fedrad.client.commands.node import retry_refusal_while_maybe_online
+
+    online = tmp_path / ONLINE_MARKER
+    online.touch()
+    activate = _Activation(refusals=2)
+
+    # act
+    result = retry_refusal_while_maybe_online(activate, online=online, pause_s=0.01)("req")
+
+    # assert: activated on the third try, without the SuperNode exiting
+    assert result == "activated req" and activate.calls == 3
+
+
+@pytest.mark.parametrize("case", ["never online", "online long ago", "other status", "other error"])
+def test_other_refusals_and_errors_are_raised_at_once(tmp_path: Path, case: str) -> None:
+    from fedrad.client.commands.node import retry_refusal_while_maybe_online
+
+    online = tmp_path / ONLINE_MARKER
+    if case != "never online":
+        online.touch()
+    if case == "online long ago":  # past the window: an unknown or revoked key, refused for good
+        old = time.time() - 120
+        import os
+
+        os.utime(online, (old, old))
+    error = {"other status": _refusal(status=401, text="Unauthorized"),
+             "other error": _refusal(text='{"code": 9, "message": "Internal error"}')}.get(case, _refusal())
+    activate = _Activation(refusals=5, error=error)
+
+    with pytest.raises(type(error)):
+        retry_refusal_while_maybe_online(activate, online=online, pause_s=0.01, online_window_s=80)("req")
+
+    assert activate.calls == 1
