@@ -56,9 +56,14 @@ def make_accountant(*, name: str, history: Sequence[HistoryEntry] = ()) -> IAcco
 RDP_ORDERS = tuple(RDPAccountant.DEFAULT_ALPHAS)
 _ORDERS = np.asarray(RDP_ORDERS, dtype=np.float64)
 _IS_INT = np.array([float(a).is_integer() for a in RDP_ORDERS])
-#: Orders whose series converges in a few dozen terms; the others (1 < alpha < 2) take thousands
-#: and are evaluated only when they could be the optimal order.
-_CHEAP = _ORDERS >= 2.0
+_INT_IDX = np.flatnonzero(_IS_INT)
+_FRAC_IDX = np.flatnonzero(~_IS_INT)
+#: For each fractional order alpha >= 2, the index of the integer order floor(alpha) (else -1).
+#: RDP is a Rényi divergence, non-decreasing in the order, so the cheap integer order's RDP is a
+#: lower bound for the fractional orders above it: a fractional order (a series of dozens to
+#: thousands of terms) is evaluated only when that bound does not already rule it out.
+_FLOOR = np.array([int(np.flatnonzero(_ORDERS == math.floor(a))[0]) if a >= 2 and not float(a).is_integer() else -1
+                   for a in RDP_ORDERS])
 _INT_I = np.arange(int(_ORDERS.max()) + 1, dtype=np.float64)
 with np.errstate(divide="ignore"):
     #: log C(alpha, i) of every integer order (row: index into RDP_ORDERS), -inf past i = alpha.
@@ -203,6 +208,21 @@ _RDP_CACHE = _RdpCache(maxsize=4096)
 _SKIP_SLACK = 1e-6
 
 
+def _below(total: np.ndarray) -> np.ndarray:
+    """A lower bound of the fractional orders' RDP above these integer orders' summed RDP, with
+    room for rounding (both are computed, not exact)."""
+    return total - 1e-9 * (1.0 + np.abs(total))
+
+
+def _frac_lower_bounds(total_by_order: np.ndarray, frac: np.ndarray, shift: np.ndarray,
+                       gain: np.ndarray) -> np.ndarray:
+    """Lower bounds of eps_alpha at the fractional order indices ``frac``, from the summed RDP at
+    their integer floors (``total_by_order`` must hold those) or from RDP >= 0 below order 2."""
+    floor = _FLOOR[frac]
+    rdp = np.where(floor >= 0, _below(total_by_order[np.maximum(floor, 0)]), 0.0)
+    return (rdp - shift[frac]) + gain[frac]
+
+
 @lru_cache(maxsize=64)
 def _conversion(delta: float) -> tuple[np.ndarray, np.ndarray]:
     """The two order-dependent terms of Opacus' ``get_privacy_spent`` at ``delta``:
@@ -224,14 +244,16 @@ def _total_rdp(hist: Sequence[HistoryEntry], orders: np.ndarray) -> np.ndarray:
 
 
 def _rdp_epsilon(hist: Sequence[HistoryEntry], delta: float) -> float:
-    """min over orders of Opacus' RDP-to-DP conversion; orders that cannot beat the best value
-    found so far (their conversion alone exceeds it, and RDP is >= 0) are not evaluated."""
+    """min over orders of Opacus' RDP-to-DP conversion. Every integer order is evaluated (cheap);
+    a fractional order only if its lower bound (:func:`_frac_lower_bounds`) could beat the best
+    integer order: the others cannot be the minimum."""
     shift, gain = _conversion(delta)
-    cheap = np.flatnonzero(_CHEAP)
+    total = np.full(len(_ORDERS), np.nan)
     eps = np.full(len(_ORDERS), np.inf)
-    eps[cheap] = (_total_rdp(hist, cheap) - shift[cheap]) + gain[cheap]
-    best = np.nanmin(eps[cheap]) if not np.isnan(eps[cheap]).all() else np.inf
-    rest = np.flatnonzero(~_CHEAP & ((0.0 - shift) + gain < best + _SKIP_SLACK))
+    total[_INT_IDX] = _total_rdp(hist, _INT_IDX)
+    eps[_INT_IDX] = (total[_INT_IDX] - shift[_INT_IDX]) + gain[_INT_IDX]
+    best = np.inf if np.isnan(eps[_INT_IDX]).all() else np.nanmin(eps[_INT_IDX])
+    rest = _FRAC_IDX[~(_frac_lower_bounds(total, _FRAC_IDX, shift, gain) >= best + _SKIP_SLACK)]
     if rest.size:
         eps[rest] = (_total_rdp(hist, rest) - shift[rest]) + gain[rest]
     if np.isnan(eps).all():  # no privacy, as Opacus' get_privacy_spent says
@@ -292,14 +314,24 @@ def calibrate_noise(
         raise PrivacyError(f"target_epsilon must be > 0, got {target_epsilon!r}")
     if steps == 0:
         return 0.0
-    prior = [(float(s), float(q), int(n)) for s, q, n in prior_history]
-    args = (float(sample_rate), int(steps), float(target_epsilon), float(delta), accountant,
-            float(max_noise_multiplier), float(tolerance))
-    if accountant == "rdp" and max_noise_multiplier > 0 and math.isfinite(max_noise_multiplier) and 0.0 < delta < 1.0:
+    prior = tuple((float(s), float(q), int(n)) for s, q, n in prior_history)
+    return _calibrate_memo(prior, float(sample_rate), int(steps), float(target_epsilon), float(delta), accountant,
+                           float(max_noise_multiplier), float(tolerance))
+
+
+@lru_cache(maxsize=1024)
+def _calibrate_memo(prior: tuple[HistoryEntry, ...], sample_rate: float, steps: int, target: float, delta: float,
+                    accountant: str, max_noise_multiplier: float, tolerance: float) -> float:
+    """:func:`calibrate_noise` memoised: a pure function of its arguments, and a simulation plans
+    the same (ledger, plan) for many sites and rounds. Exceptions are not cached (lru_cache
+    stores nothing when the call raises)."""
+    if accountant == "rdp" and 0.0 < max_noise_multiplier < math.inf and 0.0 < delta < 1.0:
         for sigma, q, n in prior:
-            _check_entry(sigma, q, n)
-        return _calibrate_rdp_memo(tuple(prior), *args)
-    return _calibrate_bisect(prior, *args)
+            if n > 0:  # as epsilon_for checks them
+                _check_entry(sigma, q, n)
+        return _calibrate_rdp(list(prior), sample_rate, steps, target, delta, max_noise_multiplier, tolerance)
+    return _calibrate_bisect(list(prior), sample_rate, steps, target, delta, accountant, max_noise_multiplier,
+                             tolerance)
 
 
 def _budget_exceeded(prior: list[HistoryEntry], steps: int, target: float, delta: float, accountant: str,
@@ -332,58 +364,72 @@ def _calibrate_bisect(prior: list[HistoryEntry], sample_rate: float, steps: int,
     return hi
 
 
-@lru_cache(maxsize=1024)
-def _calibrate_rdp_memo(prior: tuple[HistoryEntry, ...], sample_rate: float, steps: int, target: float,
-                        delta: float, accountant: str, max_noise_multiplier: float, tolerance: float) -> float:
-    # memoised: a simulation plans the same (ledger, plan) for many sites and rounds; exceptions
-    # are not cached (lru_cache re-raises and stores nothing).
-    return _calibrate_rdp(list(prior), sample_rate, steps, target, delta, max_noise_multiplier, tolerance)
-
-
 def _calibrate_rdp(prior: list[HistoryEntry], sample_rate: float, steps: int, target: float, delta: float,
                    max_noise_multiplier: float, tolerance: float) -> float:
     """The bisection of :func:`_calibrate_bisect`, probe for probe, with the same decisions, but
     each probe evaluates only the orders that can still decide it.
 
     epsilon(sigma) <= target iff some order alpha has eps_alpha(sigma) <= target, and every
-    eps_alpha falls as sigma grows. An order is dropped when (a) even with no new RDP it is over
-    the target (prior RDP alone, or the conversion alone), or (b) it was over the target at an
-    accepted probe: every later probe is at a smaller sigma, where it is larger still. The
-    orders kept decide every probe exactly as the full minimum would; the prior's RDP is summed
-    once, and the result is checked against :func:`epsilon_for` before it is returned.
+    eps_alpha falls as sigma grows. An order is *dropped* for good when (a) even with no new RDP
+    it is over the target (the conversion alone, or with the prior's RDP), or (b) it was over the
+    target at an accepted probe: every later probe is at a smaller sigma, where it is larger
+    still. At each probe the integer orders still live are evaluated (cheap); a fractional order
+    is evaluated only when no integer order accepts the probe and its lower bound from the
+    integer order below it (:func:`_frac_lower_bounds`) does not rule it out. A probe is
+    accepted only on a computed eps_alpha <= target, so the result is within budget by the same
+    numbers :func:`epsilon_for` computes (checked before it is returned); the bounds can only
+    make a probe be rejected that the full minimum would accept, i.e. a larger, never a smaller
+    noise multiplier, and with their rounding slack they do not.
     """
     if any(s == 0.0 for s, _, n in prior if n > 0):
         raise _budget_exceeded(prior, steps, target, delta, "rdp", max_noise_multiplier)
     hist = [h for h in prior if h[2] > 0]
     shift, gain = _conversion(delta)
-    live = np.flatnonzero((0.0 - shift) + gain <= target + _SKIP_SLACK)
-    prior_rdp = _total_rdp(hist, live)
-    floor = (prior_rdp - shift[live]) + gain[live]
-    keep = floor <= target + _SKIP_SLACK
-    live, prior_rdp = live[keep], prior_rdp[keep]
+    limit = target + _SKIP_SLACK
+    prior_total = np.full(len(_ORDERS), np.nan)
+    prior_total[_INT_IDX] = _total_rdp(hist, _INT_IDX)
+    live_int = _INT_IDX[(prior_total[_INT_IDX] - shift[_INT_IDX]) + gain[_INT_IDX] <= limit]
+    live_frac = _FRAC_IDX[_frac_lower_bounds(prior_total, _FRAC_IDX, shift, gain) <= limit]
+    if live_frac.size:
+        prior_total[live_frac] = _total_rdp(hist, live_frac)
+        live_frac = live_frac[(prior_total[live_frac] - shift[live_frac]) + gain[live_frac] <= limit]
 
-    def fits(sigma: float) -> np.ndarray:
-        new = _RDP_CACHE.rows([(sample_rate, sigma)], live)[0]
-        return ((prior_rdp + new * steps) - shift[live]) + gain[live] <= target
+    def eps_at(sigma: float, orders: np.ndarray, total: np.ndarray) -> np.ndarray:
+        """eps_alpha at ``orders`` with the probe's steps added; fills ``total`` there."""
+        new = _RDP_CACHE.rows([(sample_rate, sigma)], orders)[0]
+        total[orders] = prior_total[orders] + new * steps
+        return (total[orders] - shift[orders]) + gain[orders]
+
+    def probe(sigma: float) -> bool:
+        nonlocal live_int, live_frac
+        total = np.full(len(_ORDERS), np.nan)
+        floors = _FLOOR[live_frac]
+        eps_at(sigma, np.union1d(live_int, floors[floors >= 0]), total)
+        ok_int = (total[live_int] - shift[live_int]) + gain[live_int] <= target
+        maybe = live_frac[_frac_lower_bounds(total, live_frac, shift, gain) <= limit]
+        if ok_int.any():
+            live_int, live_frac = live_int[ok_int], maybe
+            return True
+        ok_frac = eps_at(sigma, maybe, total) <= target if maybe.size else np.zeros(0, dtype=bool)
+        if ok_frac.any():
+            live_int, live_frac = live_int[ok_int], maybe[ok_frac]
+            return True
+        return False
 
     hi = max_noise_multiplier
-    ok = fits(hi) if live.size else np.zeros(0, dtype=bool)
-    if not ok.any():
+    if not probe(hi):
         raise _budget_exceeded(prior, steps, target, delta, "rdp", max_noise_multiplier)
-    live, prior_rdp = live[ok], prior_rdp[ok]
     lo = 0.0
     while hi - lo > tolerance * max(1.0, lo):
         mid = (lo + hi) / 2
-        ok = fits(mid)
-        if ok.any():
+        if probe(mid):
             hi = mid
-            live, prior_rdp = live[ok], prior_rdp[ok]
         else:
             lo = mid
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         final = epsilon_for(history=hist + [(hi, sample_rate, steps)], delta=delta)
-    if not final <= target:  # cannot happen: the accepted probe's order is one epsilon_for minimises over
+    if not final <= target:  # cannot happen: an accepted probe's order is one epsilon_for minimises over
         raise PrivacyError(f"noise calibration is inconsistent with the accountant ({final!r} > {target!r})")
     return hi
 
