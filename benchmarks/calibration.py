@@ -113,7 +113,8 @@ def timed(fn: Callable[[], float], *, warm_prior: Callable[[], object] | None, r
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat-old", type=int, default=1, help="runs of the old implementation per cell (median)")
+    ap.add_argument("--repeat-new", type=int, default=5, help="runs of the new implementation per cell (median)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
     delta = 1e-5
@@ -130,15 +131,34 @@ def main() -> None:
                           distinct=distinct)
             steps = spr * 10
             plan = dict(prior_history=hist, sample_rate=q, steps=steps, target_epsilon=target, delta=delta)
-            old_c, old_sigma = timed(lambda: old_calibrate(**plan), warm_prior=None, repeat=args.repeat)
-            new_c, new_sigma = timed(lambda: privacy.calibrate_noise(**plan), warm_prior=None, repeat=args.repeat)
+            old_c, old_sigma = timed(lambda: old_calibrate(**plan), warm_prior=None, repeat=args.repeat_old)
+            new_c, new_sigma = timed(lambda: privacy.calibrate_noise(**plan), warm_prior=None, repeat=args.repeat_new)
             old_w, _ = timed(lambda: old_calibrate(**plan), warm_prior=lambda: old_epsilon(hist, delta),
-                             repeat=args.repeat)
+                             repeat=args.repeat_old)
             new_w, _ = timed(lambda: privacy.calibrate_noise(**plan),
-                             warm_prior=lambda: privacy.epsilon_for(history=hist, delta=delta), repeat=args.repeat)
+                             warm_prior=lambda: privacy.epsilon_for(history=hist, delta=delta), repeat=args.repeat_new)
             print(f"| {q} | {steps} | {len(hist)} | {target:g} | {'distinct' if distinct else 'realistic'} "
                   f"| {old_c * 1e3:.0f} ms | {new_c * 1e3:.1f} ms | {old_w * 1e3:.0f} ms | {new_w * 1e3:.1f} ms "
                   f"| {'yes' if old_sigma == new_sigma else f'{old_sigma!r} vs {new_sigma!r}'} |", flush=True)
+
+    print()
+    print("| node, one process, a 20-round study (q, steps/round, target) | old: mean per round | new: mean per round "
+          "| same sigmas |")
+    print("|---|---|---|---|")
+    for q, spr, target in [(0.05, 10, 8.0), (0.01, 50, 4.0)]:
+        row = []
+        for calibrate in (old_calibrate, privacy.calibrate_noise):
+            clear_caches()
+            hist: list[HistoryEntry] = [(8.0, 1.0, 1)]
+            t = time.perf_counter()
+            for r in range(20):
+                sigma = calibrate(prior_history=hist, sample_rate=q, steps=spr * (20 - r), target_epsilon=target,
+                                  delta=delta)
+                hist.append((sigma, q, spr))
+            row.append(((time.perf_counter() - t) / 20, hist))
+        (old_t, old_h), (new_t, new_h) = row
+        print(f"| {q}, {spr}, {target:g} | {old_t * 1e3:.0f} ms | {new_t * 1e3:.1f} ms | {'yes' if old_h == new_h else 'no'} |",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ arguments and fails hard on misuse: a wrong privacy number is worse than a crash
 RDP accounting is Opacus' ``RDPAccountant`` (same orders, same series, same truncation, same
 RDP-to-(epsilon, delta) conversion), evaluated with numpy over many orders and ledger entries at
 once instead of one order and one series term at a time: values agree with Opacus to about 1e-12
-per step (rounding only; tests/test_privacy_calibration_speed.py checks a grid), and the ledger,
+per step (rounding only; tests/test_privacy_calibration.py checks a grid), and the ledger,
 the planner and the noise calibration all use this one implementation, so a calibrated noise
 multiplier is always within budget by the very numbers the ledger checks.
 """
@@ -176,30 +176,33 @@ class _RdpCache:
             self._rows.clear()
 
     def rows(self, pairs: Sequence[tuple[float, float]], orders: np.ndarray) -> np.ndarray:
-        """``(len(pairs), len(orders))`` per-step RDP; ``orders`` are indices into RDP_ORDERS."""
+        """``(len(pairs), len(orders))`` per-step RDP; ``orders`` are indices into RDP_ORDERS.
+        A pair that occurs many times (a ledger's rounds at one noise) is computed once."""
+        if not pairs:
+            return np.zeros((0, len(orders)))
+        distinct = list(dict.fromkeys(pairs))
         with self._lock:
-            got = []
-            for pair in pairs:
+            got = {}
+            for pair in distinct:
                 row = self._rows.get(pair)
                 if row is None:
                     row = (np.zeros(len(_ORDERS)), np.zeros(len(_ORDERS), dtype=bool))
                     self._rows[pair] = row
                 else:
                     self._rows.move_to_end(pair)
-                got.append(row)
+                got[pair] = row
             while len(self._rows) > self._maxsize:
                 self._rows.popitem(last=False)
-        if not got:
-            return np.zeros((0, len(orders)))
-        which, col = np.nonzero(~np.stack([known[orders] for _, known in got]))
+        which, col = np.nonzero(~np.stack([got[pair][1][orders] for pair in distinct]))
         if which.size:
-            pairs_arr = np.asarray(pairs, dtype=np.float64)
+            pairs_arr = np.asarray(distinct, dtype=np.float64)
             values = _rdp_cells(pairs_arr[which, 0], pairs_arr[which, 1], orders[col])
             for k in np.unique(which):
                 sel = which == k
-                got[k][0][orders[col[sel]]] = values[sel]
-                got[k][1][orders[col[sel]]] = True
-        return np.stack([values[orders] for values, _ in got])
+                row_values, known = got[distinct[k]]
+                row_values[orders[col[sel]]] = values[sel]
+                known[orders[col[sel]]] = True
+        return np.stack([got[pair][0][orders] for pair in pairs])
 
 
 _RDP_CACHE = _RdpCache(maxsize=4096)
@@ -270,8 +273,9 @@ def epsilon_for(*, history: Sequence[HistoryEntry], delta: float, accountant: st
     """Cumulative epsilon of a history at ``delta`` (0.0 for an empty history, inf with zero noise).
 
     RDP is computed as Opacus' ``RDPAccountant`` does, with each (sample rate, noise) pair's
-    per-step RDP cached: a ledger of hundreds of rounds costs one vector sum, not hundreds of
-    series evaluations (calibration bisects over this function).
+    per-step RDP cached order by order: a ledger of hundreds of rounds costs one vector sum, not
+    hundreds of series evaluations. Only the orders that can be the minimum are evaluated
+    (:func:`_rdp_epsilon`); the value is the minimum over all of them.
     """
     if not (0.0 < delta < 1.0):
         raise PrivacyError(f"delta must be in (0, 1), got {delta!r}")
