@@ -14,6 +14,7 @@ multiplier is always within budget by the very numbers the ledger checks.
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 import warnings
@@ -27,6 +28,8 @@ from opacus.accountants.accountant import IAccountant
 from scipy import special
 
 from .errors import BudgetExceededError, PrivacyError
+
+log = logging.getLogger(__name__)
 
 HistoryEntry = tuple[float, float, int]
 ACCOUNTANTS: dict[str, type[IAccountant]] = {"rdp": RDPAccountant, "prv": PRVAccountant}
@@ -381,7 +384,8 @@ def _calibrate_rdp(prior: list[HistoryEntry], sample_rate: float, steps: int, ta
     is evaluated only when no integer order accepts the probe and its lower bound from the
     integer order below it (:func:`_frac_lower_bounds`) does not rule it out. A probe is
     accepted only on a computed eps_alpha <= target, so the result is within budget by the same
-    numbers :func:`epsilon_for` computes (checked before it is returned); the bounds can only
+    numbers :func:`epsilon_for` computes (checked before it is returned, with the plain bisection
+    as the fallback should the check ever fail); the bounds can only
     make a probe be rejected that the full minimum would accept, i.e. a larger, never a smaller
     noise multiplier, and with their rounding slack they do not.
     """
@@ -394,9 +398,8 @@ def _calibrate_rdp(prior: list[HistoryEntry], sample_rate: float, steps: int, ta
     prior_total[_INT_IDX] = _total_rdp(hist, _INT_IDX)
     live_int = _INT_IDX[(prior_total[_INT_IDX] - shift[_INT_IDX]) + gain[_INT_IDX] <= limit]
     live_frac = _FRAC_IDX[_frac_lower_bounds(prior_total, _FRAC_IDX, shift, gain) <= limit]
-    if live_frac.size:
-        prior_total[live_frac] = _total_rdp(hist, live_frac)
-        live_frac = live_frac[(prior_total[live_frac] - shift[live_frac]) + gain[live_frac] <= limit]
+    # the prior's RDP at a fractional order is summed only when a probe first needs that order
+    summed = _IS_INT.copy()
 
     def eps_at(sigma: float, orders: np.ndarray, total: np.ndarray) -> np.ndarray:
         """eps_alpha at ``orders`` with the probe's steps added; fills ``total`` there."""
@@ -414,6 +417,10 @@ def _calibrate_rdp(prior: list[HistoryEntry], sample_rate: float, steps: int, ta
         if ok_int.any():
             live_int, live_frac = live_int[ok_int], maybe
             return True
+        todo = maybe[~summed[maybe]]
+        if todo.size:
+            prior_total[todo] = _total_rdp(hist, todo)
+            summed[todo] = True
         ok_frac = eps_at(sigma, maybe, total) <= target if maybe.size else np.zeros(0, dtype=bool)
         if ok_frac.any():
             live_int, live_frac = live_int[ok_int], maybe[ok_frac]
@@ -433,8 +440,9 @@ def _calibrate_rdp(prior: list[HistoryEntry], sample_rate: float, steps: int, ta
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         final = epsilon_for(history=hist + [(hi, sample_rate, steps)], delta=delta)
-    if not final <= target:  # cannot happen: an accepted probe's order is one epsilon_for minimises over
-        raise PrivacyError(f"noise calibration is inconsistent with the accountant ({final!r} > {target!r})")
+    if not final <= target:  # not expected: an accepted probe's order is one epsilon_for minimises over
+        log.warning("fast noise calibration gave epsilon %r > target %r; using the plain bisection", final, target)
+        return _calibrate_bisect(hist, sample_rate, steps, target, delta, "rdp", max_noise_multiplier, tolerance)
     return hi
 
 
