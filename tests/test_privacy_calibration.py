@@ -254,3 +254,23 @@ def test_a_long_distinct_ledger_is_accounted_in_one_pass() -> None:
 
     assert epsilon_for(history=prior + [(sigma, 0.02, 100)], delta=DELTA) <= 8.0
     assert math.isfinite(sigma) and sigma > 0
+
+
+def test_a_failed_final_check_falls_back_to_the_plain_bisection(monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    real = privacy.epsilon_for
+    calls = {"n": 0}
+
+    def first_call_over_budget(**kwargs: object) -> float:
+        calls["n"] += 1
+        return math.inf if calls["n"] == 1 else real(**kwargs)  # the fast path's final check fails
+
+    plain = privacy._calibrate_bisect([], 0.05, 100, 4.0, DELTA, "rdp", 50.0, 1e-3)
+    monkeypatch.setattr(privacy, "epsilon_for", first_call_over_budget)
+
+    with caplog.at_level("WARNING", logger="fedrad.common.privacy"):
+        sigma = calibrate_noise(prior_history=[], sample_rate=0.05, steps=100, target_epsilon=4.0, delta=DELTA)
+
+    assert sigma == plain
+    assert calls["n"] > 2  # the bisection ran over epsilon_for
+    assert "plain bisection" in caplog.text
