@@ -25,13 +25,12 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable, Sequence
-from functools import lru_cache
+from functools import lru_cache, partial
 
 import numpy as np
+from fedrad.common import privacy
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
-
-from fedrad.common import privacy
 
 HistoryEntry = tuple[float, float, int]
 ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
@@ -130,13 +129,15 @@ def main() -> None:
             hist = ledger(q=q, steps_per_round=spr, study_rounds=done + 10, done=done, target=target, delta=delta,
                           distinct=distinct)
             steps = spr * 10
-            plan = dict(prior_history=hist, sample_rate=q, steps=steps, target_epsilon=target, delta=delta)
-            old_c, old_sigma = timed(lambda: old_calibrate(**plan), warm_prior=None, repeat=args.repeat_old)
-            new_c, new_sigma = timed(lambda: privacy.calibrate_noise(**plan), warm_prior=None, repeat=args.repeat_new)
-            old_w, _ = timed(lambda: old_calibrate(**plan), warm_prior=lambda: old_epsilon(hist, delta),
-                             repeat=args.repeat_old)
-            new_w, _ = timed(lambda: privacy.calibrate_noise(**plan),
-                             warm_prior=lambda: privacy.epsilon_for(history=hist, delta=delta), repeat=args.repeat_new)
+            plan = {"prior_history": hist, "sample_rate": q, "steps": steps, "target_epsilon": target, "delta": delta}
+            old_run = partial(old_calibrate, **plan)
+            new_run = partial(privacy.calibrate_noise, **plan)
+            old_prior = partial(old_epsilon, hist, delta)
+            new_prior = partial(privacy.epsilon_for, history=hist, delta=delta)
+            old_c, old_sigma = timed(old_run, warm_prior=None, repeat=args.repeat_old)
+            new_c, new_sigma = timed(new_run, warm_prior=None, repeat=args.repeat_new)
+            old_w, _ = timed(old_run, warm_prior=old_prior, repeat=args.repeat_old)
+            new_w, _ = timed(new_run, warm_prior=new_prior, repeat=args.repeat_new)
             print(f"| {q} | {steps} | {len(hist)} | {target:g} | {'distinct' if distinct else 'realistic'} "
                   f"| {old_c * 1e3:.0f} ms | {new_c * 1e3:.1f} ms | {old_w * 1e3:.0f} ms | {new_w * 1e3:.1f} ms "
                   f"| {'yes' if old_sigma == new_sigma else f'{old_sigma!r} vs {new_sigma!r}'} |", flush=True)

@@ -11,23 +11,22 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Sequence
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import pytest
-from opacus.accountants import RDPAccountant
-from opacus.accountants.analysis import rdp as rdp_analysis
-
 from fedrad.common import privacy
 from fedrad.common.errors import BudgetExceededError, PrivacyError
 from fedrad.common.privacy import RDP_ORDERS, calibrate_noise, epsilon_for
+from opacus.accountants import RDPAccountant
+from opacus.accountants.analysis import rdp as rdp_analysis
 
 DELTA = 1e-5
 ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
 
 
 # ------------------------------------------------------------------ slow references
-@lru_cache(maxsize=None)
+@cache
 def _reference_rdp(q: float, sigma: float) -> np.ndarray:
     return np.asarray(rdp_analysis.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=ORDERS), dtype=np.float64)
 
@@ -214,7 +213,7 @@ def test_a_zero_noise_entry_in_the_prior_spends_everything() -> None:
 
 
 def test_misuse_still_fails_hard() -> None:
-    good = dict(prior_history=[], sample_rate=0.1, steps=10, target_epsilon=5.0, delta=DELTA)
+    good = {"prior_history": [], "sample_rate": 0.1, "steps": 10, "target_epsilon": 5.0, "delta": DELTA}
     for bad in ({"delta": 0.0}, {"delta": 1.5}, {"accountant": "gdp"}, {"sample_rate": 0.0}, {"target_epsilon": 0.0},
                 {"prior_history": [(-1.0, 0.1, 5)]}, {"prior_history": [(1.0, 2.0, 5)]}):
         with pytest.raises(PrivacyError):
