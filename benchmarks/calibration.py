@@ -93,7 +93,7 @@ def ledger(*, q: float, steps_per_round: int, study_rounds: int, done: int, targ
 def clear_caches() -> None:
     _old_rdp_one_step.cache_clear()
     privacy._RDP_CACHE.clear()
-    privacy._calibrate_memo.cache_clear()
+    privacy._CALIBRATIONS.clear()
 
 
 def timed(fn: Callable[[], float], *, warm_prior: Callable[[], object] | None, repeat: int) -> tuple[float, float]:

@@ -14,6 +14,7 @@ multiplier is always within budget by the very numbers the ledger checks.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import threading
@@ -321,24 +322,56 @@ def calibrate_noise(
         raise PrivacyError(f"target_epsilon must be > 0, got {target_epsilon!r}")
     if steps == 0:
         return 0.0
-    prior = tuple((float(s), float(q), int(n)) for s, q, n in prior_history)
-    return _calibrate_memo(prior, float(sample_rate), int(steps), float(target_epsilon), float(delta), accountant,
-                           float(max_noise_multiplier), float(tolerance))
+    prior = [(float(s), float(q), int(n)) for s, q, n in prior_history]
+    args = (float(sample_rate), int(steps), float(target_epsilon), float(delta), accountant,
+            float(max_noise_multiplier), float(tolerance))
+    key = hashlib.sha256(repr((prior, args)).encode()).digest()  # repr of a float round-trips exactly
+    sigma = _CALIBRATIONS.get(key)
+    if sigma is None:
+        sigma = _calibrate(prior, *args)  # a refusal raises and is not remembered
+        _CALIBRATIONS.put(key, sigma)
+    return sigma
 
 
-@lru_cache(maxsize=1024)
-def _calibrate_memo(prior: tuple[HistoryEntry, ...], sample_rate: float, steps: int, target: float, delta: float,
-                    accountant: str, max_noise_multiplier: float, tolerance: float) -> float:
-    """:func:`calibrate_noise` memoised: a pure function of its arguments, and a simulation plans
-    the same (ledger, plan) for many sites and rounds. Exceptions are not cached (lru_cache
-    stores nothing when the call raises)."""
+class _Memo:
+    """A small thread-safe LRU map from a calibration's digest (the whole ledger and plan, SHA-256)
+    to its result: a simulation plans the same (ledger, plan) for many sites and rounds, and the
+    digest keeps a long ledger from being held once per remembered plan."""
+
+    def __init__(self, maxsize: int) -> None:
+        self._maxsize = maxsize
+        self._items: OrderedDict[bytes, float] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, key: bytes) -> float | None:
+        with self._lock:
+            value = self._items.get(key)
+            if value is not None:
+                self._items.move_to_end(key)
+            return value
+
+    def put(self, key: bytes, value: float) -> None:
+        with self._lock:
+            self._items[key] = value
+            while len(self._items) > self._maxsize:
+                self._items.popitem(last=False)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._items.clear()
+
+
+_CALIBRATIONS = _Memo(maxsize=1024)
+
+
+def _calibrate(prior: list[HistoryEntry], sample_rate: float, steps: int, target: float, delta: float,
+               accountant: str, max_noise_multiplier: float, tolerance: float) -> float:
     if accountant == "rdp" and 0.0 < max_noise_multiplier < math.inf and 0.0 < delta < 1.0:
         for sigma, q, n in prior:
             if n > 0:  # as epsilon_for checks them
                 _check_entry(sigma, q, n)
-        return _calibrate_rdp(list(prior), sample_rate, steps, target, delta, max_noise_multiplier, tolerance)
-    return _calibrate_bisect(list(prior), sample_rate, steps, target, delta, accountant, max_noise_multiplier,
-                             tolerance)
+        return _calibrate_rdp(prior, sample_rate, steps, target, delta, max_noise_multiplier, tolerance)
+    return _calibrate_bisect(prior, sample_rate, steps, target, delta, accountant, max_noise_multiplier, tolerance)
 
 
 def _budget_exceeded(prior: list[HistoryEntry], steps: int, target: float, delta: float, accountant: str,

@@ -75,7 +75,7 @@ def _ledger(q: float, steps: int, n: int, sigma: float, seed: int) -> list[tuple
 @pytest.fixture(autouse=True)
 def _empty_caches() -> None:
     privacy._RDP_CACHE.clear()
-    privacy._calibrate_memo.cache_clear()
+    privacy._CALIBRATIONS.clear()
 
 
 # ------------------------------------------------------------------ per-step RDP
