@@ -28,9 +28,10 @@ from collections.abc import Callable, Sequence
 from functools import lru_cache, partial
 
 import numpy as np
-from fedrad.common import privacy
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+
+from fedrad.common import privacy, rdp
 
 HistoryEntry = tuple[float, float, int]
 ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
@@ -92,7 +93,7 @@ def ledger(*, q: float, steps_per_round: int, study_rounds: int, done: int, targ
 
 def clear_caches() -> None:
     _old_rdp_one_step.cache_clear()
-    privacy._RDP_CACHE.clear()
+    rdp._RDP_CACHE.clear()
     privacy._CALIBRATIONS.clear()
 
 

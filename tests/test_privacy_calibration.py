@@ -15,11 +15,13 @@ from functools import cache
 
 import numpy as np
 import pytest
-from fedrad.common import privacy
-from fedrad.common.errors import BudgetExceededError, PrivacyError
-from fedrad.common.privacy import RDP_ORDERS, calibrate_noise, epsilon_for
 from opacus.accountants import RDPAccountant
 from opacus.accountants.analysis import rdp as rdp_analysis
+
+from fedrad.common import privacy, rdp
+from fedrad.common.errors import BudgetExceededError, PrivacyError
+from fedrad.common.privacy import calibrate_noise, epsilon_for
+from fedrad.common.rdp import RDP_ORDERS
 
 DELTA = 1e-5
 ORDERS = list(RDPAccountant.DEFAULT_ALPHAS)
@@ -74,7 +76,7 @@ def _ledger(q: float, steps: int, n: int, sigma: float, seed: int) -> list[tuple
 
 @pytest.fixture(autouse=True)
 def _empty_caches() -> None:
-    privacy._RDP_CACHE.clear()
+    rdp._RDP_CACHE.clear()
     privacy._CALIBRATIONS.clear()
 
 
@@ -84,7 +86,7 @@ def _empty_caches() -> None:
 def test_per_step_rdp_matches_opacus_at_every_order(q: float, sigma: float) -> None:
     expected = _reference_rdp(q, sigma)
 
-    got = privacy._RDP_CACHE.rows([(q, sigma)], np.arange(len(RDP_ORDERS)))[0]
+    got = rdp._RDP_CACHE.rows([(q, sigma)], np.arange(len(RDP_ORDERS)))[0]
 
     # rounding only: Opacus adds thousands of series terms one by one, we sum them in numpy
     assert np.all(np.abs(got - expected) <= 1e-12 + 1e-10 * np.abs(expected))
@@ -95,18 +97,18 @@ def test_per_step_rdp_matches_opacus_at_every_order(q: float, sigma: float) -> N
 def test_per_step_rdp_never_falls_with_the_order(q: float, sigma: float) -> None:
     # RDP is a Rényi divergence, non-decreasing in the order: the fast path relies on it to skip
     # fractional orders whose integer floor already rules them out (within its rounding slack)
-    rdp = privacy._RDP_CACHE.rows([(q, sigma)], np.arange(len(RDP_ORDERS)))[0]
+    per_step = rdp._RDP_CACHE.rows([(q, sigma)], np.arange(len(RDP_ORDERS)))[0]
     order = np.argsort(RDP_ORDERS)
 
-    assert np.all(np.diff(rdp[order]) >= -1e-12 * (1 + np.abs(rdp[order][1:])))
+    assert np.all(np.diff(per_step[order]) >= -1e-12 * (1 + np.abs(per_step[order][1:])))
 
 
 def test_per_step_rdp_does_not_depend_on_what_else_is_computed_with_it() -> None:
     pairs = [(0.05, 0.9), (0.1, 1.3), (1.0, 8.0)]
-    alone = [privacy._RDP_CACHE.rows([p], np.arange(len(RDP_ORDERS)))[0] for p in pairs]
-    privacy._RDP_CACHE.clear()
+    alone = [rdp._RDP_CACHE.rows([p], np.arange(len(RDP_ORDERS)))[0] for p in pairs]
+    rdp._RDP_CACHE.clear()
 
-    together = privacy._RDP_CACHE.rows(pairs, np.arange(len(RDP_ORDERS)))
+    together = rdp._RDP_CACHE.rows(pairs, np.arange(len(RDP_ORDERS)))
 
     assert all(np.array_equal(a, t) for a, t in zip(alone, together))
 
@@ -133,7 +135,7 @@ def test_epsilon_skips_only_orders_that_cannot_be_the_minimum(seed: int) -> None
 
     every_order = np.zeros(len(RDP_ORDERS))
     for sigma, q, steps in history:  # the same cells, every order, summed as Opacus does
-        every_order = every_order + privacy._RDP_CACHE.rows([(q, sigma)], np.arange(len(RDP_ORDERS)))[0] * steps
+        every_order = every_order + rdp._RDP_CACHE.rows([(q, sigma)], np.arange(len(RDP_ORDERS)))[0] * steps
     expected, _ = rdp_analysis.get_privacy_spent(orders=ORDERS, rdp=every_order, delta=delta)
     assert eps == float(expected)
 
