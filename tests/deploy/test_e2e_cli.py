@@ -226,14 +226,27 @@ def test_a_node_killed_mid_round_is_let_back_in(federation: Federation) -> None:
             os.killpg(follower.pid, signal.SIGKILL)
             follower.wait()
     assert follower.returncode == 0, text[-3000:]
-    rounds = json.loads((run2 / "metrics.json").read_text())["rounds"]
+    metrics = json.loads((run2 / "metrics.json").read_text())
+    rounds = metrics["rounds"]
     first, later = rounds[0], rounds[1:]
     trained = [k for k, h in first["hospitals"].items() if _trained(h)]
     assert first["aggregated"] and len(trained) == 2 and "hospital-c" not in trained, first
     assert all(r["aggregated"] for r in later)
     # rejoined with the same key: the same row, named from the coordinator's registry (no phantom node-<id>)
-    assert any(_trained(r["hospitals"].get("hospital-c", {})) for r in later), later
+    assert any(_trained(r["hospitals"].get("hospital-c", {})) for r in later), _context(f, metrics, text)
     assert all(set(r["hospitals"]) <= set(HOSPITALS) for r in rounds), rounds
+
+
+def _context(f: Federation, metrics: dict[str, Any], follower: str) -> str:
+    """What a failed killed-node assertion shows: hospital-c's row per round, the run's progress and
+    events, and the fedrad lines of hospital-c's log (Flower's poll chatter left out)."""
+    keys = ("status", "val_status", "steps", "node_round", "node_eval_round", "val_reported_examples")
+    rows = [f"round {r['round']} aggregated={r['aggregated']} hospitals={sorted(r['hospitals'])} hospital-c="
+            f"{ {k: r['hospitals'].get('hospital-c', {}).get(k) for k in keys} }" for r in metrics["rounds"]]
+    node = [ln for ln in f.procs.log("hospital-c").splitlines()
+            if "fedrad" in ln or "Receiving" in ln or "Sending" in ln or "SuperNode" in ln or "ERROR" in ln]
+    return "\n".join([*rows, "--- events ---", *map(str, metrics.get("events", [])), "--- run output ---",
+                      follower[-4000:], "--- hospital-c ---", *node[-60:]])
 
 
 def _trained(record: dict[str, Any]) -> bool:
