@@ -201,12 +201,12 @@ def test_tls_federation_runs_a_dp_study(federation: Federation) -> None:
         assert "HTTP Request:" not in log and "Runtime.AcquireTask" not in log, log[-2000:]
 
 
-@pytest.mark.xfail(strict=False, reason="seen failing twice at load since evaluate-first (issue 14): the restarted "
-                   "hospital had no trained round in rounds 2-3; cause not found yet")
 def test_a_node_killed_mid_round_is_let_back_in(federation: Federation) -> None:
     # hospital-c is killed while training in round 1: the round completes with the other two
     # (min_hospitals=2); hospital-c is restarted at once, is let back in once the coordinator has
-    # noticed the old connection is gone (its launcher keeps retrying), and trains again.
+    # noticed the old connection is gone (its launcher keeps retrying), and trains again. Round 1 ends
+    # when that connection lapses, so hospital-c usually misses round 2 and trains in round 3 only;
+    # the final model's evaluate message comes after that round, and its outcome must not hide it.
     f = federation
     f.ensure_online(HOSPITALS)
     run2 = f.root / "runs" / "second"
@@ -219,6 +219,7 @@ def test_a_node_killed_mid_round_is_let_back_in(federation: Federation) -> None:
         wait_for(lambda: f.procs.log("hospital-c").count("Start `flwr-clientapp`") > marker, timeout=180,
                  what="hospital-c to start training in run 2")
         f.procs.stop("hospital-c", sig=signal.SIGKILL)
+        killed_at = len(f.procs.log("hospital-c"))
         f.start_node("hospital-c")  # rejoins with the same key, hence the same node id
         text, _ = follower.communicate(timeout=600)
     finally:
@@ -233,6 +234,13 @@ def test_a_node_killed_mid_round_is_let_back_in(federation: Federation) -> None:
     assert first["aggregated"] and len(trained) == 2 and "hospital-c" not in trained, first
     assert all(r["aggregated"] for r in later)
     # rejoined with the same key: the same row, named from the coordinator's registry (no phantom node-<id>)
+    if not any(_trained(r["hospitals"].get("hospital-c", {})) for r in later) \
+            and "Receiving: train message" not in f.procs.log("hospital-c")[killed_at:]:
+        # Seen on a loaded machine: Flower refuses the restarted node while the killed one counts online,
+        # and the relaunched SuperNode (10 s pause, then a cold process start) came back after round 3
+        # was sent out. The node's rejoin, not this run, is at fault (report: benchmarks/results/killnode.md).
+        pytest.xfail("hospital-c was let back in only after round 3 had been sent out (its rejoin took "
+                     "longer than round 2)\n" + _context(f, metrics, text))
     assert any(_trained(r["hospitals"].get("hospital-c", {})) for r in later), _context(f, metrics, text)
     assert all(set(r["hospitals"]) <= set(HOSPITALS) for r in rounds), rounds
 
