@@ -121,6 +121,22 @@ def _ok_fields(screened: ScreenedReply, kind: str) -> dict[str, Any]:
     return out
 
 
+def _record_outcome(site: dict[str, Any], kind: str, outcome: str) -> None:
+    """File a failed, refused or rejected reply's ``outcome`` in the site's round record.
+
+    ``status`` says what the site's train reply of the round came to (its update used: "ok"). An
+    evaluate reply's outcome is ``val_status``, and also ``status`` only where the round has no
+    train reply of the site on record (it was not asked to train): a failed evaluation of the final
+    model must not make a round the site trained in read as one it did not (seen with a hospital
+    restarted mid-study, whose only round after the restart was the last)."""
+    if kind == "train":
+        site["status"] = outcome
+        return
+    site["val_status"] = outcome
+    if "num_examples" not in site and site.get("status", "ok") == "ok":
+        site["status"] = outcome
+
+
 def _sanitised(msg: Message, screened: ScreenedReply, kind: str, weight_key: str) -> Message:
     """The reply as the aggregation may see it: the checked arrays and the checked weight only
     (every reply then has the same record layout, so Flower's consistency check cannot veto a round)."""
@@ -237,7 +253,9 @@ class FedradStrategyMixin:
         """Sort ``replies`` into usable ones (returned sanitised, in order) and refusals/failures.
 
         A rejected reply is recorded in its site's status and in the run's events (hospital and
-        field named) and contributes nothing else."""
+        field named) and contributes nothing else. An evaluate reply's failure or refusal is the
+        site's ``val_status``; it is its ``status`` too only where no train reply of the round is on
+        record (:func:`_record_outcome`): it never hides that the site trained in that round."""
         w = self._fedrad
         rec = w.history.round(server_round + w.round_offset)
         valid, refused = [], []
@@ -247,14 +265,17 @@ class FedradStrategyMixin:
             site = rec.site(name)
             if msg.has_error():
                 reason = SIM_TAG.sub("", msg.error.reason or "", count=1) or f"error code {msg.error.code}"
-                site["status"] = ("refused: " if msg.error.code in REFUSALS else "failed: ") + reason
+                outcome = ("refused: " if msg.error.code in REFUSALS else "failed: ") + reason
+                _record_outcome(site, kind, outcome)
                 refused.append((name, int(msg.error.code), reason))
-                log.warning("round %d %s: %s %s", rec.round, kind, name, site["status"])
+                log.warning("round %d %s: %s %s", rec.round, kind, name, outcome)
+                if kind != "train":
+                    w.history.event(f"round {rec.round}: the evaluation by {name} {outcome}")
                 continue
             try:
                 screened = self._screen_one(msg, kind)
             except ProtocolError as exc:
-                site["status"] = f"rejected{'' if kind == 'train' else ' (evaluate)'}: {exc}"
+                _record_outcome(site, kind, f"rejected{'' if kind == 'train' else ' (evaluate)'}: {exc}")
                 w.history.event(f"round {rec.round}: {kind} reply from {name} rejected: {exc}")
                 log.warning("round %d %s: reply from %s rejected: %s", rec.round, kind, name, exc)
                 continue

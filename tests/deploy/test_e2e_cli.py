@@ -201,12 +201,12 @@ def test_tls_federation_runs_a_dp_study(federation: Federation) -> None:
         assert "HTTP Request:" not in log and "Runtime.AcquireTask" not in log, log[-2000:]
 
 
-@pytest.mark.xfail(strict=False, reason="seen failing twice at load since evaluate-first (issue 14): the restarted "
-                   "hospital had no trained round in rounds 2-3; cause not found yet")
 def test_a_node_killed_mid_round_is_let_back_in(federation: Federation) -> None:
     # hospital-c is killed while training in round 1: the round completes with the other two
     # (min_hospitals=2); hospital-c is restarted at once, is let back in once the coordinator has
-    # noticed the old connection is gone (its launcher keeps retrying), and trains again.
+    # noticed the old connection is gone (its launcher keeps retrying), and trains again. Round 1 ends
+    # when that connection lapses, so hospital-c usually misses round 2 and trains in round 3 only;
+    # the final model's evaluate message comes after that round, and its outcome must not hide it.
     f = federation
     f.ensure_online(HOSPITALS)
     run2 = f.root / "runs" / "second"
@@ -219,6 +219,7 @@ def test_a_node_killed_mid_round_is_let_back_in(federation: Federation) -> None:
         wait_for(lambda: f.procs.log("hospital-c").count("Start `flwr-clientapp`") > marker, timeout=180,
                  what="hospital-c to start training in run 2")
         f.procs.stop("hospital-c", sig=signal.SIGKILL)
+        killed_at = len(f.procs.log("hospital-c"))
         f.start_node("hospital-c")  # rejoins with the same key, hence the same node id
         text, _ = follower.communicate(timeout=600)
     finally:
@@ -226,14 +227,34 @@ def test_a_node_killed_mid_round_is_let_back_in(federation: Federation) -> None:
             os.killpg(follower.pid, signal.SIGKILL)
             follower.wait()
     assert follower.returncode == 0, text[-3000:]
-    rounds = json.loads((run2 / "metrics.json").read_text())["rounds"]
+    metrics = json.loads((run2 / "metrics.json").read_text())
+    rounds = metrics["rounds"]
     first, later = rounds[0], rounds[1:]
     trained = [k for k, h in first["hospitals"].items() if _trained(h)]
     assert first["aggregated"] and len(trained) == 2 and "hospital-c" not in trained, first
     assert all(r["aggregated"] for r in later)
     # rejoined with the same key: the same row, named from the coordinator's registry (no phantom node-<id>)
-    assert any(_trained(r["hospitals"].get("hospital-c", {})) for r in later), later
+    if not any(_trained(r["hospitals"].get("hospital-c", {})) for r in later) \
+            and "Receiving: train message" not in f.procs.log("hospital-c")[killed_at:]:
+        # Seen on a loaded machine: Flower refuses the restarted node while the killed one counts online,
+        # and the relaunched SuperNode (10 s pause, then a cold process start) came back after round 3
+        # was sent out. The node's rejoin, not this run, is at fault (report: benchmarks/results/killnode.md).
+        pytest.xfail("hospital-c was let back in only after round 3 had been sent out (its rejoin took "
+                     "longer than round 2)\n" + _context(f, metrics, text))
+    assert any(_trained(r["hospitals"].get("hospital-c", {})) for r in later), _context(f, metrics, text)
     assert all(set(r["hospitals"]) <= set(HOSPITALS) for r in rounds), rounds
+
+
+def _context(f: Federation, metrics: dict[str, Any], follower: str) -> str:
+    """What a failed killed-node assertion shows: hospital-c's row per round, the run's progress and
+    events, and the fedrad lines of hospital-c's log (Flower's poll chatter left out)."""
+    keys = ("status", "val_status", "steps", "node_round", "node_eval_round", "val_reported_examples")
+    rows = [f"round {r['round']} aggregated={r['aggregated']} hospitals={sorted(r['hospitals'])} hospital-c="
+            f"{ {k: r['hospitals'].get('hospital-c', {}).get(k) for k in keys} }" for r in metrics["rounds"]]
+    node = [ln for ln in f.procs.log("hospital-c").splitlines()
+            if "fedrad" in ln or "Receiving" in ln or "Sending" in ln or "SuperNode" in ln or "ERROR" in ln]
+    return "\n".join([*rows, "--- events ---", *map(str, metrics.get("events", [])), "--- run output ---",
+                      follower[-4000:], "--- hospital-c ---", *node[-60:]])
 
 
 def _trained(record: dict[str, Any]) -> bool:
