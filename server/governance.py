@@ -77,7 +77,8 @@ def _hospitals(history: StudyHistory) -> list[dict[str, Any]]:
     for n in sorted(history.rounds):
         for name, h in history.rounds[n].hospitals.items():
             rec = out.setdefault(name, {"name": name, "rounds_contributed": 0, "rounds_refused": 0, "rounds_failed": 0,
-                                        "refusals": [], "train_examples": None, "last_status": "ok"})
+                                        "evaluations_missed": 0, "refusals": [], "train_examples": None,
+                                        "last_status": "ok"})
             # train_examples: the hospital's DP-released training-set size (never the true size)
             status = str(h.get("status", "ok"))
             rec["last_status"] = status
@@ -90,6 +91,10 @@ def _hospitals(history: StudyHistory) -> list[dict[str, Any]]:
             if status != "ok":
                 rec["rounds_refused" if status.startswith("refused") else "rounds_failed"] += 1
                 rec["refusals"].append({"round": n, "reason": status})
+            val_status = str(h.get("val_status", "ok"))
+            if val_status != "ok" and val_status != status:  # the round trained; its evaluation did not happen
+                rec["evaluations_missed"] += 1
+                rec["refusals"].append({"round": n, "reason": f"evaluation: {val_status}"})
     for name, rec in out.items():
         p = privacy.get(name, {})
         rec["study_epsilon"] = p.get("study_epsilon")  # this study's account

@@ -112,3 +112,18 @@ def test_report_without_final_model(tmp_path: Path) -> None:
     rep = build_report(history=hist, run_dir=run_dir, study=study)
     assert rep["model"]["sha256"] is None and "no final model" in rep["model"]["note"]
     assert "final model sha256 (model.pt) | - |" in render_markdown(rep)
+
+
+def test_a_missed_evaluation_is_reported_without_undoing_the_training(tmp_path: Path) -> None:
+    # arrange: hospital-2 trained in round 2, but the final model's evaluation by it failed
+    run_dir, hist, study, _ = _run(tmp_path)
+    hist.round(2).hospitals["hospital-2"]["val_status"] = "failed: node unavailable"
+
+    # act
+    jpath, _ = write_report(history=hist, run_dir=run_dir, study=study)
+
+    # assert
+    h2 = {h["name"]: h for h in json.loads(jpath.read_text())["hospitals"]}["hospital-2"]
+    assert h2["took_part"] and h2["rounds_contributed"] == 2 and h2["rounds_failed"] == 0
+    assert h2["evaluations_missed"] == 1
+    assert h2["refusals"] == [{"round": 2, "reason": "evaluation: failed: node unavailable"}]
