@@ -204,8 +204,8 @@ def test_superlink_object_store_setting() -> None:
 
 def test_superlink_keeps_objects_in_memory_and_its_state_in_the_database(monkeypatch: pytest.MonkeyPatch,
                                                                          tmp_path: Path) -> None:
-    from flwr.superlink import config_loader
     from flwr.supercore.object_store.in_memory_object_store import InMemoryObjectStore
+    from flwr.superlink import config_loader
 
     from fedrad.server.coordinator import keep_objects_in_memory
 
