@@ -20,13 +20,23 @@ with ``fedrad run`` and reads the run folder and the processes' logs. Per round:
 Settings compared (``--settings``; ``flower`` and ``polls`` turn the node's warm runtime off):
 
 * ``flower``: Flower 1.41's defaults: SuperNode polls every 3 s, SuperExec every 1 s, the
-  ServerApp's Grid checks for replies every 3 s;
+  ServerApp's Grid checks for replies every 3 s, object pulls retry after 1 s doubling to 10 s;
 * ``polls``: SuperNode 0.25 s (``poll_interval_s`` in node.yaml), SuperExec 0.2 s
   (``FLWR_SUPEREXEC_TASK_POLL_INTERVAL``), ServerApp Grid 0.25 s (``fedrad run --poll-interval``);
-  each message still starts a cold ``flwr-clientapp`` process (``warm_runtime: false``);
+  each message still starts a cold ``flwr-clientapp`` process (``warm_runtime: false``); Flower's
+  object-pull waits, as in ``flower``;
 * ``tuned``: the same polls, and each message's process is forked from the node's warm runtime
   (``warm_runtime: true``, the default: torch, Opacus and fedrad imported once per node); the
-  evaluation of each round's model rides in the next round's train message (issue 14);
+  evaluation of each round's model rides in the next round's train message (issue 14); pulls
+  of objects still being uploaded retry after 0.05-0.5 s and the SuperNode holds its task
+  process's pulls until the objects arrive (the default since issue 14, ``FEDRAD_QUICK_PULLS``);
+  the SuperLink keeps message objects in memory, not in its SQLite database (the default since
+  issue 14, ``FEDRAD_SUPERLINK_OBJECT_STORE``);
+* ``tuned-flower-pulls``: ``tuned`` with Flower's object-pull waits (1 s doubling to 10 s;
+  ``FEDRAD_QUICK_PULLS=0`` for the nodes and the coordinator);
+* ``tuned-sql-objects``: ``tuned`` with the SuperLink's objects in its SQLite database
+  (``FEDRAD_SUPERLINK_OBJECT_STORE=database``, Flower's behaviour with ``--database``);
+* ``tuned-before``: both of the above: ``tuned`` as it was before those two changes;
 * ``tuned-separate``: ``tuned`` with the flow before issue 14 (one evaluate message per round:
   ``FEDRAD_SEPARATE_EVALUATE=1`` in the coordinator's environment), for a side-by-side "before";
 * ``tuned-f16``: ``tuned`` with ``federation.update_encoding: float16-delta``.
@@ -61,9 +71,12 @@ NPZ = ROOT / "fedrad" / "data" / "pneumoniamnist.npz"
 BIN = Path(sys.executable).parent
 _TUNED = {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": True}
 SETTINGS: dict[str, dict[str, Any]] = {
-    "flower": {"node_poll": None, "superexec_poll": "1.0", "grid_poll": 0.0, "warm": False},
-    "polls": {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": False},
+    "flower": {"node_poll": None, "superexec_poll": "1.0", "grid_poll": 0.0, "warm": False, "flower_pulls": True},
+    "polls": {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": False, "flower_pulls": True},
     "tuned": dict(_TUNED),
+    "tuned-flower-pulls": {**_TUNED, "flower_pulls": True},
+    "tuned-sql-objects": {**_TUNED, "sql_objects": True},
+    "tuned-before": {**_TUNED, "flower_pulls": True, "sql_objects": True},
     "tuned-separate": {**_TUNED, "separate_evaluate": True},
     "tuned-f16": {**_TUNED, "encoding": "float16-delta"},
 }
@@ -110,7 +123,7 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     port = free_port()
     hospitals = [f"hospital-{chr(97 + i)}" for i in range(args.hospitals)]
     env = {"OMP_NUM_THREADS": str(args.threads), "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": s["superexec_poll"],
-           "COLUMNS": "200"}
+           "COLUMNS": "200", **({"FEDRAD_QUICK_PULLS": "0"} if s.get("flower_pulls") else {})}
     for h in hospitals:  # each hospital makes its own key pair; the coordinator gets the public key only
         subprocess.run([str(BIN / "fedrad-node"), "keygen", "--out", str(root / "keys" / h), "--comment", h],
                        check=True, capture_output=True, env={**os.environ, **env})
@@ -159,7 +172,8 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     }))
     group = Group(root)
     try:
-        coord_env = {**env, **({"FEDRAD_SEPARATE_EVALUATE": "1"} if s.get("separate_evaluate") else {})}
+        coord_env = {**env, **({"FEDRAD_SEPARATE_EVALUATE": "1"} if s.get("separate_evaluate") else {}),
+                     **({"FEDRAD_SUPERLINK_OBJECT_STORE": "database"} if s.get("sql_objects") else {})}
         group.start("coordinator", [str(BIN / "fedrad"), "coordinator", "start", "--prov", str(root / "prov"),
                                     "--host", "127.0.0.1", "--poll-interval", s["superexec_poll"]], coord_env)
         deadline = time.monotonic() + 120

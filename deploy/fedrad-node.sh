@@ -12,6 +12,9 @@
 #   FEDRAD_VENV          a virtual environment to activate first (optional)
 #   FEDRAD_SKIP_CHECK=1  skip the preflight (not recommended)
 #   FEDRAD_NODE_DEBUG=1  the SuperNode logs at DEBUG, every request included (default INFO)
+#   FEDRAD_QUICK_PULLS=0 keep Flower's 1-10 s waits for objects of a message still being uploaded
+#                        (default: retry after 0.05-0.5 s and hand them to the task as they arrive;
+#                        for side-by-side measurements only, see benchmarks/deploy_overhead.py)
 #   FEDRAD_JEMALLOC=1    run the node with jemalloc instead of glibc malloc (LD_PRELOAD; optional,
 #                        off by default). DP training allocates and frees large per-step buffers;
 #                        see benchmarks/results/engine.md for what it measured. Needs libjemalloc.so.2

@@ -12,7 +12,9 @@ One provisioning folder (see :mod:`fedrad.server.provision`) drives everything::
 
 The SuperLink runs with TLS (the provisioned certificate), SuperNode authentication (only the
 registered hospital keys may join), a database on disk and run-time dependency installation
-disabled. It listens on loopback only (``127.0.0.1:<control port>``): Flower 1.41 serves its
+disabled. Messages' contents (the model arrays) in flight are kept in memory, not in that database
+(:func:`run_superlink`: ``python -m fedrad.server.coordinator`` is ``flower-superlink`` with that one
+change). It listens on loopback only (``127.0.0.1:<control port>``): Flower 1.41 serves its
 Fleet, Control and ServerAppIo APIs on that one port, and the open-source Control API
 authenticates nobody. Hospitals reach it through :mod:`fedrad.server.fleet_gateway` on the public
 address, which forwards Fleet API calls only; ``fedrad run``/``status``/``stop`` (the ``flwr``
@@ -175,7 +177,8 @@ LOOPBACK = "127.0.0.1"
 
 
 def superlink_command(co: Coordinator, *, host: str = LOOPBACK, port: int, insecure: bool) -> list[str]:
-    """The ``flower-superlink`` command line: TLS + node authentication unless ``insecure``.
+    """The SuperLink's command line (``flower-superlink`` through :func:`run_superlink`): TLS + node
+    authentication unless ``insecure``.
 
     ``host`` must be a loopback address: the SuperLink's port carries the unauthenticated Control
     API, so only :func:`gateway_command` faces the network.
@@ -183,7 +186,7 @@ def superlink_command(co: Coordinator, *, host: str = LOOPBACK, port: int, insec
     if host not in (LOOPBACK, "localhost", "::1"):
         raise FedradError(f"the SuperLink binds loopback only (asked for {host}): its port also serves the Control "
                           "API, which Flower does not authenticate; hospitals connect through the Fleet gateway")
-    cmd = ["flower-superlink", "--host", host, "--port", str(port),
+    cmd = [sys.executable, "-m", "fedrad.server.coordinator", "--host", host, "--port", str(port),
            "--database", str(co.state_dir / "superlink.db"),
            "--log-file", str(co.state_dir / "superlink.log"), "--log-rotation-interval-hours", "24",
            "--disable-runtime-dependency-installation"]
@@ -206,6 +209,56 @@ def gateway_command(co: Coordinator, *, host: str, port: int, control_port: int,
         return [*cmd, "--insecure"]
     return [*cmd, "--certfile", str(co.coord / "superlink.pem"), "--keyfile", str(co.coord / "superlink.key"),
             "--ca", str(co.ca)]
+
+
+#: Where the SuperLink keeps the objects of messages in flight (the model arrays): ``memory`` (the
+#: default) or ``database`` (Flower's choice when ``--database`` names a file: the SQLite database).
+OBJECT_STORE_ENV = "FEDRAD_SUPERLINK_OBJECT_STORE"
+OBJECT_STORES = ("memory", "database")
+
+
+def superlink_object_store(environ: dict[str, str] | None = None) -> str:
+    value = (os.environ if environ is None else environ).get(OBJECT_STORE_ENV, "memory").strip() or "memory"
+    if value not in OBJECT_STORES:
+        raise FedradError(f"{OBJECT_STORE_ENV}={value!r}: expected one of {', '.join(OBJECT_STORES)}")
+    return value
+
+
+def keep_objects_in_memory() -> None:
+    """Make this process's SuperLink keep message objects in memory while its runs, nodes and
+    messages stay in the ``--database`` file.
+
+    With a database file, Flower 1.41 also stores every object (a ResNet-18 message is ~130
+    objects, 44.7 MB) in SQLite: writing one model took 5.6 s and registering its object tree 1 s
+    on the shared 2-core machine, against 0.2 s in memory (benchmarks/results/knobs.md), and every
+    round writes the model once and each hospital's update once. The objects are only in flight
+    (deleted once the receiver confirms them); a SuperLink restart ends the runs in flight anyway,
+    so nothing durable is lost. Flower's SQL link state works with any object store.
+    """
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink import config_loader
+
+    if getattr(config_loader, "_fedrad_objects_in_memory", False):
+        return
+
+    def factory(database: str) -> ObjectStoreFactory:  # the database names the link state only
+        return ObjectStoreFactory(FLWR_IN_MEMORY_DB_NAME)
+
+    config_loader.ObjectStoreFactory = factory  # type: ignore[attr-defined,assignment]
+    config_loader._fedrad_objects_in_memory = True  # type: ignore[attr-defined]
+
+
+def run_superlink(argv: Sequence[str], *, object_store: str = "memory") -> None:
+    """Run ``flower-superlink`` in this process (argv without the program name); with
+    ``object_store`` ``memory``, message objects are kept in memory (:func:`keep_objects_in_memory`)."""
+    if object_store == "memory":
+        keep_objects_in_memory()
+    log.info("SuperLink message objects kept in %s", object_store)
+    from flwr.superlink.cli import flower_superlink
+
+    sys.argv = ["flower-superlink", *argv]
+    flower_superlink()
 
 
 def control_port_of(co: Coordinator, public_port: int) -> int:
@@ -480,3 +533,13 @@ def logs(co: Coordinator, run_id: str, *, timeout: float = 60.0) -> str:
     if out.returncode != 0:
         raise _translate(co, out.stdout + out.stderr)
     return out.stdout
+
+
+if __name__ == "__main__":  # ``python -m fedrad.server.coordinator FLOWER-SUPERLINK-ARGS``: what the coordinator runs
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        store = superlink_object_store()
+    except FedradError as exc:
+        log.error("%s", exc)
+        sys.exit(2)
+    run_superlink(sys.argv[1:], object_store=store)

@@ -2,19 +2,22 @@
 
 Also the node's side of the connection: a TLS probe of the coordinator that names what is wrong
 (unreachable, certificate from another CA, host name not in the certificate, expired), and the
-in-process SuperNode launcher that shortens Flower's fixed 3 s message poll.
+in-process SuperNode launcher that shortens Flower's fixed 3 s message poll and its 1-10 s waits
+for objects of a message that are still being uploaded (issue 14).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 import socket
 import ssl
 import sys
 import time
 import types
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 
@@ -149,19 +152,84 @@ class _PollClock(types.ModuleType):
 
 #: Environment variable through which ``fedrad-node start`` passes the poll interval to its SuperNode process.
 POLL_ENV = "FEDRAD_SUPERNODE_POLL_S"
+#: ``0`` in the SuperNode's (or the ServerApp's) environment keeps Flower's own object-pull waits
+#: (for side-by-side measurements); anything else, or unset, uses the quick ones below.
+QUICK_PULLS_ENV = "FEDRAD_QUICK_PULLS"
+#: Object pulls that find an object not uploaded yet wait this long first, doubling up to the cap
+#: (Flower 1.41: 1 s doubling up to 10 s, ``flwr.supercore.constant.PULL_*``).
+QUICK_PULL_BACKOFF_S = (0.05, 0.5)
+#: How long the SuperNode holds a task process's pull of an object it is still receiving from the
+#: coordinator before answering "not yet" (the task process then backs off 1 s and asks again).
+OBJECT_HOLD_S = 5.0
 
 
-def run_supernode(argv: list[str], *, poll_interval_s: float | None) -> None:
+def quick_pulls_enabled(environ: dict[str, str] | None = None) -> bool:
+    return (os.environ if environ is None else environ).get(QUICK_PULLS_ENV, "1").strip() != "0"
+
+
+def quicken_pulls(module: types.ModuleType) -> None:
+    """Make ``module.pull_objects`` (Flower's object puller as ``module`` imported it) wait
+    :data:`QUICK_PULL_BACKOFF_S` instead of 1..10 s for an object that is not there yet.
+
+    A message is listed to its receiver as soon as its sender registered it, before the sender has
+    pushed its objects (44.7 MB for ResNet-18): the receiver's pulls then find objects still missing
+    and, with Flower's backoff, each such object costs at least 1 s, often 3-7 s. The total patience
+    stays Flower's (``PULL_MAX_TIME``); only the pause between tries is shorter.
+    """
+    if getattr(module, "_fedrad_quick_pulls", False):
+        return
+    initial, cap = QUICK_PULL_BACKOFF_S
+    module.pull_objects = functools.partial(  # type: ignore[attr-defined]
+        module.pull_objects, initial_backoff=initial, backoff_cap=cap, max_tries_per_object=None)
+    module._fedrad_quick_pulls = True  # type: ignore[attr-defined]
+
+
+def hold_unavailable_objects(handlers: types.ModuleType, *, hold_s: float = OBJECT_HOLD_S,
+                             step_s: float = 0.05) -> None:
+    """Wrap ``handlers.pull_object`` (the SuperNode's Runtime API handler) so that a pull of an object
+    the node is still receiving waits up to ``hold_s`` for it instead of answering "not yet" at once.
+
+    The SuperNode lists a task (and its message) before it has pulled the message's objects from
+    the coordinator, so the task process usually asks for objects that are on their way; Flower's
+    task process then sleeps 1, 2, 4, 8 s. Held here, it gets each object as soon as it arrives.
+    Unknown objects are answered at once, as before.
+    """
+    if getattr(handlers, "_fedrad_hold", False):
+        return
+    orig = handlers.pull_object
+
+    def pull_object(request: Any, state: Any, task: Any) -> Any:
+        deadline = time.monotonic() + hold_s
+        while True:
+            res = orig(request, state, task)
+            if res.object_available or not res.object_found or time.monotonic() >= deadline:
+                return res
+            time.sleep(step_s)
+
+    handlers.pull_object = pull_object  # type: ignore[attr-defined]
+    handlers._fedrad_hold = True  # type: ignore[attr-defined]
+
+
+def run_supernode(argv: list[str], *, poll_interval_s: float | None, quick_pulls: bool = True) -> None:
     """Run ``flower-supernode`` in this process (argv without the program name).
 
     Flower 1.41 waits a fixed 3 s between message polls; with ``poll_interval_s`` set, the
-    SuperNode's loop waits that long instead (everything else is Flower's own code).
+    SuperNode's loop waits that long instead. With ``quick_pulls``, objects of a message still being
+    uploaded are waited for in short steps (:func:`quicken_pulls`, :func:`hold_unavailable_objects`).
+    Everything else is Flower's own code.
     """
-    if poll_interval_s is not None:
-        from flwr.supernode import start_client_internal
+    from flwr.supernode import start_client_internal
 
+    if poll_interval_s is not None:
         start_client_internal.time = _PollClock(poll_interval_s)  # type: ignore[attr-defined]
         log.info("SuperNode message poll every %.2fs", poll_interval_s)
+    if quick_pulls:
+        from flwr.supernode.servicer.runtime import runtime_handlers
+
+        quicken_pulls(start_client_internal)
+        hold_unavailable_objects(runtime_handlers)
+        log.info("object pulls: retry after %.2f-%.2fs; task processes' pulls held up to %.0fs",
+                 *QUICK_PULL_BACKOFF_S, OBJECT_HOLD_S)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *argv]
@@ -169,8 +237,6 @@ def run_supernode(argv: list[str], *, poll_interval_s: float | None) -> None:
 
 
 if __name__ == "__main__":  # ``python -m fedrad.client.runtime.node FLOWER-SUPERNODE-ARGS``: what fedrad-node start runs
-    import os
-
     from fedrad.client.runtime.gate import regate_path
     from fedrad.common.errors import FedradError
 
@@ -181,4 +247,4 @@ if __name__ == "__main__":  # ``python -m fedrad.client.runtime.node FLOWER-SUPE
         log.error("%s", exc)
         sys.exit(exc.exit_code)
     poll = os.environ.get(POLL_ENV)
-    run_supernode(sys.argv[1:], poll_interval_s=float(poll) if poll else None)
+    run_supernode(sys.argv[1:], poll_interval_s=float(poll) if poll else None, quick_pulls=quick_pulls_enabled())
