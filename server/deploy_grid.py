@@ -21,16 +21,15 @@ Flower's waits (for side-by-side measurements).
 from __future__ import annotations
 
 import copy
-import functools
 import logging
-import os
 import time
-import types
 from collections.abc import Iterable, Mapping
 
 from flwr.app import Message, RecordDict
 from flwr.common.constant import SUPERLINK_NODE_ID
 from flwr.serverapp import Grid
+
+from fedrad.common.quick_pulls import QUICK_PULL_BACKOFF_S, quick_pulls_enabled, quicken_pulls
 
 try:  # Flower's Run type moved between releases; only used in annotations here
     from flwr.supercore.run import Run
@@ -39,28 +38,6 @@ except ImportError:  # pragma: no cover
 
 
 log = logging.getLogger(__name__)
-
-#: ``0`` keeps Flower's own object-pull waits (the SuperNode reads the same variable).
-QUICK_PULLS_ENV = "FEDRAD_QUICK_PULLS"
-#: First wait and cap (seconds) between tries of an object pull that found the object not uploaded yet
-#: (Flower 1.41: 1 s doubling up to 10 s, ``flwr.supercore.constant.PULL_*``).
-QUICK_PULL_BACKOFF_S = (0.05, 0.5)
-
-
-def quick_pulls_enabled(environ: Mapping[str, str] | None = None) -> bool:
-    return (os.environ if environ is None else environ).get(QUICK_PULLS_ENV, "1").strip() != "0"
-
-
-def quicken_pulls(module: types.ModuleType) -> None:
-    """``module.pull_objects`` (Flower's object puller as ``module`` imported it) retries after
-    :data:`QUICK_PULL_BACKOFF_S`; Flower's total patience (``PULL_MAX_TIME``) is kept."""
-    if getattr(module, "_fedrad_quick_pulls", False):
-        return
-    initial, cap = QUICK_PULL_BACKOFF_S
-    module.pull_objects = functools.partial(  # type: ignore[attr-defined]
-        module.pull_objects, initial_backoff=initial, backoff_cap=cap, max_tries_per_object=None)
-    module._fedrad_quick_pulls = True  # type: ignore[attr-defined]
-
 
 def quicken_reply_pulls() -> bool:
     """Quick retries for the deployment Grid's pulls of reply objects, unless switched off; True if on."""

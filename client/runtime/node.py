@@ -26,6 +26,7 @@ from fedrad.client.runtime.site import Site, dataset_fingerprint
 from fedrad.common.config import StudyConfig
 from fedrad.common.datasets import SiteData, load_npz
 from fedrad.common.errors import DataError, PolicyViolation, ProtocolError
+from fedrad.common.quick_pulls import QUICK_PULL_BACKOFF_S, quick_pulls_enabled, quicken_pulls
 
 log = logging.getLogger(__name__)
 
@@ -152,36 +153,9 @@ class _PollClock(types.ModuleType):
 
 #: Environment variable through which ``fedrad-node start`` passes the poll interval to its SuperNode process.
 POLL_ENV = "FEDRAD_SUPERNODE_POLL_S"
-#: ``0`` in the SuperNode's (or the ServerApp's) environment keeps Flower's own object-pull waits
-#: (for side-by-side measurements); anything else, or unset, uses the quick ones below.
-QUICK_PULLS_ENV = "FEDRAD_QUICK_PULLS"
-#: Object pulls that find an object not uploaded yet wait this long first, doubling up to the cap
-#: (Flower 1.41: 1 s doubling up to 10 s, ``flwr.supercore.constant.PULL_*``).
-QUICK_PULL_BACKOFF_S = (0.05, 0.5)
 #: How long the SuperNode holds a task process's pull of an object it is still receiving from the
 #: coordinator before answering "not yet" (the task process then backs off 1 s and asks again).
 OBJECT_HOLD_S = 5.0
-
-
-def quick_pulls_enabled(environ: dict[str, str] | None = None) -> bool:
-    return (os.environ if environ is None else environ).get(QUICK_PULLS_ENV, "1").strip() != "0"
-
-
-def quicken_pulls(module: types.ModuleType) -> None:
-    """Make ``module.pull_objects`` (Flower's object puller as ``module`` imported it) wait
-    :data:`QUICK_PULL_BACKOFF_S` instead of 1..10 s for an object that is not there yet.
-
-    A message is listed to its receiver as soon as its sender registered it, before the sender has
-    pushed its objects (44.7 MB for ResNet-18): the receiver's pulls then find objects still missing
-    and, with Flower's backoff, each such object costs at least 1 s, often 3-7 s. The total patience
-    stays Flower's (``PULL_MAX_TIME``); only the pause between tries is shorter.
-    """
-    if getattr(module, "_fedrad_quick_pulls", False):
-        return
-    initial, cap = QUICK_PULL_BACKOFF_S
-    module.pull_objects = functools.partial(  # type: ignore[attr-defined]
-        module.pull_objects, initial_backoff=initial, backoff_cap=cap, max_tries_per_object=None)
-    module._fedrad_quick_pulls = True  # type: ignore[attr-defined]
 
 
 def hold_unavailable_objects(handlers: types.ModuleType, *, hold_s: float = OBJECT_HOLD_S,

@@ -25,6 +25,7 @@ from flwr.supercore.inflatable.inflatable_utils import ObjectUnavailableError
 
 from fedrad.client.runtime import node as node_mod
 from fedrad.client.runtime.gate import gated_env, write_shim
+from fedrad.common.quick_pulls import quick_pulls_enabled, quicken_pulls
 from fedrad.server import deploy_grid
 
 
@@ -34,12 +35,11 @@ def _module_with_flowers_puller() -> types.ModuleType:
     return mod
 
 
-@pytest.mark.parametrize("quicken", [node_mod.quicken_pulls, deploy_grid.quicken_pulls])
-def test_quickened_puller_retries_in_short_steps_and_still_returns_the_objects(quicken: Any) -> None:
+def test_quickened_puller_retries_in_short_steps_and_still_returns_the_objects() -> None:
     # arrange: an object that is "not uploaded yet" for its first 3 tries (Flower would sleep
     # about 1 + 2 + 4 s before the 4th)
     mod = _module_with_flowers_puller()
-    quicken(mod)
+    quicken_pulls(mod)
     tries: dict[str, int] = {"a": 0, "b": 0}
 
     def pull(object_id: str) -> bytes:
@@ -57,7 +57,7 @@ def test_quickened_puller_retries_in_short_steps_and_still_returns_the_objects(q
     assert got == {"a": b"aaa", "b": b"bbb"} and tries == {"a": 4, "b": 1}
     assert mod.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": None}
     assert elapsed < 4.0  # Flower's 1 s, 2 s, 4 s pauses (+-20 %) take at least 5.6 s
-    quicken(mod)  # a second call changes nothing
+    quicken_pulls(mod)  # a second call changes nothing
     assert mod.pull_objects.func is inflatable_utils.pull_objects
 
 
@@ -134,10 +134,8 @@ def test_run_supernode_patches_flowers_supernode_before_starting_it(monkeypatch:
 
 
 def test_quick_pulls_switch() -> None:
-    for check in (node_mod.quick_pulls_enabled, deploy_grid.quick_pulls_enabled):
-        assert check({}) and check({"FEDRAD_QUICK_PULLS": "1"}) and not check({"FEDRAD_QUICK_PULLS": "0"})
-    assert node_mod.QUICK_PULLS_ENV == deploy_grid.QUICK_PULLS_ENV
-    assert node_mod.QUICK_PULL_BACKOFF_S == deploy_grid.QUICK_PULL_BACKOFF_S
+    assert quick_pulls_enabled({}) and quick_pulls_enabled({"FEDRAD_QUICK_PULLS": "1"})
+    assert not quick_pulls_enabled({"FEDRAD_QUICK_PULLS": "0"})
 
 
 @pytest.mark.parametrize("switch, expected", [(None, True), ("0", False)])
