@@ -59,11 +59,12 @@ def per_sample_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torc
 
 
 class _Record:
-    __slots__ = ("activation", "output", "version")
+    __slots__ = ("activation", "output", "saved", "version")
 
-    def __init__(self, activation: torch.Tensor, output: torch.Tensor) -> None:
+    def __init__(self, activation: torch.Tensor, output: torch.Tensor, saved: object) -> None:
         self.activation = activation
         self.output = output
+        self.saved = saved  # the layer rule's capture() (e.g. GroupNorm's forward statistics)
         self.version = output._version
 
 
@@ -114,6 +115,7 @@ class DPStep:
         )
         self._records: dict[nn.Module, _Record] = {}
         self._capturing = False
+        self._rules: dict[nn.Module, LayerRule] = {m: rule for _, m, rule in self.layers}
         self._handles = [m.register_forward_hook(self._capture) for _, m, _ in self.layers]
         #: Filled on the first step: "<layer>.<param>" whose norm is taken by the ghost path.
         self.ghost_parameters: list[str] = []
@@ -129,7 +131,7 @@ class DPStep:
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise PrivacyError(f"layer {type(module).__name__}: output does not carry gradients "
                                "(forward under torch.no_grad()?)")
-        self._records[module] = _Record(inputs[0].detach(), output)
+        self._records[module] = _Record(inputs[0].detach(), output, self._rules[module].capture(module, output))
 
     # ---- steps ---------------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, *, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,8 +224,9 @@ class DPStep:
         for (name, m, rule), g in zip(recorded, backprops):
             if g is None:  # output not used by the loss: zero gradient for this layer
                 continue
-            result = rule.norms(m, self._records[m].activation, g.detach(), self.mode, views=self.views,
-                                output=self._records[m].output)
+            record = self._records[m]
+            result = rule.norms(m, record.activation, g.detach(), self.mode, views=self.views,
+                                output=record.output, saved=record.saved)
             norm2 = norm2 + result.norm2.to(norm2.dtype)
             pending.append(result)
             if first:
