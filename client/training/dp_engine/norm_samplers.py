@@ -127,8 +127,10 @@ def conv2d_weight_grad_sample(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor
 #: A convolution with at most this many input channels per group (a stem on grey-scale or RGB
 #: images) gets its per-sample gradient from the unfolded input and one batched matmul: its
 #: unfolded input is small (``in_channels/groups * kernel area`` rows), while the grouped
-#: weight-gradient kernel of :func:`conv2d_weight_grad_sample` runs 5-10x slower than the dense
-#: one for so few input channels (measured: 1 -> 32 channels at 64x64, batch 64, torch 2.13 CPU).
+#: weight-gradient kernel of :func:`conv2d_weight_grad_sample` with so few input channels is at
+#: the mercy of thread scheduling (1 -> 32 channels at 64x64, batch 64, torch 2.13, loaded 2-core
+#: CPU: median 2.0-2.8 s against 0.1-0.2 s for unfold+bmm with two threads; best case 16 against
+#: 10 ms with two threads, 7.6 against 9.7 ms with one).
 UNFOLD_MAX_IN_CHANNELS = 4
 
 
