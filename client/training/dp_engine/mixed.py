@@ -80,17 +80,23 @@ class LayerRule:
     """How one layer type computes norms and clipped sums."""
 
     def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
-              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
+              views: int = 1, output: torch.Tensor | None = None, saved: object = None) -> LayerNorms:
         """``a``, ``g``: the layer's input and output gradient, ``B*K`` rows (``views`` = K
         consecutive rows per example). Norms and clipped sums are per EXAMPLE: of the sum of its
         views' gradients (the loss already averages over views, so that sum is the mean gradient).
-        ``output``: the layer's recorded output (for statistics its forward pass saved)."""
+        ``output``: the layer's recorded output; ``saved``: what :meth:`capture` returned for it
+        during the forward pass."""
         raise NotImplementedError
+
+    def capture(self, layer: nn.Module, output: torch.Tensor) -> object:
+        """Called in the layer's forward hook: anything the forward pass computed that
+        :meth:`norms` can reuse (autograd frees its saved tensors in the backward pass)."""
+        return None
 
 
 class LinearRule(LayerRule):
     def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
-              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
+              views: int = 1, output: torch.Tensor | None = None, saved: object = None) -> LayerNorms:
         assert isinstance(layer, nn.Linear)
         b = g.shape[0] // views
         a = a.to(g.dtype)
@@ -130,10 +136,10 @@ class LinearRule(LayerRule):
 
 class Conv2dRule(LayerRule):
     def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
-              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
+              views: int = 1, output: torch.Tensor | None = None, saved: object = None) -> LayerNorms:
         assert isinstance(layer, nn.Conv2d)
         if not ns.conv_fast_path(layer):
-            return OpacusRule().norms(layer, a, g, mode, views=views)
+            return OpacusRule().norms(layer, a, g, mode, views=views, output=output, saved=saved)
         b = g.shape[0] // views
         a = a.to(g.dtype)
         norm2 = torch.zeros(b, device=g.device, dtype=g.dtype)
@@ -147,7 +153,9 @@ class Conv2dRule(LayerRule):
             if ghost_w:
                 norm2 = norm2 + ns.conv2d_weight_ghost_norm2(layer, a, g, views=views)
             else:
-                per_sample[w] = ns.conv2d_weight_grad_sample(layer, a, g, views=views)
+                sample = (ns.conv2d_weight_grad_sample_unfold if ns.prefer_unfold(layer)
+                          else ns.conv2d_weight_grad_sample)
+                per_sample[w] = sample(layer, a, g, views=views)
         if layer.bias is not None and layer.bias.requires_grad:
             per_sample[layer.bias] = sum_views(ns.conv2d_bias_grad_sample(g), views)
         for gs in per_sample.values():
@@ -163,10 +171,15 @@ class Conv2dRule(LayerRule):
 
 
 class GroupNormRule(LayerRule):
-    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
-              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
+    def capture(self, layer: nn.Module, output: torch.Tensor) -> object:
         assert isinstance(layer, nn.GroupNorm)
-        stats = None if output is None else ns.group_norm_forward_stats(layer, output)
+        return ns.group_norm_forward_stats(layer, output)
+
+    def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
+              views: int = 1, output: torch.Tensor | None = None, saved: object = None) -> LayerNorms:
+        assert isinstance(layer, nn.GroupNorm)
+        stats = saved if isinstance(saved, tuple) else (
+            None if output is None else ns.group_norm_forward_stats(layer, output))
         grads = {p: sum_views(gs, views)
                  for p, gs in ns.group_norm_grad_sample(layer, [a], g, stats=stats).items()}
         norm2, grads = _materialised(grads, g.shape[0] // views, g)
@@ -177,7 +190,7 @@ class OpacusRule(LayerRule):
     """Any other layer Opacus has a per-sample gradient sampler for: materialised."""
 
     def norms(self, layer: nn.Module, a: torch.Tensor, g: torch.Tensor, mode: Mode, *,
-              views: int = 1, output: torch.Tensor | None = None) -> LayerNorms:
+              views: int = 1, output: torch.Tensor | None = None, saved: object = None) -> LayerNorms:
         sampler = GradSampleModule.GRAD_SAMPLERS.get(type(layer))
         if sampler is None:
             raise PrivacyError(f"no per-sample gradient rule for layer type {type(layer).__name__}")

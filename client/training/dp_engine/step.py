@@ -9,9 +9,10 @@
    gradient, whichever is cheaper (:mod:`.mixed`);
 4. Opacus' clipping coefficients ``min(1, C / (||g_i|| + 1e-6))``, then per parameter the clipped
    sum ``sum_i c_i g_i`` (book-keeping: no second backward pass);
-5. Opacus' own noise and averaging (``DPOptimizerFastGradientClipping``: Gaussian noise of standard
-   deviation ``noise_multiplier * max_grad_norm`` from the given generator, in the optimizer's
-   parameter order, then division by ``expected_batch_size``) and the wrapped optimizer's step.
+5. Opacus' own noise and averaging (``DPOptimizerFastGradientClipping``'s, in
+   :class:`LeanNoiseOptimizer`: Gaussian noise of standard deviation
+   ``noise_multiplier * max_grad_norm`` from the given generator, in the optimizer's parameter
+   order, then division by ``expected_batch_size``) and the wrapped optimizer's step.
 
 So the noisy gradient is the one Opacus' ``ew``/``hooks`` engines produce for the same batch and the
 same noise generator state, to float rounding (tests/test_dp_engine.py checks it).
@@ -36,6 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
 from opacus.validators import ModuleValidator
 from torch import nn
 
@@ -58,12 +60,53 @@ def per_sample_cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torc
     return F.cross_entropy(logits, target, reduction="none")
 
 
-class _Record:
-    __slots__ = ("activation", "output", "version")
+class LeanNoiseOptimizer(DPOptimizerFastGradientClipping):
+    """Opacus' ``DPOptimizerFastGradientClipping`` with the same noise, fewer memory passes.
 
-    def __init__(self, activation: torch.Tensor, output: torch.Tensor) -> None:
+    Per parameter, Opacus copies the clipped sum into ``summed_grad``, allocates a zero tensor it
+    discards (outside secure mode), draws the noise, and adds both into a third tensor. Here the
+    clipped sum the engine just computed becomes ``summed_grad`` itself, and the noise is drawn by
+    the same call (``torch.normal(mean=0, std=sigma*C, size, generator)``, same parameter order,
+    same generator) and the clipped sum added to it in place: the noisy gradient is bitwise the one
+    Opacus computes (float addition commutes). ``secure_mode`` and accumulation across skipped
+    steps take Opacus' own code.
+    """
+
+    def accumulate(self) -> None:
+        if self._step_skip_queue:
+            super().accumulate()
+            return
+        for p in self.params:
+            if p.summed_grad is None:  # type: ignore[attr-defined]
+                p.summed_grad = p.grad  # type: ignore[attr-defined]  # a fresh tensor each step
+            else:
+                p.summed_grad.add_(p.grad.data)  # type: ignore[attr-defined, union-attr]
+
+    def add_noise(self) -> None:
+        if self.secure_mode:
+            super().add_noise()
+            return
+        std = getattr(self, "_adjusted_noise_multiplier", self.noise_multiplier) * self.max_grad_norm
+        for p in self.params:
+            summed: torch.Tensor = p.summed_grad  # type: ignore[attr-defined]
+            _check_processed_flag(summed)
+            if std == 0:
+                grad = summed.clone()
+            else:
+                grad = torch.normal(mean=0, std=std, size=summed.shape, device=summed.device,
+                                    generator=self.generator, dtype=summed.dtype)
+                grad.add_(summed)
+            p.grad = grad.view_as(p)
+            _mark_as_processed(summed)
+
+
+class _Record:
+    __slots__ = ("activation", "output", "saved", "version")
+
+    def __init__(self, activation: torch.Tensor, output: torch.Tensor, saved: object) -> None:
         self.activation = activation
         self.output = output
+        self.saved = saved  # the layer rule's capture() (e.g. GroupNorm's forward statistics)
         self.version = output._version
 
 
@@ -103,7 +146,7 @@ class DPStep:
         in_optimizer = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         if {id(p) for p in in_optimizer} != trainable or len(in_optimizer) != len(trainable):
             raise PrivacyError("the optimizer must hold exactly the model's trainable parameters, each once")
-        self.optimizer = DPOptimizerFastGradientClipping(
+        self.optimizer = LeanNoiseOptimizer(
             optimizer,
             noise_multiplier=float(noise_multiplier),
             max_grad_norm=float(max_grad_norm),
@@ -114,6 +157,7 @@ class DPStep:
         )
         self._records: dict[nn.Module, _Record] = {}
         self._capturing = False
+        self._rules: dict[nn.Module, LayerRule] = {m: rule for _, m, rule in self.layers}
         self._handles = [m.register_forward_hook(self._capture) for _, m, _ in self.layers]
         #: Filled on the first step: "<layer>.<param>" whose norm is taken by the ghost path.
         self.ghost_parameters: list[str] = []
@@ -129,7 +173,7 @@ class DPStep:
         if not isinstance(output, torch.Tensor) or not output.requires_grad:
             raise PrivacyError(f"layer {type(module).__name__}: output does not carry gradients "
                                "(forward under torch.no_grad()?)")
-        self._records[module] = _Record(inputs[0].detach(), output)
+        self._records[module] = _Record(inputs[0].detach(), output, self._rules[module].capture(module, output))
 
     # ---- steps ---------------------------------------------------------------------------------------
     def step(self, x: torch.Tensor, y: torch.Tensor, *, weights: torch.Tensor | None = None) -> torch.Tensor:
@@ -222,8 +266,9 @@ class DPStep:
         for (name, m, rule), g in zip(recorded, backprops):
             if g is None:  # output not used by the loss: zero gradient for this layer
                 continue
-            result = rule.norms(m, self._records[m].activation, g.detach(), self.mode, views=self.views,
-                                output=self._records[m].output)
+            record = self._records[m]
+            result = rule.norms(m, record.activation, g.detach(), self.mode, views=self.views,
+                                output=record.output, saved=record.saved)
             norm2 = norm2 + result.norm2.to(norm2.dtype)
             pending.append(result)
             if first:
