@@ -25,7 +25,6 @@ the run folder (``run-config.toml``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import signal
@@ -38,13 +37,13 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedrad.common.config import load_study
 from fedrad.common.durable import atomic_write_text
-from fedrad.common.errors import ConfigError, FederationError
+from fedrad.common.errors import ConfigError, FederationError, FedradError
 
 from .deploy_grid import FastPollGrid
 from .history import RoundRecord, StudyHistory
 from .names import RegistryNames
 from .resume import accept_run
-from .run_records import mark_interrupted
+from .run_records import mark_interrupted_locked
 from .secagg import run_secagg_study
 from .stop_request import RunStopRequested, guard_run, metrics_lock, stop_requested
 from .study import check_study_data, run_study
@@ -55,6 +54,8 @@ STUDY_KEY = "study-config"
 RUN_DIR_KEY = "run-dir"
 POLL_KEY = "poll-interval"
 REGISTRY_KEY = "registry"
+#: How long a ServerApp that met a stop request waits for Flower to end it (2.5 x its task heartbeat).
+STOP_WAIT_S = 75.0
 
 app = ServerApp()
 
@@ -109,13 +110,29 @@ def mark_ended(metrics_file: Path, exc: BaseException, *, run_id: str) -> None:
     """Make a run's metrics.json tell the truth when the study did not end by itself. After
     ``fedrad stop`` (its stop request names ``run_id``) the run is marked ``interrupted``, as
     ``fedrad stop`` itself does, whichever of the two gets there first. Otherwise a status still
-    "running" becomes "stopped: ..." (the operator or Flower ended the run) or "failed: ..." (a crash)."""
+    "running" becomes "stopped: ..." (the operator or Flower ended the run) or "failed: ..." (a crash).
+    Never raises: the exception that ended the run is the one to report."""
     run_dir = metrics_file.parent
-    if stop_requested(run_dir, run_id=run_id):
-        mark_interrupted(run_dir, reason="stopped with `fedrad stop`")
+    if not metrics_file.is_file():
         return
-    with metrics_lock(run_dir) if run_dir.is_dir() else contextlib.nullcontext():
-        _mark_ended(metrics_file, exc)
+    try:
+        with metrics_lock(run_dir):  # decided and written under the lock `fedrad stop` takes too
+            if stop_requested(run_dir, run_id=run_id):
+                mark_interrupted_locked(run_dir, reason="stopped with `fedrad stop`")
+            else:
+                _mark_ended(metrics_file, exc)
+    except (FedradError, OSError, ValueError) as err:
+        log.warning("could not record the run's end in %s (%s)", metrics_file, err)
+
+
+def await_flower_stop(*, timeout_s: float) -> None:
+    """After a stop request, wait (bounded) for Flower to end this ServerApp: its task heartbeat
+    (about every 24 s) learns that the run was stopped and interrupts the process, and Flower then
+    records the run as stopped. Returns if that did not happen within ``timeout_s``."""
+    log.info("stop requested with `fedrad stop`: waiting up to %.0f s for Flower to end the run", timeout_s)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def _mark_ended(metrics_file: Path, exc: BaseException) -> None:
@@ -158,9 +175,8 @@ def main(grid: Grid, context: Context) -> None:
                 history = run_study(grid, study=study, run_dir=run_dir, reporter=LogReporter(), names=names)
     except BaseException as exc:  # fedrad stop (Flower ends the run), SIGTERM, or a crash: records say so
         mark_ended(run_dir / "metrics.json", exc, run_id=run_id)
-        if isinstance(exc, RunStopRequested):
-            log.info("%s", exc)
-            return
+        if isinstance(exc, RunStopRequested):  # ended before Flower's stop reached it: let Flower end it
+            await_flower_stop(timeout_s=STOP_WAIT_S)
         raise
     finally:
         if previous is not None:

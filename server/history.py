@@ -196,6 +196,15 @@ class StudyHistory:
             "events": self.events,
         }
 
+    def check_stop(self) -> None:
+        """In a ServerApp guarding its run: raise :class:`~fedrad.server.stop_request.RunStopRequested`
+        once ``fedrad stop`` asked (called before writing a checkpoint, so that no round is
+        checkpointed that ``metrics.json`` will not record)."""
+        run_dir = self.path.parent
+        run_id = guarded_run(run_dir)
+        if run_id is not None:
+            check_not_stopped(run_dir, run_id=run_id)
+
     def save(self) -> None:
         """Write ``metrics.json``; in a ServerApp guarding its run, only while no stop is requested
         (raises :class:`~fedrad.server.stop_request.RunStopRequested` once ``fedrad stop`` asked)."""

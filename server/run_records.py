@@ -31,14 +31,19 @@ def interrupted_history(run_dir: Path, *, reason: str) -> StudyHistory:
 def mark_interrupted(run_dir: Path, *, reason: str) -> StudyHistory | None:
     """Mark ``run_dir`` interrupted when its ``metrics.json`` still says ``running``; a run that
     finished, failed or was already marked is left as it is. None when there is no metrics.json yet."""
-    path = run_dir / "metrics.json"
-    if not path.is_file():
+    if not (run_dir / "metrics.json").is_file():
         return None
     with metrics_lock(run_dir):  # a ServerApp's save cannot land between this check and the mark
-        if not path.is_file() or _read(path).get("status") != "running":
-            return None
-        log.info("marking %s interrupted: %s", run_dir.name, reason)
-        return interrupted_history(run_dir, reason=reason)
+        return mark_interrupted_locked(run_dir, reason=reason)
+
+
+def mark_interrupted_locked(run_dir: Path, *, reason: str) -> StudyHistory | None:
+    """:func:`mark_interrupted` for a caller that holds ``run_dir``'s metrics lock already."""
+    path = run_dir / "metrics.json"
+    if not path.is_file() or _read(path).get("status") != "running":
+        return None
+    log.info("marking %s interrupted: %s", run_dir.name, reason)
+    return interrupted_history(run_dir, reason=reason)
 
 
 def _read(path: Path) -> dict[str, Any]:

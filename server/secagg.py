@@ -716,6 +716,7 @@ def run_secagg_study(
         rec = history.round(n)
         rec.global_test = metrics
         rec.seconds = time.perf_counter() - t_round
+        history.check_stop()  # no checkpoint of a round metrics.json will not record
         if n % study.output.checkpoint_every == 0 or n == fed.rounds:
             save_checkpoint(ckpt_dir / f"round-{n:04d}.pt", state_dict=model.state_dict(), study=study_dict,
                             round=n, class_names=class_names, extra={"study_id": study_id})

@@ -563,6 +563,7 @@ def run_study(
         rec.seconds = time.perf_counter() - getattr(strategy, "_t_round", time.perf_counter())
         rec.timings.update(getattr(strategy, "_timings", {}))
         t = time.perf_counter()
+        history.check_stop()  # no checkpoint of a round metrics.json will not record
         if n % study.output.checkpoint_every == 0 or n == fed.rounds:
             save_checkpoint(ckpt_dir / f"round-{n:04d}.pt", state_dict=model.state_dict(), study=study_dict,
                             round=n, class_names=class_names, extra=ckpt_extra)

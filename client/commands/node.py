@@ -409,16 +409,20 @@ def retry_refusal_while_maybe_online(activate: Callable[..., T], *, online: Path
     import httpx
 
     def wrapped(*args: Any, **kwargs: Any) -> T:
+        deadline: float | None = None  # fixed at the first refusal: nothing can extend it
         while True:
             try:
                 return activate(*args, **kwargs)
             except httpx.HTTPStatusError as exc:
-                last_alive = _mtime(online)
-                if exc.response.status_code != 412 or REFUSED_TEXT not in exc.response.text \
-                        or last_alive is None or time.time() - last_alive >= online_window_s:
+                if exc.response.status_code != 412 or REFUSED_TEXT not in exc.response.text:
                     raise
-                log.info("activation refused while the previous connection may still count online "
-                         "(last sign of life %.0f s ago); retrying in %.0f s", time.time() - last_alive, pause_s)
+                if deadline is None:
+                    last_alive = _mtime(online)
+                    deadline = (last_alive + online_window_s) if last_alive is not None else time.time()
+                if time.time() >= deadline:
+                    raise
+                log.info("activation refused while the previous connection may still count online; "
+                         "retrying in %.0f s (for up to %.0f s more)", pause_s, deadline - time.time())
                 time.sleep(pause_s)
 
     return wrapped

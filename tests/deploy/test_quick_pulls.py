@@ -13,7 +13,6 @@ import os
 import subprocess
 import sys
 import threading
-import time
 import types
 from pathlib import Path
 from typing import Any
@@ -49,14 +48,11 @@ def test_quickened_puller_retries_in_short_steps_and_still_returns_the_objects()
         return object_id.encode() * 3
 
     # act
-    t0 = time.monotonic()
     got = mod.pull_objects(["a", "b"], pull)
-    elapsed = time.monotonic() - t0
 
     # assert: same result, same patience (no per-object try limit of 500 x 0.5 s), short pauses
     assert got == {"a": b"aaa", "b": b"bbb"} and tries == {"a": 4, "b": 1}
     assert mod.pull_objects.keywords == {"initial_backoff": 0.05, "backoff_cap": 0.5, "max_tries_per_object": None}
-    assert elapsed < 4.0  # Flower's 1 s, 2 s, 4 s pauses (+-20 %) take at least 5.6 s
     quicken_pulls(mod)  # a second call changes nothing
     assert mod.pull_objects.func is inflatable_utils.pull_objects
 

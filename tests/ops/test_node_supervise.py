@@ -189,3 +189,22 @@ def test_other_refusals_and_errors_are_raised_at_once(tmp_path: Path, case: str)
         retry_refusal_while_maybe_online(activate, online=online, pause_s=0.01, online_window_s=80)("req")
 
     assert activate.calls == 1
+
+
+def test_the_retry_window_is_fixed_at_the_first_refusal(tmp_path: Path) -> None:
+    # arrange: something keeps the marker fresh (e.g. a second launcher on the same state folder)
+    from fedrad.client.commands.node import retry_refusal_while_maybe_online
+
+    online = tmp_path / ONLINE_MARKER
+    online.touch()
+    activate = _Activation(refusals=10**6)
+
+    def refuse_and_touch(request: str) -> str:
+        online.touch()
+        return activate(request)
+
+    # act / assert: it gives up once the window that began at the first refusal has passed
+    t0 = time.monotonic()
+    with pytest.raises(Exception, match="refused"):
+        retry_refusal_while_maybe_online(refuse_and_touch, online=online, pause_s=0.05, online_window_s=0.5)("req")
+    assert activate.calls >= 2 and time.monotonic() - t0 < 60

@@ -121,3 +121,23 @@ def test_without_a_stop_request_a_crash_is_recorded_as_failed(tmp_path: Path) ->
     mark_ended(tmp_path / "metrics.json", RuntimeError("boom"), run_id="7")
 
     assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "failed: RuntimeError"
+
+
+def test_a_guarded_history_refuses_to_go_on_once_a_stop_is_requested(tmp_path: Path) -> None:
+    history = StudyHistory(tmp_path / "metrics.json", study={}, study_id="s-1")
+    history.check_stop()  # not guarded: nothing to check
+    with guard_run(tmp_path, run_id="7"):
+        history.check_stop()
+        request_stop(tmp_path, run_id="7")
+
+        with pytest.raises(RunStopRequested):
+            history.check_stop()
+
+
+def test_an_unreadable_record_does_not_hide_why_the_run_ended(tmp_path: Path) -> None:
+    (tmp_path / "metrics.json").write_text("{not json")
+    request_stop(tmp_path, run_id="7")
+
+    mark_ended(tmp_path / "metrics.json", RuntimeError("boom"), run_id="7")  # logs, does not raise
+
+    assert (tmp_path / "metrics.json").read_text() == "{not json"
