@@ -159,23 +159,29 @@ def unfold2d(layer: nn.Conv2d, a: torch.Tensor) -> torch.Tensor:
     return torch.stack(cols, dim=2).reshape(b, c * kh * kw, ho * wo)
 
 
+def _unfolded_per_example(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, *,
+                          views: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unfolded input ``U`` and output gradients ``G`` as ``(B*groups, Cin*k | Cout, K*T)``: an
+    example's K views are K*T positions of one example."""
+    groups = layer.groups
+    b = a.shape[0] // views
+    u = unfold2d(layer, a)  # (B*K, Cin*k, T)
+    t = u.shape[-1]
+    if views == 1:
+        return u.view(b * groups, -1, t), g.reshape(b * groups, -1, t)
+    u = u.view(b, views, groups, -1, t).permute(0, 2, 3, 1, 4).reshape(b * groups, -1, views * t)
+    go = g.reshape(b, views, groups, -1, t).permute(0, 2, 3, 1, 4).reshape(b * groups, -1, views * t)
+    return u, go
+
+
 def conv2d_weight_grad_sample_unfold(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, *,
                                      views: int = 1) -> torch.Tensor:
     """Per-example weight gradients ``(B, *weight.shape)``: ``G_i U_i^T`` per example and group
     (unfolded input ``U_i``, output gradients ``G_i``), one batched matmul. Same numbers as
     :func:`conv2d_weight_grad_sample` (views: an example's K views are K*T positions)."""
-    groups = layer.groups
     b = a.shape[0] // views
-    w = layer.weight
-    u = unfold2d(layer, a)  # (B*K, Cin*k, T)
-    t = u.shape[-1]
-    if views == 1:
-        u = u.view(b * groups, -1, t)
-        go = g.reshape(b * groups, -1, t)
-    else:
-        u = u.view(b, views, groups, -1, t).permute(0, 2, 3, 1, 4).reshape(b * groups, -1, views * t)
-        go = g.reshape(b, views, groups, -1, t).permute(0, 2, 3, 1, 4).reshape(b * groups, -1, views * t)
-    return torch.bmm(go, u.transpose(1, 2)).view(b, *w.shape)
+    u, go = _unfolded_per_example(layer, a, g, views=views)
+    return torch.bmm(go, u.transpose(1, 2)).view(b, *layer.weight.shape)
 
 
 def conv2d_weight_ghost_norm2(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, *,
@@ -185,16 +191,8 @@ def conv2d_weight_ghost_norm2(layer: nn.Conv2d, a: torch.Tensor, g: torch.Tensor
     With ``views`` = K > 1, an example's K views are K*T positions of one example (the norm of the
     sum of its views' gradients).
     """
-    groups = layer.groups
     b = a.shape[0] // views
-    u = unfold2d(layer, a)  # (B*K, Cin*k, T)
-    t = u.shape[-1]
-    if views == 1:
-        u = u.view(b * groups, -1, t)
-        go = g.reshape(b * groups, -1, t)
-    else:
-        u = u.view(b, views, groups, -1, t).permute(0, 2, 3, 1, 4).reshape(b * groups, -1, views * t)
-        go = g.reshape(b, views, groups, -1, t).permute(0, 2, 3, 1, 4).reshape(b * groups, -1, views * t)
+    u, go = _unfolded_per_example(layer, a, g, views=views)
     gram_u = torch.bmm(u.transpose(1, 2), u)
     gram_g = torch.bmm(go.transpose(1, 2), go)
     return (gram_u * gram_g).view(b, -1).sum(dim=1).clamp(min=0)
