@@ -26,6 +26,7 @@ from fedrad.client.runtime.site import simulated_site
 from fedrad.common.config import StudyConfig, parse_study
 from fedrad.common.errors import ProtocolError
 from fedrad.common.models import build_model
+from fedrad.common.planning import sampling_plan
 from fedrad.common.protocol import ERR_BUDGET, ERR_PROTOCOL, EVAL_METRICS, MAX_LIST_LEN, TRAIN_METRICS, check_reply
 
 
@@ -227,7 +228,9 @@ def test_train_handler_reply_carries_only_weights_and_allowed_metrics(tmp_path: 
     assert metrics["num-examples"] == ledger["released_size"]["value"] and abs(metrics["num-examples"] - N_TRAIN) < 64
     assert metrics["partition-id"] == 0 and metrics["round"] == 1
     assert 0 < metrics["epsilon"] <= 8.0 and 0 < metrics["study_epsilon"] <= metrics["study_epsilon_budget"] == 8.0
-    assert metrics["steps"] == -(-metrics["num-examples"] // 16)  # planned from the released size
+    # planned from the released size (noisy: below 4 x 16 the plan keeps 4 smaller batches per epoch)
+    assert metrics["steps"] == sampling_plan(num_examples=int(metrics["num-examples"]), batch_size=16,
+                                             local_epochs=1).steps
     assert "train_loss" not in metrics and "train_seconds" not in metrics
     _assert_no_per_example_data(metrics, {N_TRAIN, N_VAL})
     check_reply(content, kind="train", expected_shapes={k: tuple(a.shape) for k, a in expected.items()})
