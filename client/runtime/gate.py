@@ -252,6 +252,14 @@ def _check_flower_folder(d: GateDecision, *, fab_content: bytes, flwr_home: Path
         problems = folder_problems(folder, fab_content=fab_content, code_allowed=d.code_allowed)
     except OSError as exc:
         problems = [f"unreadable ({exc})"]
+    if problems and all(p.endswith(": missing") for p in problems):
+        # Only some of the bundle's own files, each byte for byte: Flower is unpacking the approved
+        # bundle there right now (seen in SecAgg+ rounds, whose stages start task after task). Nothing
+        # foreign to refuse, and removing it under Flower would break that unpacking: left alone
+        # (never loaded); a later task removes it once it is whole.
+        log.info("Flower's folder of app %s is being unpacked (%d of the bundle's files still missing); "
+                 "left alone, never loaded", d.fab_hash[:16], len(problems))
+        return d
     try:
         remove_folder(folder)
     except OSError as exc:

@@ -333,3 +333,38 @@ def test_gate_start_sweeps_stale_copies(tmp_path: Path, monkeypatch: pytest.Monk
 
     assert gate.main([]) == AppNotApproved.exit_code
     assert not stale.exists()
+
+
+def test_flower_unpacking_the_approved_bundle_is_left_alone_not_refused(node: SimpleNamespace) -> None:
+    # arrange: Flower's folder holds some of the approved bundle's files, byte for byte, the rest
+    # not written yet (Flower unpacking it while a task's gate looks: seen in SecAgg+ e2e runs)
+    files = bundle_files(CODE_FREE)
+    folder = node.home / "apps" / "coordinator.fedradstudy.1.0.0.12345678"
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(io.BytesIO(CODE_FREE)) as zf:
+        written = sorted(files)[:-1]  # one file missing
+        for rel in written:
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(zf.read(rel))
+    d = gate.GateDecision(fab_hash(CODE_FREE), True, audit_path=node.tmp / "state" / "audit.jsonl")
+
+    # act
+    out = gate._check_flower_folder(d, fab_content=CODE_FREE, flwr_home=node.home, folder=folder)
+
+    # assert: approved, and the folder left to Flower (never loaded by the gate)
+    assert out.approved and folder.is_dir()
+
+
+def test_a_partial_folder_with_one_foreign_byte_is_still_refused(node: SimpleNamespace) -> None:
+    files = bundle_files(CODE_FREE)
+    folder = node.home / "apps" / "coordinator.fedradstudy.1.0.0.12345678"
+    folder.mkdir(parents=True)
+    with zipfile.ZipFile(io.BytesIO(CODE_FREE)) as zf:
+        first, *rest = sorted(files)
+        (folder / first).parent.mkdir(parents=True, exist_ok=True)
+        (folder / first).write_bytes(zf.read(first) + b"#")  # changed, and the rest missing
+    d = gate.GateDecision(fab_hash(CODE_FREE), True, audit_path=node.tmp / "state" / "audit.jsonl")
+
+    out = gate._check_flower_folder(d, fab_content=CODE_FREE, flwr_home=node.home, folder=folder)
+
+    assert not out.approved and "not the approved bundle" in out.reason and not folder.exists()
