@@ -38,7 +38,8 @@ EVALUATE_FIRST_KEY = "evaluate-first"
 #: Metrics of that evaluation inside a train reply: the evaluate reply's metrics under a ``val-``
 #: prefix, or ``val-refused`` (the fixed refusal code) when the node refused the evaluation.
 TRAIN_EVAL_METRICS = frozenset(
-    {"val-num-examples", "val-histograms", "val-round", "val-epsilon", "val-epsilon_budget", "val-refused"}
+    {"val-num-examples", "val-histograms", "val-round", "val-epsilon", "val-epsilon_budget", "val-refused",
+     "val-histogram-noise-std"}
 )
 #: The fields an evaluation inside a train reply must carry together (``val-epsilon*`` only with DP).
 TRAIN_EVAL_REQUIRED = frozenset({"val-num-examples", "val-histograms", "val-round"})
@@ -61,7 +62,11 @@ TRAIN_METRICS = frozenset(
 #: Metrics a hospital may report after evaluating the global model on its validation data: the
 #: per-class score histograms, DP-released with Gaussian noise (see :mod:`fedrad.client.privacy.releases`),
 #: and their total (post-processing). Every validation figure is derived from them by the coordinator.
-EVAL_METRICS = frozenset({"num-examples", "partition-id", "histograms", "round", "epsilon", "epsilon_budget"})
+#: ``histogram-noise-std`` is the standard deviation of the Gaussian noise on each count (0 without
+#: DP): a property of the mechanism, fixed by the node's own privacy plan (budget, delta, planned
+#: evaluations), never by the data; the coordinator needs it to tell a better round from noise.
+EVAL_METRICS = frozenset({"num-examples", "partition-id", "histograms", "round", "epsilon", "epsilon_budget",
+                          "histogram-noise-std"})
 #: Metrics that must be whole numbers.
 INT_METRICS = frozenset({"num-examples", "partition-id", "round", "steps", "val-num-examples", "val-round",
                          "val-refused"})

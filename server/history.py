@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 
+from fedrad.common.auc_noise import auc_standard_error, pooled_noise_std
 from fedrad.common.durable import atomic_write_json
 from fedrad.common.metrics import (
     at_threshold,
@@ -120,16 +121,28 @@ class StudyHistory:
         return self.rounds.setdefault(n, RoundRecord(round=n))
 
     def pool_validation(self, n: int, histograms: dict[str, np.ndarray], *,
+                        noise_std: dict[str, float | None] | None = None,
                         target_sensitivity: float | None = None) -> None:
         """Round ``n``'s validation figures from the sites' (DP) histograms: pooled from their sum,
-        with the operating threshold chosen there; per site at that pooled threshold."""
+        with the operating threshold chosen there; per site at that pooled threshold.
+
+        ``noise_std``: per site, the per-count noise std its reply stated (``histogram-noise-std``);
+        with it the pooled AUC gets its standard error (``auc_se``, :mod:`fedrad.common.auc_noise`),
+        which the model choice weighs (:mod:`fedrad.server.best_model`)."""
         if not histograms:
             return
-        pooled = summarise_histograms(pool_histograms(list(histograms.values())), target_sensitivity=target_sensitivity)
+        summed = pool_histograms(list(histograms.values()))
+        pooled = summarise_histograms(summed, target_sensitivity=target_sensitivity)
+        stds = [(noise_std or {}).get(name) for name in histograms]
+        pooled_std = pooled_noise_std(stds) if all(s is not None for s in stds) else None
         rec = self.round(n)
         rec.pooled = {**{k: getattr(pooled, k) for k in VAL_FIELDS}, "threshold": pooled.threshold,
                       "confusion": pooled.confusion, "num_examples": pooled.num_examples, "sites": len(histograms),
-                      "rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity:g}"}
+                      "rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity:g}",
+                      # None: some site did not state its noise (an older node); the choice then compares plainly
+                      "noise_std": pooled_std,
+                      "auc_se": (auc_standard_error(summed, noise_std=pooled_std)
+                                 if pooled_std is not None and math.isfinite(pooled.auc) else None)}
         for name, hist in histograms.items():
             rates = at_threshold(hist, pooled.threshold)
             rec.site(name).update({

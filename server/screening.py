@@ -71,17 +71,18 @@ TRAIN_FIELDS = frozenset({"num-examples", "round", "steps", "sample_rate", "nois
                           "partition-id"})
 #: An evaluation inside a train reply: the evaluate reply's fields under ``val-``, or ``val-refused``.
 TRAIN_EVAL_FIELDS = frozenset({"val-num-examples", "val-histograms", "val-round", "val-epsilon",
-                               "val-epsilon_budget", "val-refused"})
+                               "val-epsilon_budget", "val-refused", "val-histogram-noise-std"})
 #: Codes a refused evaluation may state (the node's fixed refusal codes).
 REFUSAL_CODES = frozenset({4000, 4001, 4002, 4003})
-EVAL_FIELDS = frozenset({"num-examples", "histograms", "round", "epsilon", "epsilon_budget", "partition-id"})
+EVAL_FIELDS = frozenset({"num-examples", "histograms", "round", "epsilon", "epsilon_budget", "partition-id",
+                         "histogram-noise-std"})
 #: Sent by nodes that predate the current contract; ignored (the allow-list refuses them once merged).
 LEGACY_FIELDS = frozenset({"train_loss", "train_seconds", "val_loss", "auc", "accuracy", "sensitivity",
                            "specificity", "f1", "confusion"})
 
 _INT_FIELDS = {"round": (1, MAX_COUNT), "steps": (0, MAX_COUNT), "partition-id": (0, MAX_COUNT)}
 _NONNEG_FIELDS = frozenset({"noise_multiplier", "max_grad_norm", "epsilon", "epsilon_budget", "study_epsilon",
-                            "study_epsilon_budget", "sample_rate", "delta"})
+                            "study_epsilon_budget", "sample_rate", "delta", "histogram-noise-std"})
 _UPPER = {"sample_rate": (1.0, True), "delta": (1.0, False)}  # (bound, inclusive)
 
 

@@ -118,7 +118,15 @@ def _ok_fields(screened: ScreenedReply, kind: str) -> dict[str, Any]:
         out["val_epsilon"] = m["epsilon"]
     if "epsilon_budget" in m:
         out["val_epsilon_budget"] = m["epsilon_budget"]
+    if "histogram-noise-std" in m:
+        out["val_noise_std"] = m["histogram-noise-std"]
     return out
+
+
+def _noise_std_of(metrics: dict[str, Any]) -> float | None:
+    """The noise std a screened evaluation states for its counts (None from a node that does not say)."""
+    v = metrics.get("histogram-noise-std")
+    return float(v) if v is not None else None
 
 
 def _record_outcome(site: dict[str, Any], kind: str, outcome: str) -> None:
@@ -291,6 +299,7 @@ class FedradStrategyMixin:
                 rec.record_receipt(name, kind, screened.receipt.as_dict())
             if kind == "evaluate" and screened.histograms is not None:
                 self._histograms[name] = screened.histograms
+                self._noise_std("evaluate")[name] = _noise_std_of(screened.metrics)
             valid.append(_sanitised(msg, screened, kind, weight_key))
         return valid, refused
 
@@ -309,6 +318,14 @@ class FedradStrategyMixin:
         prev.site(name).update(_ok_fields(ev, "evaluate"))
         if ev.histograms is not None:
             self._piggyback[name] = ev.histograms
+            self._noise_std("train")[name] = _noise_std_of(ev.metrics)
+
+    def _noise_std(self, kind: str) -> dict[str, float | None]:
+        """Per site, the noise std its histograms state (``histogram-noise-std``), beside
+        :attr:`_histograms` (evaluate) or :attr:`_piggyback` (train)."""
+        if not hasattr(self, "_fedrad_noise_std"):
+            self._fedrad_noise_std: dict[str, dict[str, float | None]] = {"train": {}, "evaluate": {}}
+        return self._fedrad_noise_std[kind]
 
     @property
     def _piggyback(self) -> dict[str, np.ndarray]:
@@ -324,8 +341,10 @@ class FedradStrategyMixin:
             return
         w = self._fedrad
         self._pending_validation = None
-        w.history.pool_validation(m, dict(self._piggyback), target_sensitivity=w.target_sensitivity)
+        w.history.pool_validation(m, dict(self._piggyback), noise_std=dict(self._noise_std("train")),
+                                  target_sensitivity=w.target_sensitivity)
         self._piggyback.clear()
+        self._noise_std("train").clear()
         if w.on_validated is not None:
             w.on_validated(m, self._sent_arrays)
 
@@ -341,6 +360,7 @@ class FedradStrategyMixin:
         replies = list(replies)
         t = time.perf_counter()
         self._piggyback.clear()
+        self._noise_std("train").clear()
         valid, refused = self._screen(server_round, replies, "train")
         timings = getattr(self, "_timings", {})
         timings["screen"] = time.perf_counter() - t
@@ -376,10 +396,13 @@ class FedradStrategyMixin:
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         w = self._fedrad
         self._histograms.clear()
+        self._noise_std("evaluate").clear()
         self._screen(server_round, list(replies), "evaluate")
         n = server_round + w.round_offset
-        w.history.pool_validation(n, dict(self._histograms), target_sensitivity=w.target_sensitivity)
+        w.history.pool_validation(n, dict(self._histograms), noise_std=dict(self._noise_std("evaluate")),
+                                  target_sensitivity=w.target_sensitivity)
         self._histograms.clear()
+        self._noise_std("evaluate").clear()
         pooled = w.history.round(n).pooled
         if not pooled:
             return None
@@ -642,7 +665,7 @@ def finish_study(
     save_checkpoint(run_dir / LAST_MODEL, state_dict=last_state, study=study.to_dict(), round=last_round,
                     class_names=class_names, extra={**common_extra, "threshold": last_thr[1] if last_thr else None})
     state, choice = choose_final(history, run_dir, last_state=last_state, last_round=last_round)
-    if choice["is"] == "best" or choice.get("best_file"):
+    if (choice["is"] == "best" or choice.get("best_file")) and choice["round"] == choice["best_round"]:
         best_path = run_dir / BEST_MODEL
         if not best_path.is_file() or int(load_checkpoint(best_path).get("round", -1)) != choice["round"]:
             save_checkpoint(best_path, state_dict=state, study=study.to_dict(), round=choice["round"],

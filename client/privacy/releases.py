@@ -74,6 +74,17 @@ def balanced_class_weights(*, counts: list[int]) -> list[float]:
     return [m / v for v in c]
 
 
+def histogram_noise_std(*, noise_multiplier: float, num_classes: int) -> float:
+    """Standard deviation of the Gaussian noise :func:`gaussian_histograms` adds to each count:
+    ``noise_multiplier * sqrt(c)``. A property of the mechanism (the node's plan and the class count),
+    not of the data: the node reports it beside the histograms (``histogram-noise-std``)."""
+    if not noise_multiplier > 0 or math.isnan(noise_multiplier):
+        raise PrivacyError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
+    if num_classes < 1:
+        raise PrivacyError(f"num_classes must be >= 1, got {num_classes}")
+    return float(noise_multiplier * math.sqrt(num_classes))
+
+
 def gaussian_histograms(hist: np.ndarray, *, noise_multiplier: float, seed: int | None = None) -> np.ndarray:
     """The Gaussian mechanism over a (c, 2, bins) histogram: adding or removing one example changes
     one count in each of the c class slices, so the L2 sensitivity is sqrt(c); noise std is
@@ -81,10 +92,8 @@ def gaussian_histograms(hist: np.ndarray, *, noise_multiplier: float, seed: int 
     count clipped on every site biases each empty cell upwards, and pooling 20 sites adds those
     biases up; the coordinator clips after pooling). Bounded to +-:data:`HIST_COUNT_LIMIT` (the
     contract's range; post-processing). ``seed``: only for a reproducible simulation; else OS entropy."""
-    if not noise_multiplier > 0 or math.isnan(noise_multiplier):
-        raise PrivacyError(f"noise_multiplier must be > 0, got {noise_multiplier!r}")
     h = np.asarray(hist, dtype=np.float64)
-    c = h.shape[0]
+    std = histogram_noise_std(noise_multiplier=noise_multiplier, num_classes=h.shape[0])
     rng = np.random.default_rng(seed)  # None: 128 bits of OS entropy
-    noisy = h + rng.normal(0.0, noise_multiplier * math.sqrt(c), size=h.shape)
+    noisy = h + rng.normal(0.0, std, size=h.shape)
     return np.clip(np.rint(noisy), -HIST_COUNT_LIMIT, HIST_COUNT_LIMIT).astype(np.int64)

@@ -57,6 +57,7 @@ from fedrad.client.privacy.ledger import PrivacyLedger, StudyRecord, StudyTurn
 from fedrad.client.privacy.releases import (
     balanced_class_weights,
     gaussian_histograms,
+    histogram_noise_std,
     released_class_counts,
     released_size,
 )
@@ -549,9 +550,12 @@ def _evaluation(*, study: StudyConfig, cfg: dict[str, object], site: Site, model
     hist = np.asarray(stats.histograms, dtype=np.int64)
     if stats.num_examples == 0:  # an empty validation set answers like any other (noise only, with DP)
         hist = np.zeros((site.data.num_classes, 2, HIST_BINS), dtype=np.int64)
+    noise_std = 0.0
     if sigma is not None:
         hist = gaussian_histograms(hist, noise_multiplier=sigma, seed=_seed(study, site, nxt.number, 1))
+        noise_std = histogram_noise_std(noise_multiplier=sigma, num_classes=hist.shape[0])
     metrics["histograms"] = hist.reshape(-1).astype(int).tolist()
+    metrics["histogram-noise-std"] = noise_std  # the mechanism's, not the data's (see the protocol)
     # every example counts once in class 0's two slices; noisy counts are signed (issue 10)
     metrics["num-examples"] = max(0, int(hist[0].sum()))
     log.info("%s study %s evaluation %d/%d: %d examples, loss %.4f (sent: histograms only%s)", site.name, key[:16],
