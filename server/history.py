@@ -218,12 +218,16 @@ class StudyHistory:
         if run_id is not None:
             check_not_stopped(run_dir, run_id=run_id)
 
-    def save(self) -> None:
+    def save(self, *, lock_held: bool = False) -> None:
         """Write ``metrics.json``; in a ServerApp guarding its run, only while no stop is requested
-        (raises :class:`~fedrad.server.stop_request.RunStopRequested` once ``fedrad stop`` asked)."""
+        (raises :class:`~fedrad.server.stop_request.RunStopRequested` once ``fedrad stop`` asked).
+
+        ``lock_held``: the caller holds the run's metrics lock and has decided to write (``fedrad
+        stop`` marking the run): written as it is (taking the lock again would wait on itself when
+        the ServerApp's guard is registered in the same process, as in tests)."""
         run_dir = self.path.parent
         run_id = guarded_run(run_dir)
-        if run_id is None:
+        if run_id is None or lock_held:
             write_json_atomic(self.path, self.as_dict())
             return
         with metrics_lock(run_dir):

@@ -17,15 +17,16 @@ from .stop_request import metrics_lock
 log = logging.getLogger(__name__)
 
 
-def interrupted_history(run_dir: Path, *, reason: str) -> StudyHistory:
-    """The run's history as saved so far (empty when there is no metrics.json), marked interrupted."""
+def interrupted_history(run_dir: Path, *, reason: str, lock_held: bool = False) -> StudyHistory:
+    """The run's history as saved so far (empty when there is no metrics.json), marked interrupted
+    (``lock_held``: the caller holds the run's metrics lock, see :meth:`StudyHistory.save`)."""
     from .study import save_interrupted
 
     path = run_dir / "metrics.json"
     data = _read(path) if path.is_file() else {}
     history = StudyHistory.resume(path, study=data.get("study", {}), study_id=data.get("study_id", ""),
                                   up_to_round=10**9)
-    return save_interrupted(history, run_dir=run_dir, reason=reason)
+    return save_interrupted(history, run_dir=run_dir, reason=reason, lock_held=lock_held)
 
 
 def mark_interrupted(run_dir: Path, *, reason: str) -> StudyHistory | None:
@@ -43,7 +44,7 @@ def mark_interrupted_locked(run_dir: Path, *, reason: str) -> StudyHistory | Non
     if not path.is_file() or _read(path).get("status") != "running":
         return None
     log.info("marking %s interrupted: %s", run_dir.name, reason)
-    return interrupted_history(run_dir, reason=reason)
+    return interrupted_history(run_dir, reason=reason, lock_held=True)
 
 
 def _read(path: Path) -> dict[str, Any]:

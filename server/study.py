@@ -497,9 +497,10 @@ def prepare_study(*, study: StudyConfig, run_dir: Path, reporter: Reporter,
                          resolve_device(study.training.device), wiring)
 
 
-def save_interrupted(history: StudyHistory, *, run_dir: Path, reason: str) -> StudyHistory:
+def save_interrupted(history: StudyHistory, *, run_dir: Path, reason: str, lock_held: bool = False) -> StudyHistory:
     """Record a study stopped at a safe point: rounds after the last checkpoint are dropped (a resume
-    re-runs them), ``metrics.json`` says ``interrupted``. No model files are written."""
+    re-runs them), ``metrics.json`` says ``interrupted``. No model files are written. ``lock_held``:
+    see :meth:`StudyHistory.save`."""
     last = latest_checkpoint(run_dir / "checkpoints")
     kept = last[0] if last else 0
     dropped = sorted(n for n in history.rounds if n > kept)
@@ -508,7 +509,7 @@ def save_interrupted(history: StudyHistory, *, run_dir: Path, reason: str) -> St
     history.status = "interrupted"
     history.event(f"interrupted ({reason}) after round {kept}" + (
         f"; round {dropped[0]} was not finished and is re-run on resume" if dropped else ""))
-    history.save()
+    history.save(lock_held=lock_held)
     return history
 
 

@@ -141,3 +141,17 @@ def test_an_unreadable_record_does_not_hide_why_the_run_ended(tmp_path: Path) ->
     mark_ended(tmp_path / "metrics.json", RuntimeError("boom"), run_id="7")  # logs, does not raise
 
     assert (tmp_path / "metrics.json").read_text() == "{not json"
+
+
+@pytest.mark.timeout(60)
+def test_stop_marks_a_run_whose_serverapp_guard_is_registered_in_the_same_process(tmp_path: Path) -> None:
+    # arrange: the ServerApp's guard is active in this process (a simulation, or a test), stop requested
+    _running_history(tmp_path, rounds=1)
+    with guard_run(tmp_path, run_id="7"):
+        request_stop(tmp_path, run_id="7")
+        # act: `fedrad stop`'s mark holds the metrics lock and saves: it must not wait on its own lock
+        marked = mark_interrupted(tmp_path, reason="stopped with `fedrad stop`")
+
+    # assert
+    assert marked is not None
+    assert json.loads((tmp_path / "metrics.json").read_text())["status"] == "interrupted"
