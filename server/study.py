@@ -37,6 +37,7 @@ from fedrad.common.errors import ConfigError, FederationError, ProtocolError
 from fedrad.common.evaluation import evaluate
 from fedrad.common.model_card import CARD_KEY, model_card
 from fedrad.common.models import build_model
+from fedrad.common.packing import is_packed, pack_arrays, unpack_arrays
 from fedrad.common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -45,6 +46,7 @@ from fedrad.common.protocol import (
     EVALUATE_FIRST_KEY,
     METRICS_KEY,
     check_reply,
+    update_dtype,
 )
 
 from .best_model import BEST_MODEL, LAST_MODEL, MODEL, BestModel, choose_final, noise_warning
@@ -145,6 +147,25 @@ def _record_outcome(site: dict[str, Any], kind: str, outcome: str) -> None:
         site["status"] = outcome
 
 
+#: Environment switch: ``0`` sends the global model array by array (as before packing) for comparisons.
+PACK_ENV = "FEDRAD_PACKED_MODELS"
+
+
+def _packed(messages: list[Message], arrays: ArrayRecord) -> list[Message]:
+    """The messages with the global model packed into one array (:mod:`fedrad.common.packing`: one
+    object on the wire instead of one per array); unchanged when the arrays differ in dtype, or with
+    :data:`PACK_ENV` = 0. Nodes answer packed messages with packed replies."""
+    if os.environ.get(PACK_ENV, "1") == "0":
+        return messages
+    packed = pack_arrays(arrays)
+    if packed is None:
+        return messages
+    for m in messages:
+        if m.has_content() and ARRAYS_KEY in m.content:
+            m.content[ARRAYS_KEY] = packed
+    return messages
+
+
 def _sanitised(msg: Message, screened: ScreenedReply, kind: str, weight_key: str) -> Message:
     """The reply as the aggregation may see it: the checked arrays and the checked weight only
     (every reply then has the same record layout, so Flower's consistency check cannot veto a round)."""
@@ -218,7 +239,7 @@ class FedradStrategyMixin:
             messages = self._ask_evaluation(messages, arrays)
             self._pending_validation = n - 1
         self._timings["configure"] = time.perf_counter() - t
-        return messages
+        return _packed(messages, arrays)
 
     def _ask_evaluation(self, messages: list[Message], arrays: ArrayRecord) -> list[Message]:
         """The train messages, a sample of them (``fraction_evaluate``, at least ``min_evaluate_nodes``)
@@ -241,12 +262,19 @@ class FedradStrategyMixin:
         w = self._fedrad
         if w.fold_evaluation and server_round < w.last_server_round:
             return []  # this round's model is evaluated inside the next round's train messages
-        return super().configure_evaluate(server_round, arrays, config, grid)  # type: ignore[misc]
+        return _packed(list(super().configure_evaluate(server_round, arrays, config, grid)), arrays)  # type: ignore[misc]
 
     def _screen_one(self, msg: Message, kind: str) -> ScreenedReply:
         """Protocol allow-lists (``check_reply``), then the coordinator's value checks. An evaluation
         inside a train reply is screened (and used) only when this coordinator asked that node for one."""
         w = self._fedrad
+        if kind == "train" and ARRAYS_KEY in msg.content and is_packed(msg.content[ARRAYS_KEY]):
+            dtypes = {str(w.expected_dtypes.get(name, "float32")) for name in w.expected_shapes}
+            if len(dtypes) != 1:
+                raise ProtocolError("train reply: a packed update for a model whose arrays differ in dtype")
+            msg.content[ARRAYS_KEY] = unpack_arrays(
+                msg.content[ARRAYS_KEY], shapes=w.expected_shapes, what="train reply",
+                dtype=update_dtype(dtypes.pop(), w.update_encoding))
         if kind == "train":
             check_reply(msg.content, kind=kind, expected_shapes=w.expected_shapes, num_classes=w.num_classes,
                         update_encoding=w.update_encoding)

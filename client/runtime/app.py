@@ -71,6 +71,7 @@ from fedrad.common.errors import BudgetExceededError, DataError, FedradError, Po
 from fedrad.common.evaluation import evaluate
 from fedrad.common.metrics import HIST_BINS
 from fedrad.common.models import build_model
+from fedrad.common.packing import is_packed, pack_arrays, unpack_arrays
 from fedrad.common.protocol import (
     ARRAYS_KEY,
     CONFIG_KEY,
@@ -131,8 +132,14 @@ def _model(study: StudyConfig, site: Site, msg: Message) -> torch.nn.Module:
     )
     if ARRAYS_KEY not in msg.content:
         raise ProtocolError("message has no 'arrays' record (the global model)")
+    arrays = msg.content[ARRAYS_KEY]
+    if is_packed(arrays):  # one array on the wire: unpacked against the model this node built itself
+        dtypes = {v.detach().cpu().numpy().dtype for v in model.state_dict().values()}
+        if len(dtypes) != 1:
+            raise ProtocolError(f"a packed global model for model {study.model.name!r}, whose arrays differ in dtype")
+        arrays = unpack_arrays(arrays, shapes=_shapes(model), dtype=dtypes.pop(), what="the global model")
     try:
-        model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict(), strict=True)
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
         raise ProtocolError(f"global model does not fit model {study.model.name!r}: {exc}") from None
     return model
@@ -328,12 +335,23 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
         receipt = ConfigRecord({"audit-head": str(head.head), "audit-count": int(head.count)})
         check_receipt(receipt)
         reply.content[RECEIPT_KEY] = receipt
+    _pack_like(msg, reply)
     age = task_age()
     if age is not None:  # deployment: where a task's time goes (process start and imports vs. the work)
         log.info("%s task (%s start): %.2fs in fedrad (train %.2fs, evaluate %.2fs), %.2fs since the task process "
                  "started", kind, "warm" if os.environ.get(WARM_TASK_ENV) else "cold", time.monotonic() - started,
                  (req.stats or {}).get("seconds", 0.0), (req.stats or {}).get("eval_seconds", 0.0), age)
     return reply
+
+
+def _pack_like(msg: Message, reply: Message) -> None:
+    """A reply to a packed message travels packed too (the same arrays, checked and audited as
+    arrays above; :mod:`fedrad.common.packing`)."""
+    if (msg.has_content() and ARRAYS_KEY in msg.content and is_packed(msg.content[ARRAYS_KEY])
+            and reply.has_content() and ARRAYS_KEY in reply.content):
+        packed = pack_arrays(reply.content[ARRAYS_KEY])
+        if packed is not None:
+            reply.content[ARRAYS_KEY] = packed
 
 
 @app.train()

@@ -34,6 +34,7 @@ from fedrad.common import protocol
 from fedrad.common.datasets import ImageSplit, load_npz, npz_source_path
 from fedrad.common.evaluation import evaluate
 from fedrad.common.models import build_model
+from fedrad.common.packing import as_unpacked
 
 CPU = torch.device("cpu")
 
@@ -98,7 +99,7 @@ class FakeHospitals(Grid):
         s = self.study
         model = build_model(s.model.name, in_channels=s.data.channels, num_classes=2, image_size=s.data.image_size,
                             options=s.model.options)
-        model.load_state_dict(content["arrays"].to_torch_state_dict())
+        model.load_state_dict(_unpacked(content["arrays"], model).to_torch_state_dict())
         return model
 
     def _reply(self, msg: Message, records: dict[str, Any]) -> Message:
@@ -151,7 +152,7 @@ class FakeHospitals(Grid):
             metrics.update(first)
             arrays = ArrayRecord({k: v.detach().clone() for k, v in model.state_dict().items()})
             if getattr(s.federation, "update_encoding", "float32") == "float16-delta":  # what a real node sends
-                received = msg.content["arrays"].to_torch_state_dict()
+                received = _unpacked(msg.content["arrays"], model).to_torch_state_dict()
                 arrays = ArrayRecord({k: Array((v.detach() - received[k]).numpy().astype(np.float16))
                                       for k, v in model.state_dict().items()})
             return self._reply(msg, {"arrays": arrays, "metrics": MetricRecord(metrics)})
@@ -167,3 +168,9 @@ class FakeHospitals(Grid):
         if "round" in protocol.EVAL_METRICS:
             metrics["round"] = max(1, n)
         return metrics
+
+
+def _unpacked(record: ArrayRecord, model: torch.nn.Module) -> ArrayRecord:
+    """The global model's arrays as a real node reads them (the coordinator may pack them into one)."""
+    return as_unpacked(record, shapes={k: tuple(v.shape) for k, v in model.state_dict().items()},
+                       dtype="float32", what="the global model")
