@@ -39,7 +39,13 @@ Settings compared (``--settings``; ``flower`` and ``polls`` turn the node's warm
 * ``tuned-before``: both of the above: ``tuned`` as it was before those two changes;
 * ``tuned-separate``: ``tuned`` with the flow before issue 14 (one evaluate message per round:
   ``FEDRAD_SEPARATE_EVALUATE=1`` in the coordinator's environment), for a side-by-side "before";
-* ``tuned-f16``: ``tuned`` with ``federation.update_encoding: float16-delta``.
+* ``tuned-f16``: ``tuned`` with ``federation.update_encoding: float16-delta``;
+* ``tuned-prev`` / ``tuned-prev-f16``: ``tuned`` / ``tuned-f16`` with the changes of the "deploy2"
+  session off (:data:`PREV_ENV`: the SuperLink's SQLite tuning, ...), for a side-by-side "before".
+
+Every process's CPU seconds (it and all its descendants, from /proc) are sampled every 0.25 s and
+reported per round and role (SuperLink, gateway, ServerApp, SuperNodes, warm-runtime tasks...);
+``--profile PY_SPY`` also records py-spy stacks of the coordinator's and one hospital's processes.
 
 Every process is started in its own process group and stopped by PID, whatever happens.
 
@@ -59,6 +65,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -79,7 +86,11 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "tuned-before": {**_TUNED, "flower_pulls": True, "sql_objects": True},
     "tuned-separate": {**_TUNED, "separate_evaluate": True},
     "tuned-f16": {**_TUNED, "encoding": "float16-delta"},
+    "tuned-prev": {**_TUNED, "prev": True},
+    "tuned-prev-f16": {**_TUNED, "prev": True, "encoding": "float16-delta"},
 }
+#: Environment that switches this session's (issue 14, "deploy2") changes off, for ``tuned-prev``.
+PREV_ENV = {"FEDRAD_SUPERLINK_SQL_TUNING": "0"}
 #: The node's line per task (fedrad.client.runtime.app): time in fedrad, compute, task process age.
 TASK_LINE = re.compile(r"(?P<kind>train|evaluate) task \((?:warm|cold) start\): (?P<fedrad>[\d.]+)s in fedrad "
                        r"\(train (?P<train>[\d.]+)s(?:, evaluate (?P<eval>[\d.]+)s)?\), (?P<age>[\d.]+)s since")
@@ -91,15 +102,129 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Process roles, from the command line (first match wins); forked warm tasks share the warm
+#: runtime's command line and are told apart by not being the runtime itself (:func:`_role`).
+ROLES = (("fedrad.server.coordinator", "superlink"), ("fedrad.server.fleet_gateway", "gateway"),
+         ("flwr-serverapp", "serverapp"), ("fedrad.client.runtime.warm", "warm"),
+         ("fedrad.client.runtime.node", "supernode"), ("fedrad.client.commands.node", "supernode"), ("flwr-clientapp", "clientapp-shim"),
+         ("flower-superexec", "superexec"), ("coordinator start", "coordinator-cli"),
+         ("fedrad-node start", "node-cli"), ("fedrad run", "run-cli"), ("py-spy", "py-spy"))
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat(pid: int) -> tuple[int, int, float] | None:
+    """(parent pid, session id, CPU seconds user+system of the process itself) from /proc/PID/stat."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return int(fields[1]), int(fields[3]), (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class CpuSampler:
+    """Samples /proc every ``interval`` s: CPU seconds of every process Group started and of all their
+    descendants, by pid, with its role and the name of the process it descends from. ``series`` holds (wall time, {pid: cpu s}) samples."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.sessions = interval, {}  # type: ignore[var-annotated]
+        self.info: dict[int, tuple[str, str]] = {}  # pid -> (session name, role)
+        self.series: list[tuple[float, dict[int, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def add(self, name: str, pid: int) -> None:
+        self.sessions[pid] = name
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _role(self, pid: int, ppid: int) -> str:
+        cmd = _cmdline(pid)
+        for needle, role in ROLES:
+            if needle in cmd:
+                if role == "warm":
+                    parent = _cmdline(ppid)
+                    if "fedrad.client.runtime.warm" in parent:
+                        grand = _proc_stat(ppid)
+                        return "warm-task" if grand and "fedrad.client.runtime.warm" in _cmdline(grand[0]) \
+                            else "warm-waiter"
+                return role
+        return cmd.split(" ")[1].rsplit("/", 1)[-1] if " " in cmd else (cmd or "?")
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            now, cpu, stats = time.time(), {}, {}
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
+                    stats[int(entry.name)] = st
+            owner: dict[int, str] = {}  # every descendant of a started process (Flower starts some in new sessions)
+
+            def session_of(pid: int, depth: int = 0) -> str | None:
+                if pid in owner or pid in self.sessions or depth > 12 or pid not in stats:
+                    return owner.get(pid) or self.sessions.get(pid)
+                found = session_of(stats[pid][0], depth + 1)
+                if found is not None:
+                    owner[pid] = found
+                return found
+
+            for pid, st in stats.items():
+                name = session_of(pid)
+                if name is None:
+                    continue
+                if pid not in self.info:
+                    self.info[pid] = (name, self._role(pid, st[0]))
+                cpu[pid] = st[2]
+            self.series.append((now, cpu))
+            self._stop.wait(self.interval)
+
+    def per_window(self, edges: list[float]) -> list[dict[str, float]]:
+        """CPU seconds per (session name, role) between consecutive wall-clock ``edges``; a process's
+        CPU is its last sample before each edge (0 before it appeared)."""
+        out = []
+        for a, b in zip(edges, edges[1:]):
+            before = self._at(a)
+            after = self._at(b)
+            row: dict[str, float] = {}
+            for pid, c in after.items():
+                session, role = self.info[pid]
+                key = f"{session}/{role}"
+                row[key] = row.get(key, 0.0) + c - before.get(pid, 0.0)
+            out.append({k: round(v, 2) for k, v in sorted(row.items())})
+        return out
+
+    def _at(self, t: float) -> dict[int, float]:
+        last: dict[int, float] = {}
+        for when, cpu in self.series:
+            if when > t:
+                break
+            last.update(cpu)
+        return last
+
+
 class Group:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sampler: CpuSampler | None = None) -> None:
         self.root, self.procs = root, []  # type: ignore[var-annotated]
+        self.sampler = sampler
 
     def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         with open(self.root / f"{name}.log", "wb") as log:
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                  env={**os.environ, **env}, cwd=self.root)
         self.procs.append(p)
+        if self.sampler is not None:
+            self.sampler.add(name, p.pid)
         return p
 
     def stop(self) -> None:
@@ -170,8 +295,13 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
                            "min_hospitals": args.hospitals, "round_timeout_s": 1800,
                            "update_encoding": s["encoding"]}} if s.get("encoding") else {}),
     }))
-    group = Group(root)
+    sampler = CpuSampler()
+    sampler.start()
+    group = Group(root, sampler)
+    spies: list[subprocess.Popen[bytes]] = []
     try:
+        if s.get("prev"):
+            env = {**env, **PREV_ENV}
         coord_env = {**env, **({"FEDRAD_SEPARATE_EVALUATE": "1"} if s.get("separate_evaluate") else {}),
                      **({"FEDRAD_SUPERLINK_OBJECT_STORE": "database"} if s.get("sql_objects") else {})}
         group.start("coordinator", [str(BIN / "fedrad"), "coordinator", "start", "--prov", str(root / "prov"),
@@ -184,6 +314,13 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         for h in hospitals:
             group.start(h, [str(BIN / "fedrad-node"), "start", "--config", str(root / "prov" / "nodes" / h / "node.yaml")],
                         env)
+        if args.profile:  # py-spy on the coordinator's and the first hospital's process trees
+            for proc, who in ((group.procs[0], "coordinator"), (group.procs[1], hospitals[0])):
+                spies.append(subprocess.Popen(
+                    [args.profile, "record", "--pid", str(proc.pid), "--subprocesses", "--nonblocking",
+                     "--rate", "20", "--format", "raw", "--output", str(root / f"profile-{who}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+                sampler.add("py-spy", spies[-1].pid)
         run_dir = root / "run"
         t0 = time.monotonic()
         out = subprocess.run([str(BIN / "fedrad"), "run", "--prov", str(root / "prov"), "--config", str(study),
@@ -195,9 +332,27 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         if out.returncode != 0:
             raise RuntimeError(out.stdout[-3000:] + out.stderr[-3000:])
     finally:
+        for spy in spies:  # py-spy writes its profile when its target exits or on SIGINT
+            if spy.poll() is None:
+                spy.send_signal(signal.SIGINT)
         group.stop()
-    return {"setting": name, **s, **analyse(root, hospitals, separate=bool(s.get("separate_evaluate"))),
-            "total_s": total}
+        for spy in spies:
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        sampler.stop()
+    result = {"setting": name, **s, **analyse(root, hospitals, separate=bool(s.get("separate_evaluate"))),
+              "total_s": total}
+    ckpt = sorted((int(p.stem.split("-")[1]), p.stat().st_mtime) for p in (run_dir / "checkpoints").glob("round-*.pt"))
+    result["cpu_per_round_s"] = dict(zip([f"round {n}" for n, _ in ckpt[1:]],
+                                         sampler.per_window([t for _, t in ckpt])))
+    result["cpu_whole_run_s"] = sampler.per_window([sampler.series[0][0], sampler.series[-1][0]])[0]
+    (root / "cpu.json").write_text(json.dumps({"per_round": result["cpu_per_round_s"],
+                                               "whole_run": result["cpu_whole_run_s"],
+                                               "processes": {str(k): v for k, v in sampler.info.items()}}, indent=1))
+    return result
 
 
 def node_tasks(log_text: str) -> list[dict[str, Any]]:
@@ -310,6 +465,8 @@ def main() -> int:
     ap.add_argument("--settings", nargs="+", default=["flower", "polls", "tuned"], choices=sorted(SETTINGS))
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--keep", type=Path, help="keep the provisioning, logs and run folders here (default: deleted)")
+    ap.add_argument("--profile", metavar="PY_SPY", help="also record py-spy profiles (raw stacks) of the "
+                    "coordinator's and the first hospital's processes with this py-spy executable")
     ap.add_argument("--analyse", type=Path, help="only analyse the settings' folders kept earlier under this folder")
     args = ap.parse_args()
     if args.analyse:
@@ -350,6 +507,10 @@ def main() -> int:
               f"{f(comp['coordinator_total_s'])}, transfers+polling {f(comp['transfer_and_polling_s'])}); "
               f"coordinator parts " + ", ".join(f"{k} {v:.2f}" for k, v in run["coordinator_median_s"].items())
               + f"; total {run['total_s']:.0f}s")
+        print(f"{run['setting']:15} CPU seconds per round by process (session/role): ")
+        for label, row in run["cpu_per_round_s"].items():
+            print(f"    {label}: total {sum(row.values()):.1f}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
+                                                                          if v >= 0.05))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

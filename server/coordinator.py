@@ -249,12 +249,18 @@ def keep_objects_in_memory() -> None:
     config_loader._fedrad_objects_in_memory = True  # type: ignore[attr-defined]
 
 
-def run_superlink(argv: Sequence[str], *, object_store: str = "memory") -> None:
+def run_superlink(argv: Sequence[str], *, object_store: str = "memory", sql_tuning: bool = True) -> None:
     """Run ``flower-superlink`` in this process (argv without the program name); with
-    ``object_store`` ``memory``, message objects are kept in memory (:func:`keep_objects_in_memory`)."""
+    ``object_store`` ``memory``, message objects are kept in memory (:func:`keep_objects_in_memory`);
+    with ``sql_tuning``, less SQLite work per object pulled or pushed
+    (:func:`fedrad.server.superlink_tuning.tune_superlink_sql`)."""
     if object_store == "memory":
         keep_objects_in_memory()
     log.info("SuperLink message objects kept in %s", object_store)
+    if sql_tuning:
+        from fedrad.server.superlink_tuning import tune_superlink_sql
+
+        tune_superlink_sql()
     from flwr.superlink.cli import flower_superlink
 
     sys.argv = ["flower-superlink", *argv]
@@ -549,4 +555,6 @@ if __name__ == "__main__":  # ``python -m fedrad.server.coordinator FLOWER-SUPER
     except FedradError as exc:
         log.error("%s", exc)
         sys.exit(2)
-    run_superlink(sys.argv[1:], object_store=store)
+    from fedrad.server.superlink_tuning import sql_tuning_enabled
+
+    run_superlink(sys.argv[1:], object_store=store, sql_tuning=sql_tuning_enabled())
