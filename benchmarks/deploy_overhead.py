@@ -40,8 +40,9 @@ Settings compared (``--settings``; ``flower`` and ``polls`` turn the node's warm
 * ``tuned-separate``: ``tuned`` with the flow before issue 14 (one evaluate message per round:
   ``FEDRAD_SEPARATE_EVALUATE=1`` in the coordinator's environment), for a side-by-side "before";
 * ``tuned-f16``: ``tuned`` with ``federation.update_encoding: float16-delta``;
-* ``tuned-prev`` / ``tuned-prev-f16``: ``tuned`` / ``tuned-f16`` with the changes of the "deploy2"
-  session off (:data:`PREV_ENV`: the SuperLink's SQLite tuning, ...), for a side-by-side "before".
+* ``tuned-prev``: ``tuned`` as it was before the "deploy2" session (issue 14): float32 updates, the
+  coordinator's SuperExec polling every 0.2 s, the SuperLink's SQLite tuning off (:data:`PREV_ENV`),
+  for a side-by-side "before"; ``tuned-f32``: ``tuned`` with float32 updates.
 
 Every process's CPU seconds (it and all its descendants, from /proc) are sampled every 0.25 s and
 reported per round and role (SuperLink, gateway, ServerApp, SuperNodes, warm-runtime tasks...);
@@ -77,17 +78,20 @@ ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT / "fedrad" / "data" / "pneumoniamnist.npz"
 BIN = Path(sys.executable).parent
 _TUNED = {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": True}
+#: This session's (issue 14, "deploy2") defaults on top: the coordinator's SuperExec checks for
+#: studies to start every 1 s (``fedrad coordinator start --poll-interval``), updates as float16 deltas.
+_NOW = {**_TUNED, "coordinator_poll": "1.0", "encoding": "float16-delta"}
 SETTINGS: dict[str, dict[str, Any]] = {
     "flower": {"node_poll": None, "superexec_poll": "1.0", "grid_poll": 0.0, "warm": False, "flower_pulls": True},
     "polls": {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": False, "flower_pulls": True},
-    "tuned": dict(_TUNED),
+    "tuned": dict(_NOW),
+    "tuned-f32": {**_NOW, "encoding": None},
     "tuned-flower-pulls": {**_TUNED, "flower_pulls": True},
     "tuned-sql-objects": {**_TUNED, "sql_objects": True},
     "tuned-before": {**_TUNED, "flower_pulls": True, "sql_objects": True},
     "tuned-separate": {**_TUNED, "separate_evaluate": True},
     "tuned-f16": {**_TUNED, "encoding": "float16-delta"},
     "tuned-prev": {**_TUNED, "prev": True},
-    "tuned-prev-f16": {**_TUNED, "prev": True, "encoding": "float16-delta"},
 }
 #: Environment that switches this session's (issue 14, "deploy2") changes off, for ``tuned-prev``.
 PREV_ENV = {"FEDRAD_SUPERLINK_SQL_TUNING": "0"}
@@ -304,8 +308,11 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
             env = {**env, **PREV_ENV}
         coord_env = {**env, **({"FEDRAD_SEPARATE_EVALUATE": "1"} if s.get("separate_evaluate") else {}),
                      **({"FEDRAD_SUPERLINK_OBJECT_STORE": "database"} if s.get("sql_objects") else {})}
+        if s.get("coordinator_poll"):  # the coordinator's own SuperExec poll, not the nodes'
+            coord_env = {k: v for k, v in coord_env.items() if k != "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"}
         group.start("coordinator", [str(BIN / "fedrad"), "coordinator", "start", "--prov", str(root / "prov"),
-                                    "--host", "127.0.0.1", "--poll-interval", s["superexec_poll"]], coord_env)
+                                    "--host", "127.0.0.1", "--poll-interval",
+                                    s.get("coordinator_poll") or s["superexec_poll"]], coord_env)
         deadline = time.monotonic() + 120
         while "registered hospitals:" not in (root / "coordinator.log").read_text(errors="replace"):
             if time.monotonic() > deadline or group.procs[0].poll() is not None:

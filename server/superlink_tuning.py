@@ -7,7 +7,7 @@ state, besides the node authentication: ``check_abort`` asks for the run's statu
 then ``store_traffic`` adds the object's bytes to the run's counters (an UPDATE and a commit). On
 the 2-core machine these were the SuperLink's largest CPU cost (benchmarks/results/deploy2.md).
 
-Two changes, applied in the SuperLink process only (``python -m fedrad.server.coordinator``):
+Three changes, applied in the SuperLink process only (``python -m fedrad.server.coordinator``):
 
 * :func:`throttle_token_cleanup`: the cleanup of expired task tokens runs at most once per
   :data:`TOKEN_CLEANUP_EVERY_S` per link state. A token expires when its task has sent no heartbeat
@@ -17,8 +17,16 @@ Two changes, applied in the SuperLink process only (``python -m fedrad.server.co
   transaction per run, and when the process exits. Nothing is dropped; the counters are at most
   that late.
 
+* :func:`scope_middleware`: Flower runs every request through nine ``BaseHTTPMiddleware`` layers
+  (each copies the request and response bodies through its own streams); four only ever act on
+  Control API paths (``/v1/control/``), the Fleet event log only on Fleet paths (``/v1/fleet/``),
+  and the runtime tracing only when ``FLWR_TRACING_ENABLED=1``. Each is now entered only for the
+  paths it acts on, decided by the same test it applies itself; every other request goes straight
+  to the next layer. Node authentication, the protobuf translation and the error translation
+  still see every request.
+
 Node authentication, run-status checks and object bookkeeping are Flower's, unchanged.
-``FEDRAD_SUPERLINK_SQL_TUNING=0`` in the coordinator's environment switches both off (for
+``FEDRAD_SUPERLINK_SQL_TUNING=0`` in the coordinator's environment switches all three off (for
 side-by-side measurements).
 """
 
@@ -139,11 +147,70 @@ def batch_traffic(cls: type, *, every_s: float = TRAFFIC_FLUSH_EVERY_S) -> None:
     cls._fedrad_traffic_batched = True  # type: ignore[attr-defined]
 
 
+class PathScoped:
+    """ASGI middleware: run ``inner`` (a ``BaseHTTPMiddleware`` class) only for HTTP requests whose
+    path starts with ``prefix``; pass everything else straight to ``app``."""
+
+    def __init__(self, app: Any, *, inner: type, prefix: str, args: tuple[Any, ...] = (),
+                 kwargs: Mapping[str, Any] | None = None) -> None:
+        self.app = app
+        self.inner = inner(app, *args, **dict(kwargs or {}))
+        self.prefix = prefix
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope.get("type") == "http":
+            from starlette.requests import Request
+
+            if Request(scope).url.path.startswith(self.prefix):  # the middleware's own test
+                await self.inner(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def scoped_middleware(stack: list[Any], *, tracing: bool) -> list[Any]:
+    """Flower's SuperLink middleware ``stack`` with its path-specific layers scoped (:class:`PathScoped`)
+    and the runtime tracing left out unless ``tracing``; same order, nothing else changed."""
+    from starlette.middleware import Middleware
+    from flwr.supercore.routers.runtime.tracing import RuntimeTracingMiddleware
+    from flwr.superlink.routers.control import middlewares as control
+    from flwr.superlink.routers.fleet.middlewares import FleetEventLogMiddleware
+
+    prefixes = {control.ControlSensitiveResponseMiddleware: "/v1/control/",
+                control.ControlAuthenticationMiddleware: "/v1/control/",
+                control.ControlLicenseMiddleware: "/v1/control/",
+                control.ControlEventLogMiddleware: "/v1/control/",
+                FleetEventLogMiddleware: "/v1/fleet/"}
+    out = []
+    for m in stack:
+        if m.cls is RuntimeTracingMiddleware and not tracing:
+            continue
+        prefix = prefixes.get(m.cls)
+        out.append(m if prefix is None else Middleware(PathScoped, inner=m.cls, prefix=prefix, args=tuple(m.args),
+                                                       kwargs=dict(m.kwargs)))
+    return out
+
+
+def scope_middleware() -> None:
+    """Make Flower's SuperLink app (built after this call) use :func:`scoped_middleware`."""
+    from flwr.superlink import main
+
+    if getattr(main, "_fedrad_scoped", False):
+        return
+    orig = main._get_middleware
+
+    def get_middleware() -> list[Any]:
+        return scoped_middleware(list(orig()), tracing=os.getenv("FLWR_TRACING_ENABLED") == "1")
+
+    main._get_middleware = get_middleware  # type: ignore[attr-defined]
+    main._fedrad_scoped = True  # type: ignore[attr-defined]
+
+
 def tune_superlink_sql() -> None:
-    """Apply both changes to Flower's SQL link state (this process)."""
+    """Apply the three changes to Flower's SuperLink (this process)."""
     from flwr.server.superlink.linkstate.sql_linkstate import SqlLinkState
 
     throttle_token_cleanup(SqlLinkState)
     batch_traffic(SqlLinkState)
-    log.info("SuperLink SQLite: expired-token cleanup at most every %.1fs, traffic counters written every %.1fs",
-             TOKEN_CLEANUP_EVERY_S, TRAFFIC_FLUSH_EVERY_S)
+    scope_middleware()
+    log.info("SuperLink SQLite: expired-token cleanup at most every %.1fs, traffic counters written every %.1fs; "
+             "path-specific middleware only on its paths", TOKEN_CLEANUP_EVERY_S, TRAFFIC_FLUSH_EVERY_S)

@@ -112,3 +112,55 @@ def test_the_launched_superlink_process_reports_the_tuning_unless_switched_off(t
                              capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0, out.stderr[-2000:]
         assert ("expired-token cleanup at most every" in out.stderr) is expected
+
+
+def test_flowers_middleware_stack_keeps_authentication_and_scopes_only_path_specific_layers() -> None:
+    from flwr.superlink import main
+    from flwr.superlink.routers.fleet.node_auth import NodeAuthMiddleware
+    from flwr.supercore.protobuf.translation import ProtobufTranslationMiddleware
+    from flwr.supercore.routers.runtime.tracing import RuntimeTracingMiddleware
+
+    original = list(main._get_middleware())
+
+    scoped = tuning.scoped_middleware(original, tracing=False)
+    traced = tuning.scoped_middleware(original, tracing=True)
+
+    plain = [m.cls for m in scoped if m.cls is not tuning.PathScoped]
+    assert NodeAuthMiddleware in plain and ProtobufTranslationMiddleware in plain  # every request, as before
+    assert RuntimeTracingMiddleware not in plain and RuntimeTracingMiddleware in [m.cls for m in traced]
+    inner = {m.kwargs["inner"].__name__: m.kwargs["prefix"] for m in scoped if m.cls is tuning.PathScoped}
+    assert inner == {"ControlSensitiveResponseMiddleware": "/v1/control/",
+                     "ControlAuthenticationMiddleware": "/v1/control/", "ControlLicenseMiddleware": "/v1/control/",
+                     "ControlEventLogMiddleware": "/v1/control/", "FleetEventLogMiddleware": "/v1/fleet/"}
+    assert len(scoped) == len(original) - 1 and len(traced) == len(original)
+
+
+def test_a_path_scoped_middleware_runs_on_its_paths_and_is_skipped_elsewhere() -> None:
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    seen: list[str] = []
+
+    class Recorder(BaseHTTPMiddleware):
+        async def dispatch(self, request: Any, call_next: Any) -> Any:
+            seen.append(request.url.path)
+            response = await call_next(request)
+            response.headers["x-recorded"] = "1"
+            return response
+
+    async def ok(request: Any) -> PlainTextResponse:
+        return PlainTextResponse("body " + request.url.path)
+
+    app = Starlette(routes=[Route("/v1/{api}/{name}", ok, methods=["POST"])],
+                    middleware=[Middleware(tuning.PathScoped, inner=Recorder, prefix="/v1/control/")])
+    with TestClient(app) as client:
+        control = client.post("/v1/control/list-runs", content=b"x" * 100_000)
+        fleet = client.post("/v1/fleet/pull-object", content=b"y" * 100_000)
+
+    assert seen == ["/v1/control/list-runs"]
+    assert control.headers.get("x-recorded") == "1" and "x-recorded" not in fleet.headers
+    assert control.text == "body /v1/control/list-runs" and fleet.text == "body /v1/fleet/pull-object"
