@@ -112,7 +112,7 @@ ROLES = (("fedrad.server.coordinator", "superlink"), ("fedrad.server.fleet_gatew
          ("flwr-serverapp", "serverapp"), ("fedrad.client.runtime.warm", "warm"),
          ("fedrad.client.runtime.node", "supernode"), ("fedrad.client.commands.node", "supernode"), ("flwr-clientapp", "clientapp-shim"),
          ("flower-superexec", "superexec"), ("coordinator start", "coordinator-cli"),
-         ("fedrad-node start", "node-cli"), ("fedrad run", "run-cli"), ("py-spy", "py-spy"))
+         ("fedrad-node start", "node-cli"), ("fedrad run", "run-cli"), ("bin/flwr ", "flwr-cli"), ("py-spy", "py-spy"))
 _TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
 
 
@@ -330,10 +330,17 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
                 sampler.add("py-spy", spies[-1].pid)
         run_dir = root / "run"
         t0 = time.monotonic()
-        out = subprocess.run([str(BIN / "fedrad"), "run", "--prov", str(root / "prov"), "--config", str(study),
-                              "--out", str(run_dir), "--wait", "300", "--poll-interval", str(s["grid_poll"])],
-                             capture_output=True, text=True, check=False, env={**os.environ, **coord_env},
-                             timeout=3600)
+        follower = subprocess.Popen([str(BIN / "fedrad"), "run", "--prov", str(root / "prov"), "--config", str(study),
+                                     "--out", str(run_dir), "--wait", "300", "--poll-interval", str(s["grid_poll"])],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, **coord_env}, start_new_session=True)
+        sampler.add("fedrad-run", follower.pid)  # the operator's `fedrad run`, following the study
+        try:
+            stdout, stderr = follower.communicate(timeout=3600)
+        except subprocess.TimeoutExpired:
+            os.killpg(follower.pid, signal.SIGKILL)
+            raise
+        out = subprocess.CompletedProcess(follower.args, follower.returncode, stdout, stderr)
         (root / "run.log").write_text(out.stdout + out.stderr)
         total = time.monotonic() - t0
         if out.returncode != 0:
