@@ -512,7 +512,8 @@ def runs(co: Coordinator, run_id: str | None = None) -> list[dict[str, Any]]:
     there is asked again through the ``flwr`` CLI, whose answers and errors are the reference.
     """
     try:
-        if (co.flwr_home / "config.toml").is_file():  # else Flower's code would write a default one
+        # without a connection file Flower's code would write a default one; 0 switches this off
+        if (co.flwr_home / "config.toml").is_file() and os.environ.get(CONTROL_IN_PROCESS_ENV, "1").strip() != "0":
             return _runs_in_process(co, run_id)
     except Exception as exc:  # noqa: BLE001 - the CLI below gives the error its proper message
         log.debug("in-process run listing failed (%s: %s); asking the flwr CLI", type(exc).__name__, exc)
@@ -520,6 +521,8 @@ def runs(co: Coordinator, run_id: str | None = None) -> list[dict[str, Any]]:
     return list(flwr_json(co, args).get("runs", []))
 
 
+#: ``0`` lists runs through a ``flwr`` process per question again (side-by-side measurements).
+CONTROL_IN_PROCESS_ENV = "FEDRAD_CONTROL_IN_PROCESS"
 #: Flower Control API clients of this process, by FLWR_HOME (one connection per coordinator).
 _CONTROL_CLIENTS: dict[str, Any] = {}
 

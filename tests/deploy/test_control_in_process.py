@@ -69,3 +69,6 @@ def test_the_in_process_listing_answers_as_flwr_ls_does(prov: Path, procs: Procs
 
     monkeypatch.setattr(cdn, "flwr_json", no_cli)
     assert [r["run-id"] for r in cdn.runs(co, run_id)] == [run_id]  # answered without a `flwr` process
+    monkeypatch.setenv(cdn.CONTROL_IN_PROCESS_ENV, "0")
+    with pytest.raises(AssertionError, match="flwr CLI"):  # switched off: the CLI again
+        cdn.runs(co, run_id)
