@@ -184,6 +184,34 @@ def hold_unavailable_objects(handlers: types.ModuleType, *, hold_s: float = OBJE
     handlers._fedrad_hold = True  # type: ignore[attr-defined]
 
 
+def time_message_hops(module: types.ModuleType) -> None:
+    """Log how long the SuperNode took to receive each message's objects from the coordinator and to
+    send each reply's (``module``: Flower's ``start_client_internal``); one line each, time-stamped by
+    the node's log format, so that a message's hops can be timed (benchmarks/deploy_overhead.py)."""
+    if getattr(module, "_fedrad_timed", False):
+        return
+    pull, push = module._pull_and_store_message, module.push_object_contents_from_iterable
+
+    @functools.wraps(pull)
+    def pull_and_store(*args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            log.info("message received from the coordinator in %.2fs", time.monotonic() - started)
+        return run_id
+
+    @functools.wraps(push)
+    def push_reply_objects(*args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        out = push(*args, **kwargs)
+        log.info("reply sent to the coordinator in %.2fs", time.monotonic() - started)
+        return out
+
+    module._pull_and_store_message = pull_and_store  # type: ignore[attr-defined]
+    module.push_object_contents_from_iterable = push_reply_objects  # type: ignore[attr-defined]
+    module._fedrad_timed = True  # type: ignore[attr-defined]
+
+
 def run_supernode(argv: list[str], *, poll_interval_s: float | None, quick_pulls: bool = True) -> None:
     """Run ``flower-supernode`` in this process (argv without the program name).
 
@@ -204,6 +232,7 @@ def run_supernode(argv: list[str], *, poll_interval_s: float | None, quick_pulls
         hold_unavailable_objects(runtime_handlers)
         log.info("object pulls: retry after %.2f-%.2fs; task processes' pulls held up to %.0fs",
                  *QUICK_PULL_BACKOFF_S, OBJECT_HOLD_S)
+    time_message_hops(start_client_internal)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *argv]

@@ -107,7 +107,8 @@ def test_run_supernode_patches_flowers_supernode_before_starting_it(monkeypatch:
     from flwr.supernode.servicer.runtime import runtime_handlers
 
     # restore Flower's modules after the test, whatever run_supernode changed
-    for mod, names in ((start_client_internal, ("pull_objects", "time", "_fedrad_quick_pulls")),
+    for mod, names in ((start_client_internal, ("pull_objects", "time", "_fedrad_quick_pulls", "_fedrad_timed",
+                                                "_pull_and_store_message", "push_object_contents_from_iterable")),
                        (runtime_handlers, ("pull_object", "_fedrad_hold"))):
         for name in names:
             monkeypatch.setattr(mod, name, getattr(mod, name, None), raising=False)
@@ -127,6 +128,24 @@ def test_run_supernode_patches_flowers_supernode_before_starting_it(monkeypatch:
     assert seen["argv"] == ["flower-supernode", "--insecure"]
     assert seen["pull_objects"].keywords["initial_backoff"] == 0.05
     assert seen["pull_object"] is not original_handler
+    assert start_client_internal._fedrad_timed  # the message hops are timed in the node's log
+
+
+def test_message_hops_are_logged_with_their_durations(caplog: pytest.LogCaptureFixture) -> None:
+    sent: list[Any] = []
+    fake = types.SimpleNamespace(_pull_and_store_message=lambda **kw: kw["answer"],
+                                 push_object_contents_from_iterable=lambda items, push_object_fn: sent.extend(items))
+    node_mod.time_message_hops(fake)  # type: ignore[arg-type]
+
+    with caplog.at_level("INFO", logger=node_mod.__name__):
+        assert fake._pull_and_store_message(answer=None) is None  # no message: nothing logged
+        assert fake._pull_and_store_message(answer=42) == 42
+        fake.push_object_contents_from_iterable([("id", b"x")], push_object_fn=print)
+
+    assert sent == [("id", b"x")]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("message received from the coordinator in ")
+    assert lines[1].startswith("reply sent to the coordinator in ")
 
 
 def test_quick_pulls_switch() -> None:
