@@ -364,10 +364,63 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     result["cpu_per_round_s"] = dict(zip([f"round {n}" for n, _ in ckpt[1:]],
                                          sampler.per_window([t for _, t in ckpt])))
     result["cpu_whole_run_s"] = sampler.per_window([sampler.series[0][0], sampler.series[-1][0]])[0]
+    result["hops_s"] = hops(root, hospitals, dict(ckpt))
     (root / "cpu.json").write_text(json.dumps({"per_round": result["cpu_per_round_s"],
                                                "whole_run": result["cpu_whole_run_s"],
                                                "processes": {str(k): v for k, v in sampler.info.items()}}, indent=1))
     return result
+
+
+_STAMP = r"^(?P<t>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
+#: Time-stamped node log lines that mark a message's hops (the SuperNode's own since issue 14).
+HOP_LINES = {"task_process": re.compile(_STAMP + r"flwr: Start `flwr-clientapp` process", re.M),
+             "node_has_objects": re.compile(_STAMP + r"\S+: message received from the coordinator in", re.M),
+             "task_has_input": re.compile(_STAMP + r"\S+: app \S+ approved on this node", re.M),
+             "task_done": re.compile(_STAMP + r"\S+: (?:train|evaluate) task \(", re.M),
+             "reply_sent": re.compile(_STAMP + r"\S+: reply sent to the coordinator in", re.M)}
+
+
+def _stamp(text: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def hops(root: Path, hospitals: list[str], checkpoints: dict[int, float]) -> list[dict[str, Any]]:
+    """Per round (from round 2) and per hospital's first message of the round: seconds between the
+    previous checkpoint, the task process's start (the node has the message's listing), the node
+    holding all its objects, the task holding the message, the task's end, the reply sent, and the
+    round's checkpoint (the slowest hospital's value per hop)."""
+    per_node = {}
+    for h in hospitals:
+        text = (root / f"{h}.log").read_text(errors="replace")
+        per_node[h] = {k: [_stamp(m["t"]) for m in rx.finditer(text)] for k, rx in HOP_LINES.items()}
+    rows = []
+    for n in sorted(checkpoints):
+        if n - 1 not in checkpoints:
+            continue
+        start, end = checkpoints[n - 1], checkpoints[n]
+        row: dict[str, Any] = {"round": n}
+        for h, marks in per_node.items():
+            first = {k: next((t for t in v if start < t <= end), None) for k, v in marks.items()}
+            seq = [("checkpoint -> task process started (coordinator, push, polls)", start, first["task_process"]),
+                   ("-> node has all objects (SuperLink -> gateway -> SuperNode)", first["task_process"],
+                    first["node_has_objects"]),
+                   ("-> task has the message (SuperNode -> task)", first["node_has_objects"], first["task_has_input"]),
+                   ("(task process started -> task has the message)", first["task_process"],
+                    first["task_has_input"]),
+                   ("-> task done (fedrad + compute)", first["task_has_input"], first["task_done"]),
+                   ("-> reply sent (task -> SuperNode -> SuperLink)", first["task_done"], first["reply_sent"])]
+            last_reply = first["reply_sent"]
+            for label, a, b in seq:
+                if a is not None and b is not None:
+                    row[label] = max(row.get(label, 0.0), b - a)
+            if last_reply is not None:
+                row["last reply sent"] = max(row.get("last reply sent", 0.0), last_reply)
+        if "last reply sent" in row:
+            row["-> checkpoint (ServerApp pulls, screens, aggregates)"] = end - row.pop("last reply sent")
+        rows.append({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
+    return rows
 
 
 def node_tasks(log_text: str) -> list[dict[str, Any]]:
@@ -522,6 +575,9 @@ def main() -> int:
               f"{f(comp['coordinator_total_s'])}, transfers+polling {f(comp['transfer_and_polling_s'])}); "
               f"coordinator parts " + ", ".join(f"{k} {v:.2f}" for k, v in run["coordinator_median_s"].items())
               + f"; total {run['total_s']:.0f}s")
+        for row in run.get("hops_s", []):
+            print(f"{run['setting']:15} hops, round {row['round']} (slowest hospital, s): "
+                  + "; ".join(f"{k} {v}" for k, v in row.items() if k != "round"))
         print(f"{run['setting']:15} CPU seconds per round by process (session/role): ")
         for label, row in run["cpu_per_round_s"].items():
             print(f"    {label}: total {sum(row.values()):.1f}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
