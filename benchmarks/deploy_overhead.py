@@ -374,10 +374,10 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
 _STAMP = r"^(?P<t>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
 #: Time-stamped node log lines that mark a message's hops (the SuperNode's own since issue 14).
 HOP_LINES = {"task_process": re.compile(_STAMP + r"flwr: Start `flwr-clientapp` process", re.M),
-             "node_has_objects": re.compile(_STAMP + r"\S+: message received from the coordinator in", re.M),
+             "node_has_objects": re.compile(r"message received from the coordinator in [\d.]+s \((?P<t>[^)]+)\)"),
              "task_has_input": re.compile(_STAMP + r"\S+: app \S+ approved on this node", re.M),
              "task_done": re.compile(_STAMP + r"\S+: (?:train|evaluate) task \(", re.M),
-             "reply_sent": re.compile(_STAMP + r"\S+: reply sent to the coordinator in", re.M)}
+             "reply_sent": re.compile(r"reply sent to the coordinator in [\d.]+s \((?P<t>[^)]+)\)")}
 
 
 def _stamp(text: str) -> float:

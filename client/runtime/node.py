@@ -184,10 +184,17 @@ def hold_unavailable_objects(handlers: types.ModuleType, *, hold_s: float = OBJE
     handlers._fedrad_hold = True  # type: ignore[attr-defined]
 
 
+def _now() -> str:
+    """Local wall-clock time as the node's other log lines print it (``2026-11-30 09:41:38,478``)."""
+    t = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f",{int(t % 1 * 1000):03d}"
+
+
 def time_message_hops(module: types.ModuleType) -> None:
     """Log how long the SuperNode took to receive each message's objects from the coordinator and to
-    send each reply's (``module``: Flower's ``start_client_internal``); one line each, time-stamped by
-    the node's log format, so that a message's hops can be timed (benchmarks/deploy_overhead.py)."""
+    send each reply's (``module``: Flower's ``start_client_internal``); one line each with its wall
+    time (the SuperNode's lines carry none), so that a message's hops can be timed
+    (benchmarks/deploy_overhead.py)."""
     if getattr(module, "_fedrad_timed", False):
         return
     pull, push = module._pull_and_store_message, module.push_object_contents_from_iterable
@@ -197,14 +204,14 @@ def time_message_hops(module: types.ModuleType) -> None:
         started = time.monotonic()
         run_id = pull(*args, **kwargs)
         if run_id is not None:
-            log.info("message received from the coordinator in %.2fs", time.monotonic() - started)
+            log.info("message received from the coordinator in %.2fs (%s)", time.monotonic() - started, _now())
         return run_id
 
     @functools.wraps(push)
     def push_reply_objects(*args: Any, **kwargs: Any) -> Any:
         started = time.monotonic()
         out = push(*args, **kwargs)
-        log.info("reply sent to the coordinator in %.2fs", time.monotonic() - started)
+        log.info("reply sent to the coordinator in %.2fs (%s)", time.monotonic() - started, _now())
         return out
 
     module._pull_and_store_message = pull_and_store  # type: ignore[attr-defined]
