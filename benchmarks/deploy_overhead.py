@@ -42,7 +42,8 @@ Settings compared (``--settings``; ``flower`` and ``polls`` turn the node's warm
 * ``tuned-f16``: ``tuned`` with ``federation.update_encoding: float16-delta``;
 * ``tuned-prev``: ``tuned`` as it was before the "deploy2" session (issue 14): float32 updates, the
   coordinator's SuperExec polling every 0.2 s, the SuperLink's SQLite and middleware tuning off and
-  ``fedrad run`` asking a ``flwr`` process per run listing (:data:`PREV_ENV`),
+  ``fedrad run`` asking a ``flwr`` process per run listing, the SuperNode checking for its task's reply
+  objects every 0.25 s, not 0.05 s (:data:`PREV_ENV`),
   for a side-by-side "before"; ``tuned-f32``: ``tuned`` with float32 updates.
 
 Every process's CPU seconds (it and all its descendants, from /proc) are sampled every 0.25 s and
@@ -92,10 +93,12 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "tuned-before": {**_TUNED, "flower_pulls": True, "sql_objects": True},
     "tuned-separate": {**_TUNED, "separate_evaluate": True},
     "tuned-f16": {**_TUNED, "encoding": "float16-delta"},
-    "tuned-prev": {**_TUNED, "prev": True},
+    # before the "deploy2" session the SuperNode's poll setting did nothing (its clock kept time.sleep):
+    # it polled every 3 s and checked for its own task every 0.5 s, Flower's defaults
+    "tuned-prev": {**_TUNED, "node_poll": None, "prev": True},
 }
 #: Environment that switches this session's (issue 14, "deploy2") changes off, for ``tuned-prev``.
-PREV_ENV = {"FEDRAD_SUPERLINK_SQL_TUNING": "0", "FEDRAD_CONTROL_IN_PROCESS": "0"}
+PREV_ENV = {"FEDRAD_SUPERLINK_SQL_TUNING": "0", "FEDRAD_CONTROL_IN_PROCESS": "0", "FEDRAD_QUICK_LOCAL_WAITS": "0"}
 #: The node's line per task (fedrad.client.runtime.app): time in fedrad, compute, task process age.
 TASK_LINE = re.compile(r"(?P<kind>train|evaluate) task \((?:warm|cold) start\): (?P<fedrad>[\d.]+)s in fedrad "
                        r"\(train (?P<train>[\d.]+)s(?:, evaluate (?P<eval>[\d.]+)s)?\), (?P<age>[\d.]+)s since")

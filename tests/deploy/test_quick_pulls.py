@@ -247,3 +247,26 @@ def test_the_launched_superlink_process_keeps_objects_where_configured(tmp_path:
                              capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"SuperLink message objects kept in {expected}" in out.stderr
+
+
+def test_the_supernode_clock_cuts_coordinator_polls_and_its_own_waits_apart() -> None:
+    slept: list[float] = []
+    clock = node_mod._PollClock(0.25, local=0.05)
+    real = node_mod.time.sleep
+    try:
+        node_mod.time.sleep = slept.append  # type: ignore[assignment]
+        clock.sleep(3)  # Flower's poll of the coordinator
+        clock.sleep(0.5)  # Flower's wait for the node's own task
+        clock.sleep(0.01)
+    finally:
+        node_mod.time.sleep = real  # type: ignore[assignment]
+
+    assert slept == [0.25, 0.05, 0.01]
+    assert clock.monotonic is node_mod.time.monotonic  # everything else is the real time module
+
+
+def test_quick_local_waits_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(node_mod.QUICK_LOCAL_WAITS_ENV, raising=False)
+    assert node_mod.quick_local_waits()
+    monkeypatch.setenv(node_mod.QUICK_LOCAL_WAITS_ENV, "0")
+    assert not node_mod.quick_local_waits()
