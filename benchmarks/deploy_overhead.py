@@ -212,6 +212,21 @@ class CpuSampler:
             out.append({k: round(v, 2) for k, v in sorted(row.items())})
         return out
 
+    def timeline(self, step: float = 1.0) -> list[dict[str, Any]]:
+        """CPU seconds per role (all sessions together) in consecutive ``step``-second windows."""
+        if not self.series:
+            return []
+        t0, t1 = self.series[0][0], self.series[-1][0]
+        edges = [t0 + i * step for i in range(int((t1 - t0) / step) + 1)]
+        out = []
+        for edge, row in zip(edges, self.per_window(edges)):
+            roles: dict[str, float] = {}
+            for key, v in row.items():
+                role = key.split("/", 1)[1]
+                roles[role] = round(roles.get(role, 0.0) + v, 2)
+            out.append({"t": round(edge, 2), **{k: v for k, v in roles.items() if v > 0}})
+        return out
+
     def _at(self, t: float) -> dict[int, float]:
         last: dict[int, float] = {}
         for when, cpu in self.series:
@@ -370,6 +385,7 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
     result["hops_s"] = hops(root, hospitals, dict(ckpt))
     (root / "cpu.json").write_text(json.dumps({"per_round": result["cpu_per_round_s"],
                                                "whole_run": result["cpu_whole_run_s"],
+                                               "timeline": sampler.timeline(),
                                                "processes": {str(k): v for k, v in sampler.info.items()}}, indent=1))
     return result
 
