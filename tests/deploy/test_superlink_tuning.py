@@ -70,6 +70,10 @@ def sql_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
         monkeypatch.setattr(SqlLinkState, attr, getattr(SqlLinkState, attr))
     for flag in ("_fedrad_cleanup_throttled", "_fedrad_traffic_batched"):
         monkeypatch.setattr(SqlLinkState, flag, False, raising=False)
+    from flwr.superlink import main
+
+    monkeypatch.setattr(main, "_get_middleware", main._get_middleware)  # Flower's own, back after the test
+    monkeypatch.setattr(main, "_fedrad_scoped", False, raising=False)
     tuning.tune_superlink_sql()
     _, links = config_loader.get_objectstore_linkstate_factories(
         str(tmp_path / "superlink.db"), config_loader.get_federation_manager(is_simulation=False))
@@ -120,6 +124,7 @@ def test_flowers_middleware_stack_keeps_authentication_and_scopes_only_path_spec
     from flwr.supercore.protobuf.translation import ProtobufTranslationMiddleware
     from flwr.supercore.routers.runtime.tracing import RuntimeTracingMiddleware
 
+    assert not getattr(main, "_fedrad_scoped", False)  # Flower's own stack in this test process
     original = list(main._get_middleware())
 
     scoped = tuning.scoped_middleware(original, tracing=False)
