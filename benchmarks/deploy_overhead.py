@@ -171,6 +171,17 @@ class CpuSampler:
                 return role
         return cmd.split(" ")[1].rsplit("/", 1)[-1] if " " in cmd else (cmd or "?")
 
+    def _session_of(self, pid: int, stats: dict[int, tuple[int, int, float]], owner: dict[int, str]) -> str | None:
+        """The name of the started process ``pid`` descends from (or is), None if none."""
+        seen = 0
+        while pid in stats and seen < 16:
+            if pid in self.sessions:
+                return str(self.sessions[pid])
+            if pid in owner:
+                return owner[pid]
+            pid, seen = stats[pid][0], seen + 1
+        return None
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             now, cpu, stats = time.time(), {}, {}
@@ -178,17 +189,13 @@ class CpuSampler:
                 if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
                     stats[int(entry.name)] = st
             owner: dict[int, str] = {}  # every descendant of a started process (Flower starts some in new sessions)
-
-            def session_of(pid: int, depth: int = 0) -> str | None:
-                if pid in owner or pid in self.sessions or depth > 12 or pid not in stats:
-                    return owner.get(pid) or self.sessions.get(pid)
-                found = session_of(stats[pid][0], depth + 1)
-                if found is not None:
-                    owner[pid] = found
-                return found
+            for pid in stats:
+                name = self._session_of(pid, stats, owner)
+                if name is not None:
+                    owner[pid] = name
 
             for pid, st in stats.items():
-                name = session_of(pid)
+                name = owner.get(pid)
                 if name is None:
                     continue
                 if pid not in self.info:
@@ -392,10 +399,10 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
 
 _STAMP = r"^(?P<t>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
 #: Time-stamped node log lines that mark a message's hops (the SuperNode's own since issue 14).
-HOP_LINES = {"task_process": re.compile(_STAMP + r"flwr: Start `flwr-clientapp` process", re.M),
+HOP_LINES = {"task_process": re.compile(_STAMP + r"flwr: Start `flwr-clientapp` process", re.MULTILINE),
              "node_has_objects": re.compile(r"message received from the coordinator in [\d.]+s \((?P<t>[^)]+)\)"),
-             "task_has_input": re.compile(_STAMP + r"\S+: app \S+ approved on this node", re.M),
-             "task_done": re.compile(_STAMP + r"\S+: (?:train|evaluate) task \(", re.M),
+             "task_has_input": re.compile(_STAMP + r"\S+: app \S+ approved on this node", re.MULTILINE),
+             "task_done": re.compile(_STAMP + r"\S+: (?:train|evaluate) task \(", re.MULTILINE),
              "reply_sent": re.compile(r"reply sent to the coordinator in [\d.]+s \((?P<t>[^)]+)\)")}
 
 
