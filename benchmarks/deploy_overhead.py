@@ -39,7 +39,16 @@ Settings compared (``--settings``; ``flower`` and ``polls`` turn the node's warm
 * ``tuned-before``: both of the above: ``tuned`` as it was before those two changes;
 * ``tuned-separate``: ``tuned`` with the flow before issue 14 (one evaluate message per round:
   ``FEDRAD_SEPARATE_EVALUATE=1`` in the coordinator's environment), for a side-by-side "before";
-* ``tuned-f16``: ``tuned`` with ``federation.update_encoding: float16-delta``.
+* ``tuned-f16``: ``tuned`` with ``federation.update_encoding: float16-delta``;
+* ``tuned-prev``: ``tuned`` as it was before the "deploy2" session (issue 14): float32 updates, the
+  coordinator's SuperExec polling every 0.2 s, the SuperLink's SQLite and middleware tuning off and
+  ``fedrad run`` asking a ``flwr`` process per run listing, the SuperNode checking for its task's reply
+  objects every 0.25 s, not 0.05 s (:data:`PREV_ENV`),
+  for a side-by-side "before"; ``tuned-f32``: ``tuned`` with float32 updates.
+
+Every process's CPU seconds (it and all its descendants, from /proc) are sampled every 0.25 s and
+reported per round and role (SuperLink, gateway, ServerApp, SuperNodes, warm-runtime tasks...);
+``--profile PY_SPY`` also records py-spy stacks of the coordinator's and one hospital's processes.
 
 Every process is started in its own process group and stopped by PID, whatever happens.
 
@@ -59,6 +68,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -70,16 +80,25 @@ ROOT = Path(__file__).resolve().parents[1]
 NPZ = ROOT / "fedrad" / "data" / "pneumoniamnist.npz"
 BIN = Path(sys.executable).parent
 _TUNED = {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": True}
+#: This session's (issue 14, "deploy2") defaults on top: the coordinator's SuperExec checks for
+#: studies to start every 1 s (``fedrad coordinator start --poll-interval``), updates as float16 deltas.
+_NOW = {**_TUNED, "coordinator_poll": "1.0", "encoding": "float16-delta"}
 SETTINGS: dict[str, dict[str, Any]] = {
     "flower": {"node_poll": None, "superexec_poll": "1.0", "grid_poll": 0.0, "warm": False, "flower_pulls": True},
     "polls": {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": False, "flower_pulls": True},
-    "tuned": dict(_TUNED),
+    "tuned": dict(_NOW),
+    "tuned-f32": {**_NOW, "encoding": None},
     "tuned-flower-pulls": {**_TUNED, "flower_pulls": True},
     "tuned-sql-objects": {**_TUNED, "sql_objects": True},
     "tuned-before": {**_TUNED, "flower_pulls": True, "sql_objects": True},
     "tuned-separate": {**_TUNED, "separate_evaluate": True},
     "tuned-f16": {**_TUNED, "encoding": "float16-delta"},
+    # before the "deploy2" session the SuperNode's poll setting did nothing (its clock kept time.sleep):
+    # it polled every 3 s and checked for its own task every 0.5 s, Flower's defaults
+    "tuned-prev": {**_TUNED, "node_poll": None, "prev": True},
 }
+#: Environment that switches this session's (issue 14, "deploy2") changes off, for ``tuned-prev``.
+PREV_ENV = {"FEDRAD_SUPERLINK_SQL_TUNING": "0", "FEDRAD_CONTROL_IN_PROCESS": "0", "FEDRAD_QUICK_LOCAL_WAITS": "0"}
 #: The node's line per task (fedrad.client.runtime.app): time in fedrad, compute, task process age.
 TASK_LINE = re.compile(r"(?P<kind>train|evaluate) task \((?:warm|cold) start\): (?P<fedrad>[\d.]+)s in fedrad "
                        r"\(train (?P<train>[\d.]+)s(?:, evaluate (?P<eval>[\d.]+)s)?\), (?P<age>[\d.]+)s since")
@@ -91,15 +110,151 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+#: Process roles, from the command line (first match wins); forked warm tasks share the warm
+#: runtime's command line and are told apart by not being the runtime itself (:func:`_role`).
+ROLES = (("fedrad.server.coordinator", "superlink"), ("fedrad.server.fleet_gateway", "gateway"),
+         ("flwr-serverapp", "serverapp"), ("fedrad.client.runtime.warm", "warm"),
+         ("fedrad.client.runtime.node", "supernode"), ("fedrad.client.commands.node", "supernode"), ("flwr-clientapp", "clientapp-shim"),
+         ("flower-superexec", "superexec"), ("coordinator start", "coordinator-cli"),
+         ("fedrad-node start", "node-cli"), ("fedrad run", "run-cli"), ("bin/flwr ", "flwr-cli"), ("py-spy", "py-spy"))
+_TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _proc_stat(pid: int) -> tuple[int, int, float] | None:
+    """(parent pid, session id, CPU seconds user+system of the process itself) from /proc/PID/stat."""
+    try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = raw[raw.rindex(")") + 2:].split()
+    return int(fields[1]), int(fields[3]), (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+class CpuSampler:
+    """Samples /proc every ``interval`` s: CPU seconds of every process Group started and of all their
+    descendants, by pid, with its role and the name of the process it descends from. ``series`` holds (wall time, {pid: cpu s}) samples."""
+
+    def __init__(self, interval: float = 0.25) -> None:
+        self.interval, self.sessions = interval, {}  # type: ignore[var-annotated]
+        self.info: dict[int, tuple[str, str]] = {}  # pid -> (session name, role)
+        self.series: list[tuple[float, dict[int, float]]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def add(self, name: str, pid: int) -> None:
+        self.sessions[pid] = name
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def _role(self, pid: int, ppid: int) -> str:
+        cmd = _cmdline(pid)
+        for needle, role in ROLES:
+            if needle in cmd:
+                if role == "warm":
+                    parent = _cmdline(ppid)
+                    if "fedrad.client.runtime.warm" in parent:
+                        grand = _proc_stat(ppid)
+                        return "warm-task" if grand and "fedrad.client.runtime.warm" in _cmdline(grand[0]) \
+                            else "warm-waiter"
+                return role
+        return cmd.split(" ")[1].rsplit("/", 1)[-1] if " " in cmd else (cmd or "?")
+
+    def _session_of(self, pid: int, stats: dict[int, tuple[int, int, float]], owner: dict[int, str]) -> str | None:
+        """The name of the started process ``pid`` descends from (or is), None if none."""
+        seen = 0
+        while pid in stats and seen < 16:
+            if pid in self.sessions:
+                return str(self.sessions[pid])
+            if pid in owner:
+                return owner[pid]
+            pid, seen = stats[pid][0], seen + 1
+        return None
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            now, cpu, stats = time.time(), {}, {}
+            for entry in os.scandir("/proc"):
+                if entry.name.isdigit() and (st := _proc_stat(int(entry.name))) is not None:
+                    stats[int(entry.name)] = st
+            owner: dict[int, str] = {}  # every descendant of a started process (Flower starts some in new sessions)
+            for pid in stats:
+                name = self._session_of(pid, stats, owner)
+                if name is not None:
+                    owner[pid] = name
+
+            for pid, st in stats.items():
+                name = owner.get(pid)
+                if name is None:
+                    continue
+                if pid not in self.info:
+                    self.info[pid] = (name, self._role(pid, st[0]))
+                cpu[pid] = st[2]
+            self.series.append((now, cpu))
+            self._stop.wait(self.interval)
+
+    def per_window(self, edges: list[float]) -> list[dict[str, float]]:
+        """CPU seconds per (session name, role) between consecutive wall-clock ``edges``; a process's
+        CPU is its last sample before each edge (0 before it appeared)."""
+        out = []
+        for a, b in zip(edges, edges[1:]):
+            before = self._at(a)
+            after = self._at(b)
+            row: dict[str, float] = {}
+            for pid, c in after.items():
+                session, role = self.info[pid]
+                key = f"{session}/{role}"
+                row[key] = row.get(key, 0.0) + c - before.get(pid, 0.0)
+            out.append({k: round(v, 2) for k, v in sorted(row.items())})
+        return out
+
+    def timeline(self, step: float = 1.0) -> list[dict[str, Any]]:
+        """CPU seconds per role (all sessions together) in consecutive ``step``-second windows."""
+        if not self.series:
+            return []
+        t0, t1 = self.series[0][0], self.series[-1][0]
+        edges = [t0 + i * step for i in range(int((t1 - t0) / step) + 1)]
+        out = []
+        for edge, row in zip(edges, self.per_window(edges)):
+            roles: dict[str, float] = {}
+            for key, v in row.items():
+                role = key.split("/", 1)[1]
+                roles[role] = round(roles.get(role, 0.0) + v, 2)
+            out.append({"t": round(edge, 2), **{k: v for k, v in roles.items() if v > 0}})
+        return out
+
+    def _at(self, t: float) -> dict[int, float]:
+        last: dict[int, float] = {}
+        for when, cpu in self.series:
+            if when > t:
+                break
+            last.update(cpu)
+        return last
+
+
 class Group:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, sampler: CpuSampler | None = None) -> None:
         self.root, self.procs = root, []  # type: ignore[var-annotated]
+        self.sampler = sampler
 
     def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]:
         with open(self.root / f"{name}.log", "wb") as log:
             p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
                                  env={**os.environ, **env}, cwd=self.root)
         self.procs.append(p)
+        if self.sampler is not None:
+            self.sampler.add(name, p.pid)
         return p
 
     def stop(self) -> None:
@@ -170,12 +325,20 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
                            "min_hospitals": args.hospitals, "round_timeout_s": 1800,
                            "update_encoding": s["encoding"]}} if s.get("encoding") else {}),
     }))
-    group = Group(root)
+    sampler = CpuSampler()
+    sampler.start()
+    group = Group(root, sampler)
+    spies: list[subprocess.Popen[bytes]] = []
     try:
+        if s.get("prev"):
+            env = {**env, **PREV_ENV}
         coord_env = {**env, **({"FEDRAD_SEPARATE_EVALUATE": "1"} if s.get("separate_evaluate") else {}),
                      **({"FEDRAD_SUPERLINK_OBJECT_STORE": "database"} if s.get("sql_objects") else {})}
+        if s.get("coordinator_poll"):  # the coordinator's own SuperExec poll, not the nodes'
+            coord_env = {k: v for k, v in coord_env.items() if k != "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"}
         group.start("coordinator", [str(BIN / "fedrad"), "coordinator", "start", "--prov", str(root / "prov"),
-                                    "--host", "127.0.0.1", "--poll-interval", s["superexec_poll"]], coord_env)
+                                    "--host", "127.0.0.1", "--poll-interval",
+                                    s.get("coordinator_poll") or s["superexec_poll"]], coord_env)
         deadline = time.monotonic() + 120
         while "registered hospitals:" not in (root / "coordinator.log").read_text(errors="replace"):
             if time.monotonic() > deadline or group.procs[0].poll() is not None:
@@ -184,20 +347,106 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         for h in hospitals:
             group.start(h, [str(BIN / "fedrad-node"), "start", "--config", str(root / "prov" / "nodes" / h / "node.yaml")],
                         env)
+        if args.profile:  # py-spy on the coordinator's and the first hospital's process trees
+            for proc, who in ((group.procs[0], "coordinator"), (group.procs[1], hospitals[0])):
+                spies.append(subprocess.Popen(
+                    [args.profile, "record", "--pid", str(proc.pid), "--subprocesses", "--nonblocking",
+                     "--rate", "20", "--format", "raw", "--output", str(root / f"profile-{who}.txt")],
+                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True))
+                sampler.add("py-spy", spies[-1].pid)
         run_dir = root / "run"
         t0 = time.monotonic()
-        out = subprocess.run([str(BIN / "fedrad"), "run", "--prov", str(root / "prov"), "--config", str(study),
-                              "--out", str(run_dir), "--wait", "300", "--poll-interval", str(s["grid_poll"])],
-                             capture_output=True, text=True, check=False, env={**os.environ, **coord_env},
-                             timeout=3600)
+        follower = subprocess.Popen([str(BIN / "fedrad"), "run", "--prov", str(root / "prov"), "--config", str(study),
+                                     "--out", str(run_dir), "--wait", "300", "--poll-interval", str(s["grid_poll"])],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                    env={**os.environ, **coord_env}, start_new_session=True)
+        sampler.add("fedrad-run", follower.pid)  # the operator's `fedrad run`, following the study
+        try:
+            stdout, stderr = follower.communicate(timeout=3600)
+        except subprocess.TimeoutExpired:
+            os.killpg(follower.pid, signal.SIGKILL)
+            raise
+        out = subprocess.CompletedProcess(follower.args, follower.returncode, stdout, stderr)
         (root / "run.log").write_text(out.stdout + out.stderr)
         total = time.monotonic() - t0
         if out.returncode != 0:
             raise RuntimeError(out.stdout[-3000:] + out.stderr[-3000:])
     finally:
+        for spy in spies:  # py-spy writes its profile when its target exits or on SIGINT
+            if spy.poll() is None:
+                spy.send_signal(signal.SIGINT)
         group.stop()
-    return {"setting": name, **s, **analyse(root, hospitals, separate=bool(s.get("separate_evaluate"))),
-            "total_s": total}
+        for spy in spies:
+            try:
+                spy.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                spy.kill()
+                spy.wait()
+        sampler.stop()
+    result = {"setting": name, **s, **analyse(root, hospitals, separate=bool(s.get("separate_evaluate"))),
+              "total_s": total}
+    ckpt = sorted((int(p.stem.split("-")[1]), p.stat().st_mtime) for p in (run_dir / "checkpoints").glob("round-*.pt"))
+    result["cpu_per_round_s"] = dict(zip([f"round {n}" for n, _ in ckpt[1:]],
+                                         sampler.per_window([t for _, t in ckpt])))
+    result["cpu_whole_run_s"] = sampler.per_window([sampler.series[0][0], sampler.series[-1][0]])[0]
+    result["hops_s"] = hops(root, hospitals, dict(ckpt))
+    (root / "cpu.json").write_text(json.dumps({"per_round": result["cpu_per_round_s"],
+                                               "whole_run": result["cpu_whole_run_s"],
+                                               "timeline": sampler.timeline(),
+                                               "processes": {str(k): v for k, v in sampler.info.items()}}, indent=1))
+    return result
+
+
+_STAMP = r"^(?P<t>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO "
+#: Time-stamped node log lines that mark a message's hops (the SuperNode's own since issue 14).
+HOP_LINES = {"task_process": re.compile(_STAMP + r"flwr: Start `flwr-clientapp` process", re.MULTILINE),
+             "node_has_objects": re.compile(r"message received from the coordinator in [\d.]+s \((?P<t>[^)]+)\)"),
+             "task_has_input": re.compile(_STAMP + r"\S+: app \S+ approved on this node", re.MULTILINE),
+             "task_done": re.compile(_STAMP + r"\S+: (?:train|evaluate) task \(", re.MULTILINE),
+             "reply_sent": re.compile(r"reply sent to the coordinator in [\d.]+s \((?P<t>[^)]+)\)")}
+
+
+def _stamp(text: str) -> float:
+    import datetime as dt
+
+    return dt.datetime.strptime(text, "%Y-%m-%d %H:%M:%S,%f").timestamp()
+
+
+def hops(root: Path, hospitals: list[str], checkpoints: dict[int, float]) -> list[dict[str, Any]]:
+    """Per round (from round 2) and per hospital's first message of the round: seconds between the
+    previous checkpoint, the task process's start (the node has the message's listing), the node
+    holding all its objects, the task holding the message, the task's end, the reply sent, and the
+    round's checkpoint (the slowest hospital's value per hop)."""
+    per_node = {}
+    for h in hospitals:
+        text = (root / f"{h}.log").read_text(errors="replace")
+        per_node[h] = {k: [_stamp(m["t"]) for m in rx.finditer(text)] for k, rx in HOP_LINES.items()}
+    rows = []
+    for n in sorted(checkpoints):
+        if n - 1 not in checkpoints:
+            continue
+        start, end = checkpoints[n - 1], checkpoints[n]
+        row: dict[str, Any] = {"round": n}
+        for h, marks in per_node.items():
+            first = {k: next((t for t in v if start < t <= end), None) for k, v in marks.items()}
+            seq = [("checkpoint -> task process started (coordinator, push, polls)", start, first["task_process"]),
+                   ("-> node has all objects (SuperLink -> gateway -> SuperNode)", first["task_process"],
+                    first["node_has_objects"]),
+                   ("-> task has the message (SuperNode -> task)", first["node_has_objects"], first["task_has_input"]),
+                   ("(task process started -> task has the message)", first["task_process"],
+                    first["task_has_input"]),
+                   ("-> task done (fedrad + compute)", first["task_has_input"], first["task_done"]),
+                   ("-> reply sent (task -> SuperNode -> SuperLink)", first["task_done"], first["reply_sent"])]
+            last_reply = first["reply_sent"]
+            for label, a, b in seq:
+                if a is not None and b is not None:
+                    row[label] = max(row.get(label, 0.0), b - a)
+            if last_reply is not None:
+                row["last reply sent"] = max(row.get("last reply sent", 0.0), last_reply)
+        if "last reply sent" in row:
+            row["-> checkpoint (ServerApp pulls, screens, aggregates)"] = end - row.pop("last reply sent")
+        rows.append({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()})
+    return rows
 
 
 def node_tasks(log_text: str) -> list[dict[str, Any]]:
@@ -310,6 +559,8 @@ def main() -> int:
     ap.add_argument("--settings", nargs="+", default=["flower", "polls", "tuned"], choices=sorted(SETTINGS))
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--keep", type=Path, help="keep the provisioning, logs and run folders here (default: deleted)")
+    ap.add_argument("--profile", metavar="PY_SPY", help="also record py-spy profiles (raw stacks) of the "
+                    "coordinator's and the first hospital's processes with this py-spy executable")
     ap.add_argument("--analyse", type=Path, help="only analyse the settings' folders kept earlier under this folder")
     args = ap.parse_args()
     if args.analyse:
@@ -350,6 +601,13 @@ def main() -> int:
               f"{f(comp['coordinator_total_s'])}, transfers+polling {f(comp['transfer_and_polling_s'])}); "
               f"coordinator parts " + ", ".join(f"{k} {v:.2f}" for k, v in run["coordinator_median_s"].items())
               + f"; total {run['total_s']:.0f}s")
+        for row in run.get("hops_s", []):
+            print(f"{run['setting']:15} hops, round {row['round']} (slowest hospital, s): "
+                  + "; ".join(f"{k} {v}" for k, v in row.items() if k != "round"))
+        print(f"{run['setting']:15} CPU seconds per round by process (session/role): ")
+        for label, row in run["cpu_per_round_s"].items():
+            print(f"    {label}: total {sum(row.values()):.1f}: " + ", ".join(f"{k} {v:.1f}" for k, v in row.items()
+                                                                          if v >= 0.05))
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     return 0

@@ -55,8 +55,10 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
                    "superlink.control_port, else --port + 1)")
     s.add_argument("--insecure", action="store_true",
                    help="plaintext, no node authentication (testing only; hospitals must also pass --insecure)")
-    s.add_argument("--poll-interval", type=float, default=0.2,
-                   help="seconds between the SuperLink's checks for runs to start (Flower's default: 1)")
+    s.add_argument("--poll-interval", type=float, default=1.0,
+                   help="seconds between the coordinator's checks for studies to start (Flower's default: 1; "
+                   "it delays only a study's start, once, and every check costs the SuperLink a database "
+                   "transaction, so shorter is not better)")
     s.set_defaults(handler=run_start)
     r = csub.add_parser("register", help="(re-)register provisioned keys with the running coordinator "
                         "(after add-node or revoke)")

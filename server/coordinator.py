@@ -24,6 +24,8 @@ and its failures turned into :class:`~fedrad.common.errors.FedradError` with a f
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -32,7 +34,7 @@ import ssl
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -249,12 +251,18 @@ def keep_objects_in_memory() -> None:
     config_loader._fedrad_objects_in_memory = True  # type: ignore[attr-defined]
 
 
-def run_superlink(argv: Sequence[str], *, object_store: str = "memory") -> None:
+def run_superlink(argv: Sequence[str], *, object_store: str = "memory", sql_tuning: bool = True) -> None:
     """Run ``flower-superlink`` in this process (argv without the program name); with
-    ``object_store`` ``memory``, message objects are kept in memory (:func:`keep_objects_in_memory`)."""
+    ``object_store`` ``memory``, message objects are kept in memory (:func:`keep_objects_in_memory`);
+    with ``sql_tuning``, less SQLite work per object pulled or pushed
+    (:func:`fedrad.server.superlink_tuning.tune_superlink_sql`)."""
     if object_store == "memory":
         keep_objects_in_memory()
     log.info("SuperLink message objects kept in %s", object_store)
+    if sql_tuning:
+        from fedrad.server.superlink_tuning import tune_superlink_sql
+
+        tune_superlink_sql()
     from flwr.superlink.cli import flower_superlink
 
     sys.argv = ["flower-superlink", *argv]
@@ -496,8 +504,75 @@ def run_dirs(co: Coordinator) -> dict[str, str]:
 
 
 def runs(co: Coordinator, run_id: str | None = None) -> list[dict[str, Any]]:
+    """The runs (or one run) as ``flwr ls --format json`` lists them.
+
+    Asked in this process through Flower's own Control API client (:func:`_runs_in_process`):
+    ``fedrad run`` follows a study by asking every second, and a ``flwr`` process per question cost
+    about 1 CPU second each on the coordinator (benchmarks/results/deploy2.md). Whatever goes wrong
+    there is asked again through the ``flwr`` CLI, whose answers and errors are the reference.
+    """
+    try:
+        # without a connection file Flower's code would write a default one; 0 switches this off
+        if (co.flwr_home / "config.toml").is_file() and os.environ.get(CONTROL_IN_PROCESS_ENV, "1").strip() != "0":
+            return _runs_in_process(co, run_id)
+    except Exception as exc:  # noqa: BLE001 - the CLI below gives the error its proper message
+        log.debug("in-process run listing failed (%s: %s); asking the flwr CLI", type(exc).__name__, exc)
     args = ["ls", CONNECTION] + (["--run-id", run_id] if run_id else [])
     return list(flwr_json(co, args).get("runs", []))
+
+
+#: ``0`` lists runs through a ``flwr`` process per question again (side-by-side measurements).
+CONTROL_IN_PROCESS_ENV = "FEDRAD_CONTROL_IN_PROCESS"
+#: Flower Control API clients of this process, by FLWR_HOME (one connection per coordinator).
+_CONTROL_CLIENTS: dict[str, Any] = {}
+
+
+@contextlib.contextmanager
+def _flwr_home(co: Coordinator) -> Iterator[None]:
+    """FLWR_HOME of ``co`` while Flower's CLI code reads its connection (restored afterwards)."""
+    old = os.environ.get("FLWR_HOME")
+    os.environ["FLWR_HOME"] = str(co.flwr_home.resolve())
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("FLWR_HOME", None)
+        else:
+            os.environ["FLWR_HOME"] = old
+
+
+def _control_client(co: Coordinator) -> Any:
+    """Flower's Control API client for ``co``'s connection, built as ``flwr`` builds it; cached."""
+    key = str(co.flwr_home.resolve())
+    client = _CONTROL_CLIENTS.get(key)
+    if client is None:
+        from flwr.cli.flower_config import read_superlink_connection
+        from flwr.cli.utils import init_http_client_from_connection
+
+        with _flwr_home(co), contextlib.redirect_stdout(io.StringIO()):  # its "Using SuperLink: ..." line
+            client = init_http_client_from_connection(read_superlink_connection(CONNECTION))
+        _CONTROL_CLIENTS[key] = client
+    return client
+
+
+def _runs_in_process(co: Coordinator, run_id: str | None) -> list[dict[str, Any]]:
+    from flwr.cli.ls import _to_json
+    from flwr.cli.run_utils import format_runs
+    from flwr.common.serde import run_from_proto
+    from flwr.proto.control_pb2 import ListRunsRequest  # pylint: disable=E0611
+
+    client = _control_client(co)
+    request = ListRunsRequest(run_id=int(run_id)) if run_id else ListRunsRequest()
+    try:
+        with _flwr_home(co):
+            res = client.ListRuns(request)
+    except Exception:
+        _CONTROL_CLIENTS.pop(str(co.flwr_home.resolve()), None)  # e.g. the coordinator restarted
+        raise
+    if run_id and not res.run_dict:
+        raise LookupError(f"run {run_id} not listed")
+    rows = format_runs([run_from_proto(p) for p in res.run_dict.values()], res.now)
+    return list(json.loads(_to_json(rows)).get("runs", []))
 
 
 def stop(co: Coordinator, run_id: str, *, timeout: float = 120.0, poll: float = 2.0) -> Path | None:
@@ -549,4 +624,6 @@ if __name__ == "__main__":  # ``python -m fedrad.server.coordinator FLOWER-SUPER
     except FedradError as exc:
         log.error("%s", exc)
         sys.exit(2)
-    run_superlink(sys.argv[1:], object_store=store)
+    from fedrad.server.superlink_tuning import sql_tuning_enabled
+
+    run_superlink(sys.argv[1:], object_store=store, sql_tuning=sql_tuning_enabled())

@@ -139,16 +139,35 @@ def _explain_verify_error(exc: ssl.SSLCertVerificationError, address: str, ca: P
             "use ca.pem from this federation's node kit (root_certificates)")
 
 
-class _PollClock(types.ModuleType):
-    """Stand-in for ``time`` inside Flower's SuperNode loop: sleeps at most ``interval`` seconds."""
+#: ``0`` in the node's environment: waits for the node's own task as before issue 14's "deploy2"
+#: change (Flower's 0.5 s, or the poll interval if shorter), for side-by-side measurements.
+QUICK_LOCAL_WAITS_ENV = "FEDRAD_QUICK_LOCAL_WAITS"
 
-    def __init__(self, interval: float) -> None:
+
+def quick_local_waits() -> bool:
+    return os.environ.get(QUICK_LOCAL_WAITS_ENV, "1").strip() != "0"
+
+
+#: Flower's SuperNode loop sleeps 3 s between polls of the coordinator and 0.5 s while it waits for
+#: its own task (the reply, then each reply object the task is still handing over): the former is
+#: cut to the node's poll interval, the latter, a check of the node's own memory, to this.
+LOCAL_WAIT_S = 0.05
+
+
+class _PollClock(types.ModuleType):
+    """Stand-in for ``time`` inside Flower's SuperNode loop: a poll of the coordinator (Flower's 3 s)
+    sleeps at most ``interval`` seconds; a wait for the node's own task (Flower's 0.5 s) at most
+    ``local`` seconds."""
+
+    def __init__(self, interval: float, local: float = LOCAL_WAIT_S) -> None:
         super().__init__("time")
-        self.__dict__.update({k: getattr(time, k) for k in dir(time) if not k.startswith("__")})
+        # everything of ``time`` but ``sleep``: copied into the instance, it would shadow the method below
+        self.__dict__.update({k: getattr(time, k) for k in dir(time) if not k.startswith("__") and k != "sleep"})
         self._interval = interval
+        self._local = local
 
     def sleep(self, seconds: float) -> None:
-        time.sleep(min(seconds, self._interval))
+        time.sleep(min(seconds, self._interval if seconds >= 1.0 else self._local))
 
 
 #: Environment variable through which ``fedrad-node start`` passes the poll interval to its SuperNode process.
@@ -184,6 +203,41 @@ def hold_unavailable_objects(handlers: types.ModuleType, *, hold_s: float = OBJE
     handlers._fedrad_hold = True  # type: ignore[attr-defined]
 
 
+def _now() -> str:
+    """Local wall-clock time as the node's other log lines print it (``2026-11-30 09:41:38,478``)."""
+    t = time.time()
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) + f",{int(t % 1 * 1000):03d}"
+
+
+def time_message_hops(module: types.ModuleType) -> None:
+    """Log how long the SuperNode took to receive each message's objects from the coordinator and to
+    send each reply's (``module``: Flower's ``start_client_internal``); one line each with its wall
+    time (the SuperNode's lines carry none), so that a message's hops can be timed
+    (benchmarks/deploy_overhead.py)."""
+    if getattr(module, "_fedrad_timed", False):
+        return
+    pull, push = module._pull_and_store_message, module.push_object_contents_from_iterable
+
+    @functools.wraps(pull)
+    def pull_and_store(*args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            log.info("message received from the coordinator in %.2fs (%s)", time.monotonic() - started, _now())
+        return run_id
+
+    @functools.wraps(push)
+    def push_reply_objects(*args: Any, **kwargs: Any) -> Any:
+        started = time.monotonic()
+        out = push(*args, **kwargs)
+        log.info("reply sent to the coordinator in %.2fs (%s)", time.monotonic() - started, _now())
+        return out
+
+    module._pull_and_store_message = pull_and_store  # type: ignore[attr-defined]
+    module.push_object_contents_from_iterable = push_reply_objects  # type: ignore[attr-defined]
+    module._fedrad_timed = True  # type: ignore[attr-defined]
+
+
 def run_supernode(argv: list[str], *, poll_interval_s: float | None, quick_pulls: bool = True) -> None:
     """Run ``flower-supernode`` in this process (argv without the program name).
 
@@ -194,9 +248,13 @@ def run_supernode(argv: list[str], *, poll_interval_s: float | None, quick_pulls
     """
     from flwr.supernode import start_client_internal
 
-    if poll_interval_s is not None:
-        start_client_internal.time = _PollClock(poll_interval_s)  # type: ignore[attr-defined]
-        log.info("SuperNode message poll every %.2fs", poll_interval_s)
+    local = LOCAL_WAIT_S if quick_local_waits() else None
+    if poll_interval_s is not None or local is not None:
+        interval = 3.0 if poll_interval_s is None else poll_interval_s  # Flower's 3 s unless set
+        start_client_internal.time = _PollClock(  # type: ignore[attr-defined]
+            interval, local=min(0.5, interval) if local is None else local)
+        log.info("SuperNode message poll every %.2fs; waits for its own task checked every %.2fs", interval,
+                 min(0.5, interval) if local is None else local)
     if quick_pulls:
         from flwr.supernode.servicer.runtime import runtime_handlers
 
@@ -204,6 +262,7 @@ def run_supernode(argv: list[str], *, poll_interval_s: float | None, quick_pulls
         hold_unavailable_objects(runtime_handlers)
         log.info("object pulls: retry after %.2f-%.2fs; task processes' pulls held up to %.0fs",
                  *QUICK_PULL_BACKOFF_S, OBJECT_HOLD_S)
+    time_message_hops(start_client_internal)
     from flwr.supernode.cli import flower_supernode
 
     sys.argv = ["flower-supernode", *argv]

@@ -107,7 +107,8 @@ def test_run_supernode_patches_flowers_supernode_before_starting_it(monkeypatch:
     from flwr.supernode.servicer.runtime import runtime_handlers
 
     # restore Flower's modules after the test, whatever run_supernode changed
-    for mod, names in ((start_client_internal, ("pull_objects", "time", "_fedrad_quick_pulls")),
+    for mod, names in ((start_client_internal, ("pull_objects", "time", "_fedrad_quick_pulls", "_fedrad_timed",
+                                                "_pull_and_store_message", "push_object_contents_from_iterable")),
                        (runtime_handlers, ("pull_object", "_fedrad_hold"))):
         for name in names:
             monkeypatch.setattr(mod, name, getattr(mod, name, None), raising=False)
@@ -127,6 +128,24 @@ def test_run_supernode_patches_flowers_supernode_before_starting_it(monkeypatch:
     assert seen["argv"] == ["flower-supernode", "--insecure"]
     assert seen["pull_objects"].keywords["initial_backoff"] == 0.05
     assert seen["pull_object"] is not original_handler
+    assert start_client_internal._fedrad_timed  # the message hops are timed in the node's log
+
+
+def test_message_hops_are_logged_with_their_durations(caplog: pytest.LogCaptureFixture) -> None:
+    sent: list[Any] = []
+    fake = types.SimpleNamespace(_pull_and_store_message=lambda **kw: kw["answer"],
+                                 push_object_contents_from_iterable=lambda items, push_object_fn: sent.extend(items))
+    node_mod.time_message_hops(fake)  # type: ignore[arg-type]
+
+    with caplog.at_level("INFO", logger=node_mod.__name__):
+        assert fake._pull_and_store_message(answer=None) is None  # no message: nothing logged
+        assert fake._pull_and_store_message(answer=42) == 42
+        fake.push_object_contents_from_iterable([("id", b"x")], push_object_fn=print)
+
+    assert sent == [("id", b"x")]
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[0].startswith("message received from the coordinator in ")
+    assert lines[1].startswith("reply sent to the coordinator in ")
 
 
 def test_quick_pulls_switch() -> None:
@@ -228,3 +247,26 @@ def test_the_launched_superlink_process_keeps_objects_where_configured(tmp_path:
                              capture_output=True, text=True, timeout=120, check=False)
         assert out.returncode == 0, out.stderr[-2000:]
         assert f"SuperLink message objects kept in {expected}" in out.stderr
+
+
+def test_the_supernode_clock_cuts_coordinator_polls_and_its_own_waits_apart() -> None:
+    slept: list[float] = []
+    clock = node_mod._PollClock(0.25, local=0.05)
+    real = node_mod.time.sleep
+    try:
+        node_mod.time.sleep = slept.append  # type: ignore[assignment]
+        clock.sleep(3)  # Flower's poll of the coordinator
+        clock.sleep(0.5)  # Flower's wait for the node's own task
+        clock.sleep(0.01)
+    finally:
+        node_mod.time.sleep = real  # type: ignore[assignment]
+
+    assert slept == [0.25, 0.05, 0.01]
+    assert clock.monotonic is node_mod.time.monotonic  # everything else is the real time module
+
+
+def test_quick_local_waits_switch(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(node_mod.QUICK_LOCAL_WAITS_ENV, raising=False)
+    assert node_mod.quick_local_waits()
+    monkeypatch.setenv(node_mod.QUICK_LOCAL_WAITS_ENV, "0")
+    assert not node_mod.quick_local_waits()
