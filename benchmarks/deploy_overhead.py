@@ -44,7 +44,8 @@ Settings compared (``--settings``; ``flower`` and ``polls`` turn the node's warm
   coordinator's SuperExec polling every 0.2 s, the SuperLink's SQLite and middleware tuning off and
   ``fedrad run`` asking a ``flwr`` process per run listing, the SuperNode checking for its task's reply
   objects every 0.25 s, not 0.05 s (:data:`PREV_ENV`),
-  for a side-by-side "before"; ``tuned-f32``: ``tuned`` with float32 updates.
+  for a side-by-side "before"; ``tuned-f32``: ``tuned`` with float32 updates; ``tuned-unpacked``:
+  ``tuned`` with the model sent array by array instead of packed into one (``FEDRAD_PACKED_MODELS=0``).
 
 Every process's CPU seconds (it and all its descendants, from /proc) are sampled every 0.25 s and
 reported per round and role (SuperLink, gateway, ServerApp, SuperNodes, warm-runtime tasks...);
@@ -88,6 +89,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "polls": {"node_poll": 0.25, "superexec_poll": "0.2", "grid_poll": 0.25, "warm": False, "flower_pulls": True},
     "tuned": dict(_NOW),
     "tuned-f32": {**_NOW, "encoding": None},
+    "tuned-unpacked": {**_NOW, "unpacked": True},
     "tuned-flower-pulls": {**_TUNED, "flower_pulls": True},
     "tuned-sql-objects": {**_TUNED, "sql_objects": True},
     "tuned-before": {**_TUNED, "flower_pulls": True, "sql_objects": True},
@@ -98,7 +100,8 @@ SETTINGS: dict[str, dict[str, Any]] = {
     "tuned-prev": {**_TUNED, "node_poll": None, "prev": True},
 }
 #: Environment that switches this session's (issue 14, "deploy2") changes off, for ``tuned-prev``.
-PREV_ENV = {"FEDRAD_SUPERLINK_SQL_TUNING": "0", "FEDRAD_CONTROL_IN_PROCESS": "0", "FEDRAD_QUICK_LOCAL_WAITS": "0"}
+PREV_ENV = {"FEDRAD_SUPERLINK_SQL_TUNING": "0", "FEDRAD_CONTROL_IN_PROCESS": "0", "FEDRAD_QUICK_LOCAL_WAITS": "0",
+            "FEDRAD_PACKED_MODELS": "0"}
 #: The node's line per task (fedrad.client.runtime.app): time in fedrad, compute, task process age.
 TASK_LINE = re.compile(r"(?P<kind>train|evaluate) task \((?:warm|cold) start\): (?P<fedrad>[\d.]+)s in fedrad "
                        r"\(train (?P<train>[\d.]+)s(?:, evaluate (?P<eval>[\d.]+)s)?\), (?P<age>[\d.]+)s since")
@@ -333,7 +336,8 @@ def run_setting(name: str, args: argparse.Namespace, work: Path) -> dict[str, An
         if s.get("prev"):
             env = {**env, **PREV_ENV}
         coord_env = {**env, **({"FEDRAD_SEPARATE_EVALUATE": "1"} if s.get("separate_evaluate") else {}),
-                     **({"FEDRAD_SUPERLINK_OBJECT_STORE": "database"} if s.get("sql_objects") else {})}
+                     **({"FEDRAD_SUPERLINK_OBJECT_STORE": "database"} if s.get("sql_objects") else {}),
+                     **({"FEDRAD_PACKED_MODELS": "0"} if s.get("unpacked") else {})}
         if s.get("coordinator_poll"):  # the coordinator's own SuperExec poll, not the nodes'
             coord_env = {k: v for k, v in coord_env.items() if k != "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"}
         group.start("coordinator", [str(BIN / "fedrad"), "coordinator", "start", "--prov", str(root / "prov"),
