@@ -39,7 +39,10 @@ def pooled_noise_std(stds: Iterable[float | None]) -> float | None:
     """Per-count noise std of a sum of histograms whose own stds are ``stds`` (root sum of squares);
     None if no site stated one (unknown noise), else the stated ones only."""
     known = [float(s) for s in stds if s is not None and math.isfinite(float(s)) and float(s) >= 0]
-    return math.sqrt(sum(s * s for s in known)) if known else None
+    if not known:
+        return None
+    total = math.sqrt(sum(s * s for s in known))
+    return total if math.isfinite(total) else None
 
 
 def auc_standard_error(hist: np.ndarray, *, noise_std: float | None, replicates: int = REPLICATES,

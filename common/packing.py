@@ -20,6 +20,7 @@ from collections.abc import Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
+from flwr.common.constant import SType
 
 from .errors import ProtocolError
 
@@ -30,8 +31,8 @@ _NPY_HEADER_SLACK = 4096
 
 
 def is_packed(record: ArrayRecord) -> bool:
-    """Whether ``record`` holds a packed model (one array under :data:`PACKED_KEY`)."""
-    return list(record.keys()) == [PACKED_KEY]
+    """Whether ``record`` holds a packed model (an ArrayRecord of one array under :data:`PACKED_KEY`)."""
+    return isinstance(record, ArrayRecord) and list(record.keys()) == [PACKED_KEY]
 
 
 def pack_arrays(record: ArrayRecord) -> ArrayRecord | None:
@@ -61,6 +62,8 @@ def unpack_arrays(record: ArrayRecord, *, shapes: Mapping[str, tuple[int, ...]],
     if not is_packed(record):
         raise ProtocolError(f"{what}: not a packed model (one array {PACKED_KEY!r})")
     arr = record[PACKED_KEY]
+    if not isinstance(arr, Array) or arr.stype != SType.NUMPY:
+        raise ProtocolError(f"{what}: packed model is not a NumPy array")
     want_dtype = np.dtype(dtype)
     sizes = {name: math.prod(shapes[name]) for name in sorted(shapes)}
     total = sum(sizes.values())
@@ -71,7 +74,9 @@ def unpack_arrays(record: ArrayRecord, *, shapes: Mapping[str, tuple[int, ...]],
     try:
         flat = arr.numpy()
     except Exception as exc:  # noqa: BLE001 - any decoding failure is the sender's malformed payload
-        raise ProtocolError(f"{what}: packed model does not decode ({exc})") from None
+        raise ProtocolError(f"{what}: packed model does not decode ({type(exc).__name__})") from None
+    if not isinstance(flat, np.ndarray):  # e.g. an .npz archive behind .npy metadata
+        raise ProtocolError(f"{what}: packed model does not decode to an array")
     if flat.dtype != want_dtype or flat.shape != (total,):
         raise ProtocolError(f"{what}: packed payload is {flat.dtype}{flat.shape}, expected {want_dtype}({total},)")
     out: dict[str, Array] = {}

@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import shutil
 import statistics
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,12 +112,21 @@ class BestModel:
 
 
 def _kept_best(run_dir: Path, n: int) -> str | None:
-    """``best-model.pt``'s name if it holds round ``n``'s model, else None."""
+    """``best-model.pt``'s name once it holds round ``n``'s model (copied from round ``n``'s checkpoint
+    when it holds another round, e.g. after a resume), else None (round ``n``'s weights are gone)."""
     path = run_dir / BEST_MODEL
-    try:
-        return BEST_MODEL if path.is_file() and int(load_checkpoint(path).get("round", -1)) == n else None
-    except Exception:  # noqa: BLE001 - an unreadable file is no kept best model
-        return None
+    for source in (path, run_dir / "checkpoints" / f"round-{n:04d}.pt"):
+        try:
+            if not source.is_file() or int(load_checkpoint(source).get("round", -1)) != n:
+                continue
+        except Exception:  # noqa: BLE001 - an unreadable file is no kept model
+            continue
+        if source != path:
+            tmp = path.with_name(path.name + ".tmp")
+            shutil.copyfile(source, tmp)
+            os.replace(tmp, path)
+        return BEST_MODEL
+    return None
 
 
 def _noisier_last_round(history: StudyHistory, last_round: int) -> bool:
@@ -140,11 +151,13 @@ def choose_final(history: StudyHistory, run_dir: Path, *, last_state: dict[str, 
         best_auc = pooled_score(best_pooled)[0]  # type: ignore[index]
         if not beats_beyond_noise(best_auc, last_score[0], se_better=se_best, se_worse=se_last, z=Z_CHOICE):
             margin = Z_CHOICE * math.hypot(se_best, se_last) if se_best is not None and se_last is not None else 0.0
-            choice.update({"is": "last", "round": last_round, "best_file": _kept_best(run_dir, n),
+            kept = _kept_best(run_dir, n)
+            choice.update({"is": "last", "round": last_round, "best_file": kept,
                            "note": (f"the last global model (round {last_round}); round {n}'s pooled validation AUC "
                                     f"{best_auc:.3f} against {last_score[0]:.3f} is within the validation's noise "
                                     f"(difference {best_auc - last_score[0]:.3f} <= {margin:.3f}, {Z_CHOICE:g} "
-                                    f"standard errors); the best by pooled validation is kept as {BEST_MODEL}")})
+                                    "standard errors); the best by pooled validation is "
+                                    + (f"kept as {BEST_MODEL}" if kept else "not kept (its weights are gone)"))})
             return last_state, choice
     state: dict[str, torch.Tensor] | None = None
     if n is not None:

@@ -82,6 +82,14 @@ class RoundRecord:
         }
 
 
+def _auc_se(summed: np.ndarray, pooled_std: float) -> float | None:
+    """The pooled AUC's standard error; None if it cannot be had (never fails a round's booking)."""
+    try:
+        return auc_standard_error(summed, noise_std=pooled_std)
+    except (ValueError, FloatingPointError, OverflowError):
+        return None
+
+
 class StudyHistory:
     """Collects per-round, per-hospital results and keeps ``metrics.json`` current."""
 
@@ -141,7 +149,7 @@ class StudyHistory:
                       "rule": "youden" if target_sensitivity is None else f"sensitivity>={target_sensitivity:g}",
                       # None: some site did not state its noise (an older node); the choice then compares plainly
                       "noise_std": pooled_std,
-                      "auc_se": (auc_standard_error(summed, noise_std=pooled_std)
+                      "auc_se": (_auc_se(summed, pooled_std)
                                  if pooled_std is not None and math.isfinite(pooled.auc) else None)}
         for name, hist in histograms.items():
             rates = at_threshold(hist, pooled.threshold)

@@ -83,7 +83,8 @@ LEGACY_FIELDS = frozenset({"train_loss", "train_seconds", "val_loss", "auc", "ac
 _INT_FIELDS = {"round": (1, MAX_COUNT), "steps": (0, MAX_COUNT), "partition-id": (0, MAX_COUNT)}
 _NONNEG_FIELDS = frozenset({"noise_multiplier", "max_grad_norm", "epsilon", "epsilon_budget", "study_epsilon",
                             "study_epsilon_budget", "sample_rate", "delta", "histogram-noise-std"})
-_UPPER = {"sample_rate": (1.0, True), "delta": (1.0, False)}  # (bound, inclusive)
+_UPPER = {"sample_rate": (1.0, True), "delta": (1.0, False),  # (bound, inclusive)
+          "histogram-noise-std": (float(MAX_EXAMPLES), True)}
 
 
 class RejectedReply(ProtocolError):

@@ -98,11 +98,17 @@ class TrafficBatch:
     def flush(self) -> None:
         with self._lock:
             pending, self._pending = self._pending, {}
+        failed: BaseException | None = None
         for run_id, (sent, recv) in pending.items():
             try:
                 self._write(run_id, sent, recv)
             except ValueError as exc:  # the run is gone (Flower raises "Run ... not found")
                 log.warning("traffic of run %s not recorded: %s", run_id, exc)
+            except Exception as exc:  # noqa: BLE001 - e.g. the database is locked: kept for the next flush
+                self.add(run_id, bytes_sent=sent, bytes_recv=recv)
+                failed = exc
+        if failed is not None:
+            raise failed
 
 
 def batch_traffic(cls: type, *, every_s: float = TRAFFIC_FLUSH_EVERY_S) -> None:
@@ -130,7 +136,10 @@ def batch_traffic(cls: type, *, every_s: float = TRAFFIC_FLUSH_EVERY_S) -> None:
 
                 def at_exit() -> None:
                     stop.set()
-                    batch.flush()
+                    try:
+                        batch.flush()
+                    except Exception:  # noqa: BLE001 - at exit: say what was not written
+                        log.exception("traffic counters not written at exit: %s", batch.pending())
 
                 threading.Thread(target=loop, name="fedrad-traffic-flush", daemon=True).start()
                 atexit.register(at_exit)

@@ -157,3 +157,36 @@ def test_without_stated_errors_the_best_is_chosen_as_before(tmp_path: Path) -> N
     _keep_best(tmp_path, 2)
     _, choice = choose_final(history, tmp_path, last_state=_state(3.0), last_round=3)
     assert choice["is"] == "best" and choice["round"] == 2
+
+
+def test_an_overflowing_stated_noise_never_fails_the_pooling(tmp_path: Path) -> None:
+    rng = np.random.default_rng(4)
+    hists = {"a": _site_histogram(rng, 100), "b": _site_histogram(rng, 100)}
+    history = StudyHistory(tmp_path / "metrics.json", study={}, study_id="s")
+    assert pooled_noise_std([1e200, 1.0]) is None
+    history.pool_validation(1, hists, noise_std={"a": 1e200, "b": 1.0})
+    assert history.rounds[1].pooled["auc_se"] is None and history.rounds[1].pooled["auc"] > 0.5
+
+
+def test_screening_bounds_the_stated_noise() -> None:
+    from fedrad.server.screening import EVAL_FIELDS, RejectedReply, _scalars
+
+    assert _scalars({"histogram-noise-std": 12.5}, allowed=EVAL_FIELDS) == {"histogram-noise-std": 12.5}
+    for bad in (-1.0, 1e200):
+        with pytest.raises(RejectedReply, match="histogram-noise-std"):
+            _scalars({"histogram-noise-std": bad}, allowed=EVAL_FIELDS)
+
+
+def test_within_the_noise_a_best_model_file_of_another_round_is_redone_from_the_checkpoint(tmp_path: Path) -> None:
+    # arrange: after a resume best-model.pt holds round 3, the best validated round is 2 (its checkpoint kept)
+    history = _history(tmp_path, {1: (0.51, 0.05), 2: (0.715, 0.05), 3: (0.634, 0.05)})
+    _keep_best(tmp_path, 3)
+    (tmp_path / "checkpoints").mkdir()
+    save_checkpoint(tmp_path / "checkpoints" / "round-0002.pt", state_dict=_state(2.0), study={}, round=2,
+                    class_names=["a", "b"])
+    # act
+    _, choice = choose_final(history, tmp_path, last_state=_state(3.0), last_round=3)
+    # assert: the last model is chosen and best-model.pt now holds round 2, as metrics.json says
+    assert choice["is"] == "last" and choice["best_round"] == 2 and choice["best_file"] == BEST_MODEL
+    assert load_checkpoint(tmp_path / BEST_MODEL)["round"] == 2
+    assert torch.equal(load_checkpoint(tmp_path / BEST_MODEL)["state_dict"]["w"], _state(2.0)["w"])

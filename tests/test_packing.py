@@ -124,3 +124,15 @@ def test_a_node_refuses_a_packed_model_that_does_not_fit(tmp_path: Path) -> None
     reply = client_app.train(msg, sim_context())
 
     assert reply.has_error() and "packed model" in reply.error.reason
+
+
+def test_only_an_array_record_of_numpy_arrays_is_a_packed_model() -> None:
+    import io
+
+    assert not is_packed(MetricRecord({PACKED_KEY: 1.0}))  # type: ignore[arg-type]
+    buf = io.BytesIO()
+    np.savez(buf, x=np.zeros(35, np.float32))  # an .npz archive behind .npy metadata
+    fake = Array(dtype="float32", shape=(35,), stype="numpy.ndarray", data=buf.getvalue())
+    shapes = {k: tuple(v.shape) for k, v in _record().items()}
+    with pytest.raises(ProtocolError, match="the global model: packed model"):
+        unpack_arrays(ArrayRecord({PACKED_KEY: fake}), shapes=shapes, dtype="float32", what="the global model")

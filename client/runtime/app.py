@@ -137,7 +137,12 @@ def _model(study: StudyConfig, site: Site, msg: Message) -> torch.nn.Module:
         dtypes = {v.detach().cpu().numpy().dtype for v in model.state_dict().values()}
         if len(dtypes) != 1:
             raise ProtocolError(f"a packed global model for model {study.model.name!r}, whose arrays differ in dtype")
-        arrays = unpack_arrays(arrays, shapes=_shapes(model), dtype=dtypes.pop(), what="the global model")
+        try:
+            arrays = unpack_arrays(arrays, shapes=_shapes(model), dtype=dtypes.pop(), what="the global model")
+        except ProtocolError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - whatever the coordinator sends is refused by name
+            raise ProtocolError(f"the global model: packed arrays unusable ({type(exc).__name__})") from None
     try:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
@@ -321,6 +326,12 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
                         reason=f"{tag}{type(exc).__name__}: the node failed on this request (see the node's log)")
     metrics = reply.content[METRICS_KEY]
     try:
+        packed = _packed_like(msg, reply)  # the audit below records the arrays; the packed form leaves
+    except Exception as exc:  # noqa: BLE001 - answered as a refusal, never a silent crash
+        log.exception("%s reply could not be packed", kind)
+        return _refusal(kind, req, msg, code=ERR_REFUSED, outcome=f"failed: {type(exc).__name__}",
+                        reason=f"{tag}{type(exc).__name__}: the node could not pack its reply (see the node's log)")
+    try:
         if req.evaluation is not None:  # the evaluation inside a train reply: its own entry, first
             ev = req.evaluation
             _audit(ev.request, kind="evaluate", content=RecordDict({METRICS_KEY: MetricRecord(ev.metrics)}),  # type: ignore[arg-type]
@@ -335,7 +346,8 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
         receipt = ConfigRecord({"audit-head": str(head.head), "audit-count": int(head.count)})
         check_receipt(receipt)
         reply.content[RECEIPT_KEY] = receipt
-    _pack_like(msg, reply)
+    if packed is not None:
+        reply.content[ARRAYS_KEY] = packed
     age = task_age()
     if age is not None:  # deployment: where a task's time goes (process start and imports vs. the work)
         log.info("%s task (%s start): %.2fs in fedrad (train %.2fs, evaluate %.2fs), %.2fs since the task process "
@@ -344,14 +356,13 @@ def _handle(kind: str, body: Callable[[Message, Context, _Request], Message], ms
     return reply
 
 
-def _pack_like(msg: Message, reply: Message) -> None:
-    """A reply to a packed message travels packed too (the same arrays, checked and audited as
-    arrays above; :mod:`fedrad.common.packing`)."""
-    if (msg.has_content() and ARRAYS_KEY in msg.content and is_packed(msg.content[ARRAYS_KEY])
-            and reply.has_content() and ARRAYS_KEY in reply.content):
-        packed = pack_arrays(reply.content[ARRAYS_KEY])
-        if packed is not None:
-            reply.content[ARRAYS_KEY] = packed
+def _packed_like(msg: Message, reply: Message) -> ArrayRecord | None:
+    """The reply's arrays packed when the message came packed (:mod:`fedrad.common.packing`); they
+    are checked and audited array by array first, then this form leaves. None: sent as they are."""
+    if (msg.has_content() and ARRAYS_KEY in msg.content.keys() and is_packed(msg.content[ARRAYS_KEY])
+            and reply.has_content() and ARRAYS_KEY in reply.content.keys()):
+        return pack_arrays(reply.content[ARRAYS_KEY])
+    return None
 
 
 @app.train()

@@ -169,3 +169,25 @@ def test_a_path_scoped_middleware_runs_on_its_paths_and_is_skipped_elsewhere() -
     assert seen == ["/v1/control/list-runs"]
     assert control.headers.get("x-recorded") == "1" and "x-recorded" not in fleet.headers
     assert control.text == "body /v1/control/list-runs" and fleet.text == "body /v1/fleet/pull-object"
+
+
+def test_traffic_that_could_not_be_written_is_kept_for_the_next_flush() -> None:
+    # arrange: the database is locked on the first flush
+    written: list[tuple[int, int, int]] = []
+    locked = [True]
+
+    def write(run: int, sent: int, recv: int) -> None:
+        if locked[0]:
+            raise RuntimeError("database is locked")
+        written.append((run, sent, recv))
+
+    batch = tuning.TrafficBatch(write)
+    batch.add(7, bytes_sent=10, bytes_recv=5)
+    # act / assert: the failed flush raises and keeps the totals; the next one writes them once
+    with pytest.raises(RuntimeError, match="locked"):
+        batch.flush()
+    assert batch.pending() == {7: (10, 5)}
+    locked[0] = False
+    batch.add(7, bytes_sent=1, bytes_recv=1)
+    batch.flush()
+    assert written == [(7, 11, 6)] and batch.pending() == {}
