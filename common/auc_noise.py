@@ -69,10 +69,13 @@ def auc_standard_error(hist: np.ndarray, *, noise_std: float | None, replicates:
     return float(np.std(aucs, ddof=1))
 
 
+def noise_margin(se_a: float | None, se_b: float | None, *, z: float) -> float:
+    """``z`` standard errors of the difference of two independent measurements (0 if either is unknown)."""
+    return z * math.hypot(se_a, se_b) if se_a is not None and se_b is not None else 0.0
+
+
 def beats_beyond_noise(better: float, worse: float, *, se_better: float | None, se_worse: float | None,
                        z: float) -> bool:
-    """Whether AUC ``better`` exceeds ``worse`` by more than ``z`` standard errors of their
-    difference (independent measurements). Unknown errors: a plain comparison."""
-    if se_better is None or se_worse is None:
-        return better > worse
-    return better - worse > z * math.hypot(se_better, se_worse)
+    """Whether AUC ``better`` exceeds ``worse`` by more than :func:`noise_margin` (unknown errors: a
+    plain comparison)."""
+    return better - worse > noise_margin(se_better, se_worse, z=z)

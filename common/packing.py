@@ -48,23 +48,43 @@ def pack_arrays(record: ArrayRecord) -> ArrayRecord | None:
     return ArrayRecord({PACKED_KEY: Array(flat)})
 
 
-def as_unpacked(record: ArrayRecord, *, shapes: Mapping[str, tuple[int, ...]], dtype: str | np.dtype,
+#: A receiver's dtype: one for every array, or per array name (which must then all agree).
+DType = str | np.dtype | Mapping[str, str | np.dtype]
+
+
+def as_unpacked(record: ArrayRecord, *, shapes: Mapping[str, tuple[int, ...]], dtype: DType,
                 what: str) -> ArrayRecord:
     """``record`` itself, or its arrays when it is packed (:func:`unpack_arrays`)."""
     return unpack_arrays(record, shapes=shapes, dtype=dtype, what=what) if is_packed(record) else record
 
 
-def unpack_arrays(record: ArrayRecord, *, shapes: Mapping[str, tuple[int, ...]], dtype: str | np.dtype,
+def unpack_arrays(record: ArrayRecord, *, shapes: Mapping[str, tuple[int, ...]], dtype: DType,
                   what: str) -> ArrayRecord:
     """The arrays of a packed ``record``, named and shaped by ``shapes`` (sorted by name), each of
-    ``dtype``; raises :class:`ProtocolError` naming ``what`` unless the packed array is 1-D of
-    exactly that dtype and total length (checked on its metadata before the payload is decoded)."""
+    ``dtype`` (per name: all alike, else nothing was packed); raises :class:`ProtocolError` naming
+    ``what`` unless the packed array is 1-D of exactly that dtype and total length (checked on its
+    metadata before the payload is decoded). Whatever the sender put there, nothing else is raised."""
+    if isinstance(dtype, Mapping):
+        kinds = {np.dtype(dtype[name]) for name in shapes}
+        if len(kinds) != 1:
+            raise ProtocolError(f"{what}: a packed model for arrays of {len(kinds)} dtypes")
+        dtype = kinds.pop()
+    try:
+        return _unpack(record, shapes=shapes, dtype=np.dtype(dtype), what=what)
+    except ProtocolError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a malformed payload is the sender's, refused by name
+        raise ProtocolError(f"{what}: packed arrays unusable ({type(exc).__name__})") from None
+
+
+def _unpack(record: ArrayRecord, *, shapes: Mapping[str, tuple[int, ...]], dtype: np.dtype,
+            what: str) -> ArrayRecord:
     if not is_packed(record):
         raise ProtocolError(f"{what}: not a packed model (one array {PACKED_KEY!r})")
     arr = record[PACKED_KEY]
     if not isinstance(arr, Array) or arr.stype != SType.NUMPY:
         raise ProtocolError(f"{what}: packed model is not a NumPy array")
-    want_dtype = np.dtype(dtype)
+    want_dtype = dtype
     sizes = {name: math.prod(shapes[name]) for name in sorted(shapes)}
     total = sum(sizes.values())
     if str(arr.dtype) != str(want_dtype) or tuple(arr.shape) != (total,):

@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from fedrad.common.auc_noise import beats_beyond_noise
+from fedrad.common.auc_noise import beats_beyond_noise, noise_margin
 
 from .checkpoints import load_checkpoint, save_checkpoint
 from .history import StudyHistory
@@ -111,22 +111,32 @@ class BestModel:
         return True
 
 
+def _round_model(run_dir: Path, n: int) -> tuple[Path, dict[str, Any]] | None:
+    """Where round ``n``'s weights are kept: ``best-model.pt`` or else round ``n``'s checkpoint
+    (path and loaded checkpoint); None when neither holds round ``n``."""
+    for path in (run_dir / BEST_MODEL, run_dir / "checkpoints" / f"round-{n:04d}.pt"):
+        if path.is_file():
+            ckpt = load_checkpoint(path)
+            if int(ckpt.get("round", -1)) == n:
+                return path, ckpt
+    return None
+
+
 def _kept_best(run_dir: Path, n: int) -> str | None:
     """``best-model.pt``'s name once it holds round ``n``'s model (copied from round ``n``'s checkpoint
     when it holds another round, e.g. after a resume), else None (round ``n``'s weights are gone)."""
+    try:
+        found = _round_model(run_dir, n)
+    except Exception:  # noqa: BLE001 - an unreadable file is no kept model
+        return None
+    if found is None:
+        return None
     path = run_dir / BEST_MODEL
-    for source in (path, run_dir / "checkpoints" / f"round-{n:04d}.pt"):
-        try:
-            if not source.is_file() or int(load_checkpoint(source).get("round", -1)) != n:
-                continue
-        except Exception:  # noqa: BLE001 - an unreadable file is no kept model
-            continue
-        if source != path:
-            tmp = path.with_name(path.name + ".tmp")
-            shutil.copyfile(source, tmp)
-            os.replace(tmp, path)
-        return BEST_MODEL
-    return None
+    if found[0] != path:
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.copyfile(found[0], tmp)
+        os.replace(tmp, path)
+    return BEST_MODEL
 
 
 def _noisier_last_round(history: StudyHistory, last_round: int) -> bool:
@@ -150,7 +160,7 @@ def choose_final(history: StudyHistory, run_dir: Path, *, last_state: dict[str, 
         se_best, se_last = best_pooled.get("auc_se"), last_pooled.get("auc_se")
         best_auc = pooled_score(best_pooled)[0]  # type: ignore[index]
         if not beats_beyond_noise(best_auc, last_score[0], se_better=se_best, se_worse=se_last, z=Z_CHOICE):
-            margin = Z_CHOICE * math.hypot(se_best, se_last) if se_best is not None and se_last is not None else 0.0
+            margin = noise_margin(se_best, se_last, z=Z_CHOICE)
             kept = _kept_best(run_dir, n)
             choice.update({"is": "last", "round": last_round, "best_file": kept,
                            "note": (f"the last global model (round {last_round}); round {n}'s pooled validation AUC "
@@ -159,14 +169,8 @@ def choose_final(history: StudyHistory, run_dir: Path, *, last_state: dict[str, 
                                     "standard errors); the best by pooled validation is "
                                     + (f"kept as {BEST_MODEL}" if kept else "not kept (its weights are gone)"))})
             return last_state, choice
-    state: dict[str, torch.Tensor] | None = None
-    if n is not None:
-        for path in (run_dir / BEST_MODEL, run_dir / "checkpoints" / f"round-{n:04d}.pt"):
-            if path.is_file():
-                ckpt = load_checkpoint(path)
-                if int(ckpt.get("round", -1)) == n:
-                    state = ckpt["state_dict"]
-                    break
+    found = _round_model(run_dir, n) if n is not None else None
+    state: dict[str, torch.Tensor] | None = found[1]["state_dict"] if found else None
     if n is None or state is None or n == last_round:
         why = ("it is also the best by pooled validation" if n == last_round and n is not None
                else "no round had a usable pooled validation" if n is None

@@ -269,17 +269,10 @@ class FedradStrategyMixin:
         inside a train reply is screened (and used) only when this coordinator asked that node for one."""
         w = self._fedrad
         if kind == "train" and ARRAYS_KEY in msg.content.keys() and is_packed(msg.content[ARRAYS_KEY]):
-            dtypes = {str(w.expected_dtypes.get(name, "float32")) for name in w.expected_shapes}
-            if len(dtypes) != 1:
-                raise ProtocolError("train reply: a packed update for a model whose arrays differ in dtype")
-            try:
-                msg.content[ARRAYS_KEY] = unpack_arrays(
-                    msg.content[ARRAYS_KEY], shapes=w.expected_shapes, what="train reply",
-                    dtype=update_dtype(dtypes.pop(), w.update_encoding))
-            except ProtocolError:
-                raise
-            except Exception as exc:  # noqa: BLE001 - whatever a node sends, its reply is rejected, not the study
-                raise ProtocolError(f"train reply: packed arrays unusable ({type(exc).__name__})") from None
+            dtypes = {name: update_dtype(str(w.expected_dtypes.get(name, "float32")), w.update_encoding)
+                      for name in w.expected_shapes}
+            msg.content[ARRAYS_KEY] = unpack_arrays(msg.content[ARRAYS_KEY], shapes=w.expected_shapes, dtype=dtypes,
+                                                    what="train reply")
         if kind == "train":
             check_reply(msg.content, kind=kind, expected_shapes=w.expected_shapes, num_classes=w.num_classes,
                         update_encoding=w.update_encoding)

@@ -134,15 +134,8 @@ def _model(study: StudyConfig, site: Site, msg: Message) -> torch.nn.Module:
         raise ProtocolError("message has no 'arrays' record (the global model)")
     arrays = msg.content[ARRAYS_KEY]
     if is_packed(arrays):  # one array on the wire: unpacked against the model this node built itself
-        dtypes = {v.detach().cpu().numpy().dtype for v in model.state_dict().values()}
-        if len(dtypes) != 1:
-            raise ProtocolError(f"a packed global model for model {study.model.name!r}, whose arrays differ in dtype")
-        try:
-            arrays = unpack_arrays(arrays, shapes=_shapes(model), dtype=dtypes.pop(), what="the global model")
-        except ProtocolError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - whatever the coordinator sends is refused by name
-            raise ProtocolError(f"the global model: packed arrays unusable ({type(exc).__name__})") from None
+        dtypes = {k: v.detach().cpu().numpy().dtype for k, v in model.state_dict().items()}
+        arrays = unpack_arrays(arrays, shapes=_shapes(model), dtype=dtypes, what="the global model")
     try:
         model.load_state_dict(arrays.to_torch_state_dict(), strict=True)
     except (RuntimeError, KeyError, ValueError) as exc:
